@@ -1,0 +1,49 @@
+# sweep — layer-removal sweeps of causal LMs. `make help` lists the targets.
+PYTHON  ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+MODEL   ?= gpt2
+DATA    ?=
+STRATEGY ?=
+DB      ?= results.db
+ARGS    ?=
+TORCH_VERSION ?= 2.13.0
+
+# A preset named after the model (configs/gpt2.yaml) is used when it exists; flags override it.
+PRESET  := $(if $(wildcard configs/$(MODEL).yaml),--config configs/$(MODEL).yaml,--model $(MODEL))
+RUN_FLAGS := $(PRESET) --db $(DB) $(if $(DATA),--data $(DATA)) $(if $(STRATEGY),--strategy $(STRATEGY)) $(ARGS)
+
+.PHONY: help install sweep plan report test demo clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(BIN)/sweep: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	# torch first, pinned: a range would pull a multi-GB CUDA build before the local CPU wheel is considered.
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==$(TORCH_VERSION) || $(BIN)/pip install -q "torch>=2.4"
+	$(BIN)/pip install -q -e ".[dev]"
+	@touch $@
+
+install: $(BIN)/sweep  ## create .venv and install sweep with its dependencies
+
+sweep: install  ## measure every planned variant: make sweep MODEL=gpt2 [DATA=..] [STRATEGY=..] [DB=..] [ARGS="--max-tokens 20000"]
+	$(BIN)/sweep run $(RUN_FLAGS)
+
+plan: install  ## show the plan, how much is measured, and an estimate
+	$(BIN)/sweep plan $(RUN_FLAGS)
+
+report: install  ## write reports/<model>.md from the DB and print it
+	$(BIN)/sweep report --db $(DB) $(ARGS)
+
+test: install  ## run the test suite (offline, CPU)
+	$(BIN)/python -m pytest -q $(ARGS)
+
+demo: install  ## offline end to end: train a tiny model on stdlib source, sweep it, report (~2 min on 2 cores)
+	$(BIN)/python -m sweep.demo --out .cache/demo
+	$(BIN)/sweep run --config configs/demo.yaml --db demo.db $(ARGS)
+	$(BIN)/sweep report --db demo.db --out reports
+
+clean:  ## remove caches and demo outputs (keeps results.db)
+	rm -rf .cache demo.db demo.db-wal demo.db-shm reports/demo*

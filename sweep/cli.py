@@ -1,0 +1,143 @@
+"""Command line: ``sweep plan | run | report | export``. The only place that turns errors into exit codes."""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from sweep import __version__
+from sweep.config import SweepConfig, build_config, field_docs, flag
+from sweep.errors import SweepError
+
+EXIT_USAGE = 2
+
+MODEL_FIELDS = ("model", "revision", "dtype", "device", "tokenizer", "random_init", "trust_remote_code")
+"""Fields `sweep export` needs (it evaluates nothing)."""
+
+
+def _add_config_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
+    """One flag per SweepConfig field, help taken from the field's docstring; default None = 'not given'."""
+    docs = field_docs()
+    for f in fields(SweepConfig):
+        if names is not None and f.name not in names:
+            continue
+        option = f"--{flag(f.name)}"
+        if f.type.startswith("bool"):
+            parser.add_argument(option, action="store_const", const=True, default=None, help=docs.get(f.name))
+        else:
+            metavar = f.name.upper()
+            kind = int if f.type.startswith("int") else str
+            parser.add_argument(option, type=kind, default=None, metavar=metavar,
+                                help=f"{docs.get(f.name, '')} (default: {f.default})")
+
+
+def _add_preset_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="PRESET",
+                        help="YAML preset: a path or a name in configs/ (e.g. gpt2); flags override its values")
+
+
+def resolve_preset(name: str | None) -> Path | None:
+    """``gpt2`` -> ``configs/gpt2.yaml`` when that exists; otherwise the path as given."""
+    if not name:
+        return None
+    path = Path(name)
+    candidate = Path("configs") / f"{name}.yaml"
+    if not path.exists() and candidate.exists():
+        return candidate
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sweep", description="Measure a causal LM with decoder layers removed.")
+    parser.add_argument("--version", action="version", version=f"sweep {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="measure every planned variant and store each result in the DB")
+    _add_preset_flag(run)
+    _add_config_flags(run)
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    plan = sub.add_parser("plan", help="show how many variants a plan has, how many are measured, and an estimate")
+    _add_preset_flag(plan)
+    _add_config_flags(plan)
+
+    report = sub.add_parser("report", help="write markdown reports from the DB (no model loaded)")
+    report.add_argument("--db", default="results.db", help="results database (default: results.db)")
+    report.add_argument("--out", default="reports", help="directory for reports/<model>.md (default: reports)")
+    report.add_argument("--model", default=None, help="only this model (default: every model in the DB)")
+    report.add_argument("--setup", default=None, help="setup id when a model has several (default: newest)")
+
+    export = sub.add_parser("export", help="save a physically pruned model that reloads with from_pretrained")
+    _add_preset_flag(export)
+    _add_config_flags(export, MODEL_FIELDS)
+    export.add_argument("--remove", required=True, help='layers to remove, e.g. "9,10,11"')
+    export.add_argument("--out", required=True, help="output directory")
+    return parser
+
+
+def _config_from(args: argparse.Namespace, names: tuple[str, ...] | None = None) -> SweepConfig:
+    given = {f.name: getattr(args, f.name) for f in fields(SweepConfig)
+             if (names is None or f.name in names) and hasattr(args, f.name)}
+    return build_config(resolve_preset(args.config), **given)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from sweep.runner import run_sweep
+
+    summary = run_sweep(_config_from(args), progress=not args.quiet and sys.stderr.isatty() or not args.quiet)
+    return 130 if summary.interrupted else 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from sweep.runner import describe_plan
+
+    describe_plan(_config_from(args))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from sweep.report import report_text, write_reports
+
+    paths = write_reports(args.db, args.out, model=args.model, setup=args.setup)
+    print(report_text(paths))
+    print(f"wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from sweep import models
+    from sweep.plan import parse_remove
+    from sweep.worker import load_tokenizer
+
+    cfg = _config_from(args, MODEL_FIELDS)
+    n_layers = models.n_layers_of(models.load_config(cfg.model, cfg.revision, cfg.trust_remote_code))
+    removals = parse_remove(args.remove, n_layers)
+    if len(removals) != 1:
+        raise SweepError("`--remove` for export takes one group of layers, e.g. \"9,10,11\"")
+    tokenizer = load_tokenizer(cfg)
+    model = models.load_model(cfg.model, cfg.revision, cfg.dtype, "cpu" if cfg.device == "auto" else cfg.device,
+                              cfg.random_init, cfg.trust_remote_code)
+    out = models.export_pruned(model, tokenizer, removals[0], args.out)
+    print(f"saved {cfg.model} without layers {','.join(map(str, removals[0]))} "
+          f"({n_layers - len(removals[0])} of {n_layers} layers) to {out}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "plan": cmd_plan, "report": cmd_report, "export": cmd_export}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except SweepError as exc:
+        print(f"sweep: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("sweep: interrupted; every result measured so far is in the database", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

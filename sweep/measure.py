@@ -1,0 +1,199 @@
+"""Measurements of one model variant: windowed perplexity, parameters, latency.
+
+Nothing here knows about layers or the database: functions take a model (already pruned by the caller)
+and return numbers.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HEAD_CHUNK = 256
+"""Positions per LM-head chunk: bounds the float32 logits held at once to (HEAD_CHUNK, vocab)."""
+
+
+@dataclass(frozen=True)
+class Window:
+    """One evaluation window of the transformers guide's sliding-window recipe."""
+
+    begin: int
+    """First token of the window (inclusive)."""
+    end: int
+    """Last token of the window (exclusive)."""
+    n_targets: int
+    """Trailing positions whose labels count (``trg_len`` in the guide); earlier positions are context only."""
+
+
+def windows(n_tokens: int, max_length: int, stride: int) -> list[Window]:
+    """The windows of the guide "Perplexity of fixed-length models", in order.
+
+    Example, 10 tokens, max_length 4, stride 2::
+
+        begin 0, end 4, n_targets 4   -> scores tokens 1,2,3   (token 0 has no context)
+        begin 2, end 6, n_targets 2   -> scores tokens 4,5     (2,3 are context)
+        begin 4, end 8, n_targets 2   -> scores tokens 6,7
+        begin 6, end 10, n_targets 2  -> scores tokens 8,9     (end reached: stop)
+    """
+    result = []
+    prev_end = 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + max_length, n_tokens)
+        result.append(Window(begin, end, end - prev_end))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return result
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    nll_sum: float
+    """Sum of the guide's per-window ``loss * num_loss_tokens`` (nats)."""
+    n_tokens: int
+    """Sum of the guide's ``num_loss_tokens``: predicted tokens, minus one per window."""
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(self.nll_sum / self.n_tokens) if self.n_tokens else float("nan")
+
+
+def window_nll(logits_fn: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, input_ids: torch.Tensor,
+               n_targets: int) -> tuple[torch.Tensor, int]:
+    """Summed NLL (float64 on CPU) of the scored tokens of a batch of equal-length windows.
+
+    Args:
+        logits_fn: hidden states (B, t, H) -> logits (B, t, V); applied in chunks of positions.
+        hidden: (B, T, H) final hidden states (after the final norm).
+        input_ids: (B, T) token ids.
+        n_targets: trailing positions of each window whose labels count.
+
+    Returns:
+        (per-window NLL sums of shape (B,), number of scored tokens per window). A label at position p is
+        predicted by the logits at p-1, so position 0 is never scored.
+    """
+    batch, length = input_ids.shape
+    first = max(1, length - n_targets)  # first scored label position
+    sums = torch.zeros(batch, dtype=torch.float64, device=hidden.device)
+    for start in range(first, length, HEAD_CHUNK):
+        stop = min(start + HEAD_CHUNK, length)
+        logits = logits_fn(hidden[:, start - 1 : stop - 1]).float()  # (B, c, V) predicts labels start..stop-1
+        labels = input_ids[:, start:stop]  # (B, c)
+        nll = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")  # (B, c)
+        sums += nll.sum(dim=1, dtype=torch.float64)
+    return sums.cpu(), length - first
+
+
+@torch.no_grad()
+def perplexity(hidden_fn: Callable[[torch.Tensor], torch.Tensor], logits_fn: Callable[[torch.Tensor], torch.Tensor],
+               token_ids: torch.Tensor, max_length: int, stride: int, batch_size: int,
+               device: torch.device) -> Perplexity:
+    """Perplexity with semantics identical to the transformers guide's strided recipe.
+
+    The guide weights each window's mean loss by ``num_valid_tokens - 1`` (it subtracts one per window for the
+    label shift). For the first window and whenever stride == max_length that is exactly the number of scored
+    tokens; for later overlapping windows it is one fewer than the ``trg_len`` tokens actually scored. We
+    reproduce that weighting so numbers match the guide (and published tables) exactly.
+
+    Args:
+        hidden_fn: input ids (B, T) -> final hidden states (B, T, H).
+        logits_fn: hidden states -> logits.
+        token_ids: (N,) the whole tokenized text (on any device).
+        batch_size: windows per forward pass; windows of equal length are batched, so results do not depend on it
+            beyond float rounding.
+    """
+    token_ids = token_ids.to(device)
+    nll_sum, n_tokens = 0.0, 0
+    for group in _batches(windows(len(token_ids), max_length, stride), batch_size):
+        input_ids = torch.stack([token_ids[w.begin : w.end] for w in group])  # (B, T)
+        hidden = hidden_fn(input_ids)
+        sums, n_scored = window_nll(logits_fn, hidden, input_ids, group[0].n_targets)
+        n_loss = group[0].n_targets - 1  # the guide's num_loss_tokens
+        nll_sum += float(sums.sum()) / n_scored * n_loss
+        n_tokens += n_loss * len(group)
+    return Perplexity(nll_sum, n_tokens)
+
+
+def _batches(all_windows: list[Window], batch_size: int) -> list[list[Window]]:
+    """Consecutive windows with the same length and target count, at most ``batch_size`` per group."""
+    groups: list[list[Window]] = []
+    for w in all_windows:
+        last = groups[-1] if groups else None
+        if last and len(last) < batch_size and (last[0].end - last[0].begin, last[0].n_targets) == (
+            w.end - w.begin, w.n_targets
+        ):
+            last.append(w)
+        else:
+            groups.append([w])
+    return groups
+
+
+def bits_per_byte(nll_sum: float, n_tokens: int, tokens_per_byte: float) -> float:
+    """Average NLL per token converted to bits per UTF-8 byte of the evaluated text."""
+    if not n_tokens:
+        return float("nan")
+    return nll_sum / n_tokens * tokens_per_byte / math.log(2)
+
+
+# ---------------------------------------------------------------------------------------------- latency
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_ms: float
+    iqr_ms: float
+    repeats: int
+
+
+def summarize(samples_ms: Sequence[float]) -> Timing:
+    """Median and inter-quartile range of timed repeats."""
+    if len(samples_ms) >= 2:
+        q1, _, q3 = statistics.quantiles(samples_ms, n=4, method="inclusive")
+    else:
+        q1 = q3 = samples_ms[0]
+    return Timing(statistics.median(samples_ms), q3 - q1, len(samples_ms))
+
+
+def time_once(fn: Callable[[], object], device: torch.device) -> float:
+    """Milliseconds one call takes: CUDA events on GPU (device time), perf_counter on CPU."""
+    if device.type == "cuda":
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        stop.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(stop)
+    begin = time.perf_counter()
+    fn()
+    return (time.perf_counter() - begin) * 1000.0
+
+
+@torch.no_grad()
+def prefill_call(model: nn.Module, prompt: torch.Tensor) -> Callable[[], object]:
+    """A prefill: one forward over the prompt (1, T) that builds the KV cache and returns last-token logits."""
+    return lambda: model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+
+
+@torch.no_grad()
+def time_decode(model: nn.Module, prompt: torch.Tensor, n_new: int, device: torch.device) -> float:
+    """Milliseconds per token of greedy decoding with the KV cache, after an untimed prefill of ``prompt``.
+
+    The prefill is repeated (untimed) for every measurement so each repeat starts from the same cache state,
+    without relying on cache cropping, whose semantics differ between transformers versions.
+    """
+    out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+    state = {"cache": out.past_key_values, "token": out.logits[:, -1].argmax(-1, keepdim=True)}  # token: (1, 1)
+
+    def steps() -> None:
+        for _ in range(n_new):
+            step = model(input_ids=state["token"], past_key_values=state["cache"], use_cache=True)
+            state["cache"] = step.past_key_values
+            state["token"] = step.logits[:, -1].argmax(-1, keepdim=True)
+
+    return time_once(steps, device) / n_new

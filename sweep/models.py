@@ -1,0 +1,361 @@
+"""Loading causal LMs and removing decoder layers. The only module that knows attribute names such as
+``transformer.h`` or ``model.layers``.
+
+Layer removal is reversible and cheap: :func:`remove_layers` swaps the decoder ``ModuleList`` for one holding
+only the kept layers (no weight is copied), makes the config agree (layer count and every per-layer list such
+as ``layer_types``) and renumbers each kept module's ``layer_idx`` so the KV cache is indexed correctly. It
+returns an ``undo`` callable; :func:`pruned` wraps both in a context manager. Export applies the same removal
+without undo and saves, so the in-memory variant and the exported model are the same code path.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sweep.errors import ArchitectureError, ConfigError, ExportError, ModelLoadError
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Where an architecture keeps its decoder layers and final norm (dotted attribute paths)."""
+
+    name: str
+    layers: str
+    final_norm: str | None
+
+
+_GPT2_STYLE = Adapter("gpt2-style", "transformer.h", "transformer.ln_f")
+_LLAMA_STYLE = Adapter("llama-style", "model.layers", "model.norm")
+ADAPTERS: dict[str, Adapter] = {
+    "gpt2": _GPT2_STYLE,
+    "gpt_neo": _GPT2_STYLE,
+    "gptj": _GPT2_STYLE,
+    "opt": Adapter("opt", "model.decoder.layers", "model.decoder.final_layer_norm"),
+    **{t: _LLAMA_STYLE for t in (
+        "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
+        "gemma3_text", "phi3", "olmo", "olmo2", "granite", "starcoder2", "smollm3", "cohere",
+    )},
+}
+"""model_type -> adapter. Types not listed fall back to :func:`_find_layers`."""
+
+
+def _get(obj: object, dotted: str) -> object:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _find_layers(model: nn.Module, n_layers: int) -> str | None:
+    """Generic fallback: the dotted path of the ModuleList whose length is the config's layer count."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers and n_layers > 0:
+            return name
+    return None
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    """The adapter of a loaded model.
+
+    Raises:
+        ArchitectureError: naming the model class when no decoder-layer list can be found.
+    """
+    model_type = getattr(model.config, "model_type", "")
+    known = ADAPTERS.get(model_type)
+    if known is not None:
+        with contextlib.suppress(AttributeError):
+            if isinstance(_get(model, known.layers), nn.ModuleList):
+                return known
+    path = _find_layers(model, n_layers_of(model.config))
+    if path is None:
+        raise ArchitectureError(
+            f"cannot find the decoder layers of {type(model).__name__} (model_type {model_type!r}); "
+            f"supported: {', '.join(sorted(ADAPTERS))} and models with one ModuleList of num_hidden_layers layers"
+        )
+    norm = path.rsplit(".", 1)[0] + ".norm" if "." in path else None
+    return Adapter(f"generic:{model_type}", path, norm)
+
+
+def n_layers_of(config) -> int:
+    return int(getattr(config, "num_hidden_layers", 0) or 0)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return _get(model, adapter_for(model).layers)
+
+
+# ---------------------------------------------------------------------------------------------- removal
+
+
+def _per_layer_config_lists(config, n_layers: int) -> list[str]:
+    """Config attributes holding one entry per layer (``layer_types``, GPT-Neo's ``attention_layers``...)."""
+    names = []
+    for name, value in vars(config).items():
+        if isinstance(value, (list, tuple)) and len(value) == n_layers and not name.startswith("_"):
+            names.append(name)
+    return names
+
+
+def _config_changes(config, kept: Sequence[int]) -> dict[str, object]:
+    """New values of every config attribute that depends on the layer count."""
+    n_layers = n_layers_of(config)
+    changes: dict[str, object] = {"num_hidden_layers": len(kept)}
+    for name in _per_layer_config_lists(config, n_layers):
+        values = getattr(config, name)
+        changes[name] = type(values)(values[i] for i in kept)
+    if getattr(config, "model_type", "") == "gpt_neo":
+        # GPT-Neo derives attention_layers from the run-length list attention_types when it is (re)loaded.
+        changes["attention_types"] = [[[t], 1] for t in changes.get("attention_layers", [])]
+    return changes
+
+
+def remove_layers(model: nn.Module, removed: Sequence[int]) -> Callable[[], None]:
+    """Remove decoder layers in place; return a callable that restores the model exactly.
+
+    Example: on a 4-layer model, ``remove_layers(model, [1, 2])`` leaves layers ``[0, 3]``; the old layer 3 is
+    now at index 1 and its attention's ``layer_idx`` is 1, so ``generate()`` indexes a 2-layer KV cache.
+
+    Raises:
+        ConfigError: a removed index is out of range or repeated.
+    """
+    adapter = adapter_for(model)
+    layers: nn.ModuleList = _get(model, adapter.layers)
+    n_layers = len(layers)
+    removed = list(removed)
+    if any(not 0 <= i < n_layers for i in removed) or len(set(removed)) != len(removed):
+        raise ConfigError(f"cannot remove layers {removed} from a model with layers 0-{n_layers - 1}")
+    kept = [i for i in range(n_layers) if i not in set(removed)]
+    parent_path, attr = adapter.layers.rsplit(".", 1)
+    parent = _get(model, parent_path)
+    config = model.config
+    changes = _config_changes(config, kept)
+    old_config = {name: getattr(config, name) for name in changes}
+    old_idx = _renumber(layers, kept)
+    setattr(parent, attr, nn.ModuleList([layers[i] for i in kept]))
+    for name, value in changes.items():
+        setattr(config, name, value)
+
+    def undo() -> None:
+        setattr(parent, attr, layers)
+        for name, value in old_config.items():
+            setattr(config, name, value)
+        for module, idx in old_idx:
+            module.layer_idx = idx
+
+    return undo
+
+
+def _renumber(layers: nn.ModuleList, kept: Sequence[int]) -> list[tuple[nn.Module, int]]:
+    """Set ``layer_idx`` of every module inside kept layer ``kept[j]`` to ``j``; return the old values."""
+    old = []
+    for new_idx, old_layer in enumerate(kept):
+        for module in layers[old_layer].modules():
+            idx = getattr(module, "layer_idx", None)
+            if isinstance(idx, int):
+                old.append((module, idx))
+                module.layer_idx = new_idx
+    return old
+
+
+@contextlib.contextmanager
+def pruned(model: nn.Module, removed: Sequence[int]) -> Iterator[nn.Module]:
+    """Context in which ``model`` runs without the ``removed`` layers; restored on exit, even on error."""
+    undo = remove_layers(model, removed)
+    try:
+        yield model
+    finally:
+        undo()
+
+
+# ---------------------------------------------------------------------------------------------- parameters
+
+
+def embedding_params(model: nn.Module) -> int:
+    """Parameters of token and position embeddings, plus the output head when it is not tied to them."""
+    layers = decoder_layers(model)
+    inside = {id(p) for p in layers.parameters()}
+    seen: set[int] = set()
+    total = 0
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            for p in module.parameters(recurse=False):
+                if id(p) not in inside and id(p) not in seen:
+                    seen.add(id(p))
+                    total += p.numel()
+    head = model.get_output_embeddings()
+    if head is not None and id(head.weight) not in seen:
+        total += head.weight.numel()
+    return total
+
+
+def layer_params(model: nn.Module) -> list[int]:
+    """Parameter count of each decoder layer."""
+    return [sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(model)]
+
+
+def total_params(model: nn.Module) -> int:
+    """All unique parameters (tied weights counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------- signatures
+
+
+def layer_signature(layer: nn.Module) -> str:
+    """What decides a layer's cost: its parameter shapes and dtypes and its attention type (sliding or full)."""
+    parts = [f"{name}:{tuple(p.shape)}:{p.dtype}" for name, p in layer.named_parameters()]
+    for module in layer.modules():
+        for attr in ("attention_type", "layer_type", "sliding_window", "is_sliding"):
+            value = getattr(module, attr, None)
+            if isinstance(value, (str, int, bool)):
+                parts.append(f"{attr}={value}")
+    return "|".join(parts)
+
+
+def shape_signature(model: nn.Module, kept: Sequence[int]) -> str:
+    """Cost signature of a variant: run-length list of its kept layers' signatures.
+
+    Example: GPT-2 keeping layers [0, 5, 7] -> ``"3xa1b2c3d4"`` (three layers of one shape), the same as
+    keeping [1, 2, 3]: both cost the same, so latency is measured once for both.
+    """
+    import hashlib
+
+    layers = decoder_layers(model)
+    codes = [hashlib.sha1(layer_signature(layers[i]).encode()).hexdigest()[:8] for i in kept]
+    runs: list[list] = []
+    for code in codes:
+        if runs and runs[-1][1] == code:
+            runs[-1][0] += 1
+        else:
+            runs.append([1, code])
+    return "+".join(f"{n}x{code}" for n, code in runs) or "0"
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> first CUDA GPU if present, else CPU.
+
+    Raises:
+        ConfigError: CUDA asked for but unavailable.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` -> bfloat16 on CUDA, float32 on CPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def _looks_local(name: str) -> bool:
+    """Paths start with ./ / ~ or exist; anything else is taken for a hub id (``org/name``)."""
+    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
+
+
+def _load_error(name: str, what: str, exc: Exception) -> ModelLoadError:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if _looks_local(name) and not Path(name).expanduser().exists():
+        return ModelLoadError(f"{what} {name!r}: no such directory")
+    if Path(name).expanduser().is_dir():
+        return ModelLoadError(f"cannot load {what} from {name}: {text}")
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in text.lower() or "connect" in text.lower() \
+        or "resolve" in text.lower() or "network" in text.lower() or "couldn't" in text.lower()
+    hint = (" — no network to reach the hub? Download it elsewhere and pass the local directory, e.g. "
+            f"--model /path/to/{name.split('/')[-1]}") if offline else ""
+    return ModelLoadError(f"cannot load {what} {name!r} from the Hugging Face hub{hint} ({text})")
+
+
+def load_config(name: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The model's config alone (cheap: no weights), to check a plan before loading anything big.
+
+    Raises:
+        ModelLoadError: unknown id or path, or no network for a hub id.
+    """
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise _load_error(name, "model", exc) from None
+
+
+def load_model(name: str, revision: str | None = None, dtype: str = "auto", device: str = "auto",
+               random_init: bool = False, trust_remote_code: bool = False) -> nn.Module:
+    """Load a causal LM by hub id or local directory, in eval mode on the chosen device.
+
+    Args:
+        random_init: build from the config with random weights (timing and shape studies; needs no weights).
+
+    Raises:
+        ModelLoadError: unknown id/path, no network, or no weights; ArchitectureError: no decoder layers found.
+    """
+    from transformers import AutoModelForCausalLM
+
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    config = load_config(name, revision, trust_remote_code)
+    try:
+        if random_init:
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                name, revision=revision, dtype=torch_dtype, trust_remote_code=trust_remote_code
+            )
+    except (OSError, ValueError, KeyError) as exc:
+        raise _load_error(name, "model", exc) from None
+    model.to(torch_device).eval()
+    adapter_for(model)  # fail now, with the class name, if the layers cannot be found
+    return model
+
+
+def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False):
+    """Load the tokenizer saved with a model (or given with --tokenizer).
+
+    Raises:
+        ModelLoadError: no tokenizer files at that id or path.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        err = _load_error(name, "tokenizer", exc)
+        raise ModelLoadError(f"{err} — pass --tokenizer DIR to use another tokenizer") from None
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+def export_pruned(model: nn.Module, tokenizer, removed: Sequence[int], out_dir: str | Path) -> Path:
+    """Save a physically pruned copy of ``model`` that reloads with ``from_pretrained``.
+
+    The saved config's layer count and per-layer lists and every ``layer_idx`` agree with the kept layers,
+    so the reloaded model gives the in-memory variant's logits and ``generate()`` works with the KV cache.
+
+    Raises:
+        ExportError: the architecture makes a layer's function depend on its index (would not reload faithfully).
+    """
+    if getattr(model.config, "scale_attn_by_inverse_layer_idx", False) and removed:
+        raise ExportError("this GPT-2 config scales attention by 1/(layer_idx+1); a pruned export would change it")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with pruned(model, removed):
+        model_copy = copy.deepcopy(model)
+    model_copy.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return out_dir

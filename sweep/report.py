@@ -1,0 +1,447 @@
+"""Markdown reports from results.db: one file per model, built from the database alone (no model loaded).
+
+Must not import torch and writes no SQL: rows come from :func:`sweep.store.read_view` (the
+``results_vs_baseline`` view) and :func:`sweep.store.setups_overview`.
+
+A report holds, for one setup of one model: the baseline, a table of single-layer removals, a table of
+combinatorial removals (long tables keep the best and the worst rows), the best and worst variant per
+number of removed layers, and a footer saying how the numbers were produced.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from sweep import store
+from sweep.errors import SweepError, UnknownNameError
+from sweep.plan import parse_key
+
+Row = dict[str, Any]
+
+VARIANT_COLUMNS = (
+    "layers removed", "layers", "perplexity (↓)", "speed (ms) ↓", "parameters (M)", "ppl change (%)",
+    "speed change (%)",
+)
+"""Columns of the single and combinatorial removal tables (``layers`` = number of layers kept)."""
+
+PER_N_COLUMNS = ("layers removed (n)", "variants", "best", "best ppl", "worst", "worst ppl")
+"""Columns of the best-and-worst-per-number-of-removed-layers table."""
+
+LONG_TABLE = 50
+"""A combinatorial table with more variants than this shows only the best and the worst ones."""
+SHOW_BEST = 25
+SHOW_WORST = 10
+ERROR_CHARS = 60
+"""Failed rows show at most this much of their error text; the full text is in results.db."""
+MISSING = "—"
+
+
+# --- numbers -----------------------------------------------------------------------------------
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def format_ppl(value: float | None) -> str:
+    """Perplexity with thousands separators: ``29.9412 -> "29.94"``, ``12345.61 -> "12,345.6"``."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return MISSING
+    if math.isinf(value):
+        return "∞"
+    if abs(value) >= 1e9:
+        return f"{value:.3g}"
+    return f"{value:,.2f}" if abs(value) < 100 else f"{value:,.1f}"
+
+
+def format_ms(value: float | None) -> str:
+    """Milliseconds with two decimals and thousands separators; ``None -> "—"``."""
+    return f"{value:,.2f}" if _finite(value) else MISSING
+
+
+def format_params(value: int | None) -> str:
+    """Parameters in millions: ``124439808 -> "124.440"``, ``6738415616 -> "6,738.42"``."""
+    if not _finite(value):
+        return MISSING
+    millions = value / 1e6
+    return f"{millions:,.3f}" if abs(millions) < 1000 else f"{millions:,.2f}"
+
+
+def format_pct(value: float | None) -> str:
+    """A signed change: ``12.34 -> "+12.3 %"``, ``-4 -> "-4.0 %"``, ``0 -> "+0.0 %"``; ``None -> "—"``."""
+    if not _finite(value):
+        return MISSING
+    rounded = round(value, 1)
+    return f"{rounded + 0.0:+,.1f} %"  # + 0.0 turns -0.0 into +0.0
+
+
+def _cell(text: Any) -> str:
+    """Text safe inside a markdown table cell (one line, no bare pipes)."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def _table(columns: Iterable[str], rows: Iterable[Iterable[str]]) -> str:
+    columns = list(columns)
+    lines = ["| " + " | ".join(columns) + " |", "| " + " | ".join("---" for _ in columns) + " |"]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# --- variants ----------------------------------------------------------------------------------
+
+
+def removed_label(row: Row) -> str:
+    """The ``layers removed`` cell: the variant key (``"1,3"``), or ``none`` for the baseline."""
+    return row["removed"] or "none"
+
+
+def _ppl_cell(row: Row) -> str:
+    if row["status"] == "diverged":
+        return "diverged"
+    if row["status"] == "failed":
+        error = " ".join(str(row.get("error") or "").split())
+        if len(error) > ERROR_CHARS:
+            error = error[: ERROR_CHARS - 1] + "…"
+        return f"failed: {error}" if error else "failed"
+    return format_ppl(row["ppl"])
+
+
+def _variant_cells(row: Row) -> list[str]:
+    n_kept = row.get("n_layers")
+    return [
+        removed_label(row),
+        str(n_kept) if n_kept is not None else MISSING,
+        _ppl_cell(row),
+        format_ms(row.get("speed_ms")),
+        format_params(row.get("params")),
+        format_pct(row.get("ppl_change_pct")),
+        format_pct(row.get("speed_change_pct")),
+    ]
+
+
+def rank_key(row: Row) -> tuple[int, float]:
+    """Sort key from best to worst: measured rows by perplexity, then diverged, then failed."""
+    if row["status"] == "ok" and row.get("ppl") is not None:
+        return (0, row["ppl"])
+    if row["status"] == "diverged":
+        return (1, 0.0)  # NaN/inf perplexity: worse than any measured one
+    return (2, 0.0)  # failed: no perplexity at all
+
+
+def _baseline(rows: list[Row]) -> Row | None:
+    return next((r for r in rows if r["removed"] == ""), None)
+
+
+# --- sections ----------------------------------------------------------------------------------
+
+
+def _describe_setup(info: Row) -> str:
+    max_tokens = info.get("max_tokens")
+    parts = [
+        f"data `{info.get('data') or MISSING}`",
+        f"max_length {info.get('max_length') or MISSING}",
+        f"stride {info.get('stride') or MISSING}",
+        f"max_tokens {f'{max_tokens:,}' if max_tokens else 'all'}",
+        f"dtype {info.get('dtype') or MISSING}",
+        f"device {info.get('device') or MISSING}",
+    ]
+    if info.get("revision"):
+        parts.insert(0, f"revision `{info['revision']}`")
+    if info.get("created_at"):
+        parts.append(f"created {info['created_at']}")
+    return f"**Setup** `{info.get('setup') or MISSING}`: " + ", ".join(parts) + "."
+
+
+def _setup_choice(setup: str | None, other_setups: Iterable[str]) -> str:
+    others = [s for s in other_setups if s != setup]
+    if not others:
+        return ""
+    listed = ", ".join(f"`{s}`" for s in others)
+    return (
+        f"This model also has results for other setups: {listed}. This report uses setup `{setup}`; by default "
+        "the newest setup is reported, pass `setup=<id>` (`--setup <id>`) to report another one."
+    )
+
+
+def _measured(value: float | None, unit: str, extra: str = "") -> str:
+    """``"12.34 ms (IQR 0.5 ms)"``, or ``"—"`` when the value is missing."""
+    return f"{format_ms(value)} {unit}{extra}" if _finite(value) else MISSING
+
+
+def _params_text(params: int | None, non_embedding: int | None) -> str:
+    """``"124.440 M (85.056 M without embeddings)"``."""
+    if not _finite(params):
+        return MISSING
+    return f"{format_params(params)} M" + (
+        f" ({format_params(non_embedding)} M without embeddings)" if _finite(non_embedding) else "")
+
+
+def _baseline_section(baseline: Row | None) -> str:
+    lines = ["## Baseline", ""]
+    if baseline is None:
+        return "\n".join(lines + ["No baseline (no layer removed) was measured in this setup, so changes (%) "
+                                  "are not available; run the sweep again to measure it."])
+    if baseline["status"] != "ok":
+        lines += [f"The baseline is **{_ppl_cell(baseline)}**, so changes (%) are not available.", ""]
+    iqr = baseline.get("speed_iqr_ms")
+    iqr_text = f" (IQR {format_ms(iqr)} ms)" if _finite(iqr) else ""
+    bpb = baseline.get("bpb")
+    lines += [
+        f"- perplexity: {format_ppl(baseline.get('ppl'))}",
+        f"- bits per byte: {f'{bpb:.4f}' if _finite(bpb) else MISSING}",
+        f"- prefill speed: {_measured(baseline.get('speed_ms'), 'ms', iqr_text)}",
+        f"- decode: {_measured(baseline.get('decode_ms_per_token'), 'ms/token')}",
+        f"- parameters: {_params_text(baseline.get('params'), baseline.get('params_non_embedding'))}",
+        f"- layers: {baseline.get('n_layers') if baseline.get('n_layers') is not None else MISSING}",
+    ]
+    return "\n".join(lines)
+
+
+def _single_section(rows: list[Row], baseline: Row | None) -> str:
+    singles = sorted((r for r in rows if r["n_removed"] == 1), key=lambda r: parse_key(r["removed"]))
+    lines = ["## Single layer removal", ""]
+    if not singles:
+        return "\n".join(lines + ["No single-layer removals in this setup."])
+    shown = ([baseline] if baseline else []) + singles
+    return "\n".join(lines + [_table(VARIANT_COLUMNS, (_variant_cells(r) for r in shown))])
+
+
+def _combinatorial_section(rows: list[Row], baseline: Row | None, model: str, setup: str | None) -> str:
+    combos = [r for r in rows if r["n_removed"] >= 2]
+    lines = ["## Combinatorial removal", ""]
+    if not combos:
+        return "\n".join(lines + ["No removals of two or more layers in this setup."])
+    head = [_variant_cells(baseline)] if baseline else []
+    if len(combos) <= LONG_TABLE:
+        ordered = sorted(combos, key=lambda r: (r["n_removed"], rank_key(r), parse_key(r["removed"])))
+        return "\n".join(lines + [_table(VARIANT_COLUMNS, head + [_variant_cells(r) for r in ordered])])
+    ranked = sorted(combos, key=lambda r: (rank_key(r), r["n_removed"], parse_key(r["removed"])))
+    measured = [r for r in ranked if r["status"] != "failed"]
+    best, worst = measured[:SHOW_BEST], measured[SHOW_BEST:][-SHOW_WORST:]
+    omitted = len(combos) - len(best) - len(worst)
+    gap = [f"… {omitted:,} more …"] + [""] * (len(VARIANT_COLUMNS) - 1)
+    body = head + [_variant_cells(r) for r in best] + [gap] + [_variant_cells(r) for r in worst]
+    lines += [
+        f"{len(combos):,} variants: the {len(best)} best and the {len(worst)} worst by perplexity are shown, "
+        f"{omitted:,} are omitted (failed ones included). All of them:",
+        "",
+        "```sql",
+        _example_query(model, setup, "n_removed >= 2"),
+        "```",
+        "",
+        _table(VARIANT_COLUMNS, body),
+    ]
+    return "\n".join(lines)
+
+
+def best_and_worst(rows: list[Row]) -> dict[int, tuple[Row | None, Row | None]]:
+    """Best and worst variant per number of removed layers (baseline excluded).
+
+    Diverged variants count as worse than any measured one; failed variants are not ranked. ``None``
+    where no variant of that size was measured.
+    """
+    by_n: dict[int, list[Row]] = {}
+    for row in rows:
+        if row["n_removed"] >= 1:
+            by_n.setdefault(row["n_removed"], []).append(row)
+    found = {}
+    for n, group in sorted(by_n.items()):
+        ranked = sorted((r for r in group if r["status"] != "failed"), key=lambda r: (rank_key(r), r["removed"]))
+        found[n] = (ranked[0], ranked[-1]) if ranked else (None, None)
+    return found
+
+
+def _variants_count(group: list[Row]) -> str:
+    statuses = [r["status"] for r in group]
+    notes = [f"{statuses.count(s)} {s}" for s in ("diverged", "failed") if s in statuses]
+    return f"{len(group):,}" + (f" ({', '.join(notes)})" if notes else "")
+
+
+def _per_n_section(rows: list[Row]) -> str:
+    lines = ["## Best and worst per number of removed layers", ""]
+    extremes = best_and_worst(rows)
+    if not extremes:
+        return "\n".join(lines + ["No variants with removed layers in this setup."])
+    table_rows = []
+    for n, (best, worst) in extremes.items():
+        group = [r for r in rows if r["n_removed"] == n]
+        table_rows.append([
+            str(n), _variants_count(group),
+            best["removed"] if best else MISSING, _ppl_cell(best) if best else MISSING,
+            worst["removed"] if worst else MISSING, _ppl_cell(worst) if worst else MISSING,
+        ])
+    return "\n".join(lines + [_table(PER_N_COLUMNS, table_rows)])
+
+
+def _example_query(model: str, setup: str | None, condition: str) -> str:
+    quoted_model = model.replace("'", "''")
+    where = f"model = '{quoted_model}'" + (f" AND setup = '{setup}'" if setup else "") + f" AND {condition}"
+    return (
+        "SELECT removed, n_layers, ppl, speed_ms, ppl_change_pct, speed_change_pct, status, error\n"
+        f"FROM results_vs_baseline\nWHERE {where}\nORDER BY status != 'ok', ppl;"
+    )
+
+
+def _footer(info: Row, rows: list[Row], model: str) -> str:
+    scored = _baseline(rows) or next((r for r in rows if r["status"] == "ok"), {})
+    tokens = scored.get("n_tokens")
+    measured_at = max((r["measured_at"] for r in rows if r.get("measured_at")), default=None)
+    tokens_text = f" ({tokens:,} scored tokens)" if _finite(tokens) else ""
+    latency_seq = info.get("latency_seq")
+    prompt = f"a {latency_seq}-token prompt" if latency_seq else "a fixed prompt"
+    lines = [
+        "## How these numbers were produced",
+        "",
+        f"- **perplexity** = exp(NLL sum / tokens) over the evaluation text{tokens_text}, scored in windows of "
+        "`max_length` tokens that advance by `stride`; **bits per byte** = NLL sum / (ln 2 × UTF-8 bytes).",
+        f"- **speed** = median wall time (ms) of N timed prefill passes of {prompt} at batch size 1, after "
+        "untimed warm-up passes (N = the `latency_repeats` setting; `prefill_repeats` in the `results` table); "
+        "IQR = 75th − 25th percentile. With the default `latency: shared`, variants of the same shape "
+        "signature (usually: the same number of layers kept) share one measurement, so their speeds are equal.",
+        "- **decode** = median ms per generated token, greedy with the KV cache.",
+        "- **parameters** = all parameters of the model with the layers removed, embeddings included.",
+        "- **ppl change** = 100 × (ppl / baseline ppl − 1); **speed change** likewise for the prefill median. "
+        "Negative speed change = faster.",
+        "- **layers** = number of decoder layers kept; layers are numbered from 0.",
+        "- Diverged = NaN or infinite perplexity; failed = the measurement stopped on an error "
+        "(the full text is in the `error` column).",
+        "",
+        "Rendered from the results database alone (no model was loaded)"
+        + (f"; last measurement {measured_at}." if measured_at else "."),
+        "Every number is in the view `results_vs_baseline`, for example:",
+        "",
+        "```sql",
+        _example_query(model, info.get("setup"), "n_removed <= 2"),
+        "```",
+    ]
+    return "\n".join(lines)
+
+
+# --- public API --------------------------------------------------------------------------------
+
+
+def render_markdown(rows: list[Row], setup_info: Row | None = None, other_setups: Iterable[str] = ()) -> str:
+    """Render the report of one model and one setup.
+
+    Args:
+        rows: Rows of ``results_vs_baseline`` for one model and one setup (from :func:`sweep.store.read_view`);
+            may be empty, and may lack the baseline.
+        setup_info: The setup's row from :func:`sweep.store.setups_overview` (model, setup, data, max_length,
+            stride, max_tokens, latency_seq, dtype, ...); gives the title and setup line when ``rows`` is empty.
+        other_setups: Ids of the model's other setups, listed so the reader knows they exist.
+
+    Returns:
+        The markdown text, ending with a newline.
+    """
+    rows = list(rows)
+    info = _setup_fields(rows, setup_info or {})
+    model = info.get("model") or "unknown model"
+    baseline = _baseline(rows)
+    sections = [f"# Layer removal: {model}", _describe_setup(info), _setup_choice(info.get("setup"), other_setups)]
+    if not rows:
+        sections.append("No results for this setup yet: run `sweep run` to measure the baseline and variants.")
+    else:
+        sections += [
+            _baseline_section(baseline),
+            _single_section(rows, baseline),
+            _combinatorial_section(rows, baseline, model, info.get("setup")),
+            _per_n_section(rows),
+            _footer(info, rows, model),
+        ]
+    return "\n\n".join(s for s in sections if s) + "\n"
+
+
+def _setup_fields(rows: list[Row], setup_info: Row) -> Row:
+    """Setup fields from the overview, completed from the rows (device and revision live only there)."""
+    source = _baseline(rows) or (rows[0] if rows else {})
+    keys = ("model", "setup", "data", "max_length", "stride", "max_tokens", "dtype", "device", "revision")
+    info = {k: source.get(k) for k in keys}
+    info.update({k: v for k, v in setup_info.items() if v is not None})
+    return info
+
+
+def report_filename(model: str) -> str:
+    """A filesystem-safe file name for a model's report: ``"org/name" -> "org--name.md"``."""
+    safe = model.strip("/").replace("/", "--")
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", safe).strip(".") or "model"
+    return f"{safe}.md"
+
+
+def _newest_setup(setups: list[Row], rows: list[Row]) -> Row:
+    """The most recently created setup; ties (same second) go to the one measured last."""
+    last_measured: dict[str, str] = {}
+    for row in rows:
+        last_measured[row["setup"]] = max(last_measured.get(row["setup"], ""), row.get("measured_at") or "")
+    return max(setups, key=lambda s: (s.get("created_at") or "", last_measured.get(s["setup"], ""), s["setup"]))
+
+
+def _select_setups(overview: list[Row], model: str | None, setup: str | None) -> dict[str, list[Row]]:
+    """The overview rows to report, grouped by model name, after checking ``model`` and ``setup``."""
+    if not overview:
+        raise SweepError("the results database has no models yet; run `sweep run` first")
+    if model is not None and model not in {s["model"] for s in overview}:
+        raise UnknownNameError("model", model, sorted({s["model"] for s in overview}))
+    if model is not None:
+        overview = [s for s in overview if s["model"] == model]
+    if setup is not None:
+        if setup not in {s["setup"] for s in overview}:
+            raise UnknownNameError("setup", setup, [s["setup"] for s in overview])
+        chosen_model = next(s["model"] for s in overview if s["setup"] == setup)
+        overview = [s for s in overview if s["model"] == chosen_model]
+    by_model: dict[str, list[Row]] = {}
+    for row in overview:
+        by_model.setdefault(row["model"], []).append(row)
+    return by_model
+
+
+def write_reports(db_path: str | Path, out_dir: str | Path = "reports", model: str | None = None,
+                  setup: str | None = None) -> list[Path]:
+    """Write ``<out_dir>/<model>.md`` for every model in the database (or only ``model``).
+
+    Each report covers one setup: ``setup`` if given, otherwise the model's newest setup.
+
+    Args:
+        db_path: The results database.
+        out_dir: Directory receiving the reports (created if needed).
+        model: Report only this model name.
+        setup: Report this setup id (of ``model``, or of whichever model owns it).
+
+    Returns:
+        The paths written, one per model, in model-name order.
+
+    Raises:
+        StoreError: no database at ``db_path``, or it is not a usable sweep database.
+        UnknownNameError: ``model`` or ``setup`` is not in the database (the valid ones are listed).
+        SweepError: the database has no models yet, or a report cannot be written.
+    """
+    db = store.open_db(db_path, create=False)
+    try:
+        by_model = _select_setups(store.setups_overview(db), model, setup)
+        reports = {name: _render_model(db, name, setups, setup) for name, setups in sorted(by_model.items())}
+    finally:
+        db.close()
+    return [_write(Path(out_dir) / report_filename(name), text) for name, text in reports.items()]
+
+
+def _render_model(db: Any, model: str, setups: list[Row], setup: str | None) -> str:
+    rows = store.read_view(db, model=model)
+    chosen = next(s for s in setups if s["setup"] == setup) if setup else _newest_setup(setups, rows)
+    chosen_rows = [r for r in rows if r["setup"] == chosen["setup"]]
+    return render_markdown(chosen_rows, chosen, [s["setup"] for s in setups if s is not chosen])
+
+
+def _write(path: Path, text: str) -> Path:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise SweepError(f"cannot write report {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def report_text(paths: Iterable[str | Path]) -> str:
+    """The reports at ``paths`` concatenated, separated by a rule, for printing."""
+    return "\n---\n\n".join(Path(p).read_text(encoding="utf-8") for p in paths)

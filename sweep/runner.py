@@ -1,0 +1,225 @@
+"""Orchestration: plan -> (latency per shape signature) -> perplexity per variant -> one DB row each.
+
+Reads like a table of contents; the work happens in ``plan``, ``worker`` and ``store``.
+"""
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from tqdm.auto import tqdm
+
+from sweep import ENGINE_VERSION, store
+from sweep.config import SweepConfig
+from sweep.plan import PlanSpec, Removal, count_variants, format_duration, plan_variants, variant_key
+
+Log = Callable[[str], None]
+
+
+def plan_spec(cfg: SweepConfig) -> PlanSpec:
+    return PlanSpec(strategy=cfg.strategy, k=cfg.k, n=cfg.n, remove=cfg.remove, force=cfg.force)
+
+
+@dataclass
+class Summary:
+    """What a run did, for the closing line."""
+
+    planned: int = 0
+    already_done: int = 0
+    measured: int = 0
+    failed: int = 0
+    interrupted: bool = False
+    seconds: float = 0.0
+    setup: str = ""
+    best: dict = field(default_factory=dict)
+
+
+def setup_fields(worker, cfg: SweepConfig) -> dict:
+    """What identifies an evaluation setup: data, windows, latency prompt, device and engine version."""
+    tokens = worker.tokens
+    return {"data": tokens.name, "data_fingerprint": tokens.fingerprint, "data_tokens": len(tokens.ids),
+            "max_length": worker.setup.max_length, "stride": worker.setup.stride,
+            "max_tokens": worker.setup.max_tokens, "latency_seq": cfg.latency_seq, "device": worker.device_name,
+            "engine_version": ENGINE_VERSION}
+
+
+def open_setup(cfg: SweepConfig, worker):
+    """Create/find the model and setup rows; return (db, setup id)."""
+    db = store.open_db(cfg.db)
+    dtype = str(next(worker.model.parameters()).dtype).replace("torch.", "")
+    model_id = store.upsert_model(db, cfg.model, cfg.revision, dtype, worker.n_layers, type(worker.model).__name__)
+    return db, store.upsert_setup(db, model_id, setup_fields(worker, cfg))
+
+
+class StopFlag:
+    """First Ctrl-C: finish the current variant, then stop. Second Ctrl-C: stop at once."""
+
+    def __init__(self, log: Log):
+        self.stop = False
+        self.log = log
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: no handler, Ctrl-C behaves as usual
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.stop:
+            raise KeyboardInterrupt
+        self.stop = True
+        self.log("\nstopping after the current variant (Ctrl-C again to stop now; results so far are saved)")
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def run_sweep(cfg: SweepConfig, log: Log = print, progress: bool = True) -> Summary:
+    """Measure every planned variant not yet in the DB, writing each row as soon as it is measured.
+
+    Raises:
+        SweepError subclasses for bad input, before anything is written to the DB.
+    """
+    from sweep import models
+    from sweep.worker import load_worker
+
+    start = time.perf_counter()
+    store.check_writable(cfg.db)
+    n_layers = models.n_layers_of(models.load_config(cfg.model, cfg.revision, cfg.trust_remote_code))
+    variants = plan_variants(n_layers, plan_spec(cfg))  # bad plans fail before the model loads
+    worker = load_worker(cfg)
+    db, setup = open_setup(cfg, worker)
+    done = store.done_keys(db, setup)
+    todo = [v for v in variants if variant_key(v) not in done]
+    summary = Summary(planned=len(variants), already_done=len(variants) - len(todo), setup=setup)
+    log(f"{cfg.model}: {n_layers} layers, {len(variants):,} variants planned ({cfg.strategy}), "
+        f"{summary.already_done:,} already in {cfg.db}, {len(todo):,} to measure on {worker.device_name} "
+        f"[setup {setup}]")
+    if todo:
+        with StopFlag(log) as stop:
+            _measure_all(cfg, worker, db, setup, todo, summary, stop, log, progress)
+    summary.seconds = time.perf_counter() - start
+    log(closing_line(cfg, summary))
+    return summary
+
+
+PER_VARIANT_GROUP = 16
+"""With --latency per-variant, variants are timed (interleaved) in groups of this many, so results keep flowing."""
+
+
+def _signature(cfg: SweepConfig, worker, removed: Removal) -> str:
+    """Latency is shared between variants with equal signatures; per-variant mode makes every variant unique."""
+    return f"variant:{variant_key(removed)}" if cfg.latency == "per-variant" else worker.signature(removed)
+
+
+def _measure_all(cfg, worker, db, setup, todo: list[Removal], summary: Summary, stop: StopFlag, log: Log,
+                 progress: bool) -> None:
+    group = PER_VARIANT_GROUP if cfg.latency == "per-variant" else len(todo)
+    bar = None
+    for first in range(0, len(todo), group):
+        chunk = todo[first : first + group]
+        latency = _latency_for(cfg, worker, db, setup, chunk, log, progress and cfg.latency != "per-variant")
+        bar = bar or tqdm(total=len(todo), desc="variants", unit="variant", disable=not progress, dynamic_ncols=True)
+        for removed in chunk:
+            if stop.stop:
+                summary.interrupted = True
+                bar.close()
+                return
+            signature = _signature(cfg, worker, removed)
+            row = {**worker.evaluate(removed), **latency.get(signature, {}), "setup_id": setup,
+                   "latency_signature": signature if cfg.latency != "off" else None}
+            store.record_result(db, row)
+            summary.measured += 1
+            summary.failed += row["status"] != "ok"
+            bar.update(1)
+            if summary.measured == 1 and len(todo) > 1:
+                _first_estimate(row, len(todo))
+    if bar is not None:
+        bar.close()
+
+
+def _latency_for(cfg, worker, db, setup, todo, log, progress) -> dict[str, dict]:
+    """Latency columns for every signature in ``todo``: reuse stored measurements, measure the rest interleaved."""
+    if cfg.latency == "off":
+        return {}
+    known = store.latency_by_signature(db, setup)
+    needed: dict[str, Sequence[int]] = {}
+    for removed in todo:
+        sig = _signature(cfg, worker, removed)
+        if sig not in known and sig not in needed:
+            needed[sig] = removed
+    if needed:
+        if progress:
+            log(f"latency: {len(needed)} shape signature(s) for {len(todo):,} variants, "
+                f"{cfg.latency_repeats} interleaved repeats each (prefill of {cfg.latency_seq} tokens"
+                f"{f', decode of {cfg.decode_tokens} tokens' if cfg.decode_tokens else ''})")
+        bar = tqdm(total=cfg.latency_warmup + cfg.latency_repeats, desc="latency", unit="round",
+                   disable=not progress, dynamic_ncols=True)
+        known.update(worker.measure_latency(needed, progress=lambda done, total: bar.update(1)))
+        bar.close()
+    return known
+
+
+def _first_estimate(row: dict, n_todo: int) -> None:
+    per_variant = row.get("eval_seconds") or 0.0
+    total = per_variant * n_todo
+    if total > 120:
+        tqdm.write(f"one variant took {per_variant:.1f} s: about {format_duration(total)} for all {n_todo:,}. "
+                   "Shorter: --max-tokens 20000, --strategy single, or a GPU; Ctrl-C stops cleanly and a re-run resumes.")
+
+
+def closing_line(cfg: SweepConfig, summary: Summary) -> str:
+    state = "interrupted" if summary.interrupted else "done"
+    failed = f", {summary.failed} failed/diverged" if summary.failed else ""
+    return (f"{state}: measured {summary.measured:,} variants in {format_duration(summary.seconds)}{failed}; "
+            f"{summary.already_done + summary.measured:,}/{summary.planned:,} of the plan are in {cfg.db}. "
+            f"Next: sweep report --db {cfg.db}")
+
+
+def describe_plan(cfg: SweepConfig, log: Log = print) -> dict:
+    """What ``sweep plan`` prints: variant count, how many are measured, and a time estimate. Loads no weights.
+
+    Raises:
+        SweepError subclasses for bad input.
+    """
+    from sweep import models
+
+    n_layers = models.n_layers_of(models.load_config(cfg.model, cfg.revision, cfg.trust_remote_code))
+    spec = plan_spec(cfg)
+    n_variants = count_variants(n_layers, spec)
+    measured, per_variant = _measured_in_db(cfg, n_layers, spec)
+    todo = n_variants - measured
+    info = {"n_layers": n_layers, "variants": n_variants, "measured": measured, "todo": todo,
+            "seconds_per_variant": per_variant}
+    log(f"{cfg.model}: {n_layers} layers; strategy {cfg.strategy}: {n_variants:,} variants "
+        f"(baseline included), {measured:,} already measured in {cfg.db}, {todo:,} to go")
+    if per_variant:
+        log(f"estimate: {per_variant:.2f} s per variant from earlier records -> about {format_duration(per_variant * todo)}")
+    else:
+        log("estimate: no variant of this model timed yet; `sweep run` prints one after the first variant")
+    return info
+
+
+def _measured_in_db(cfg: SweepConfig, n_layers: int, spec: PlanSpec) -> tuple[int, float | None]:
+    """How many planned variants the newest matching setup in the DB has, and its seconds per variant."""
+    from pathlib import Path
+
+    if not Path(cfg.db).exists():
+        return 0, None
+    db = store.open_db(cfg.db, create=False)
+    setups = [s for s in store.setups_overview(db) if s["model"] == cfg.model]
+    if not setups:
+        return 0, None
+    setup = setups[0]["setup"]
+    done = store.done_keys(db, setup)
+    if count_variants(n_layers, spec) <= 200_000:
+        measured = sum(variant_key(v) in done for v in plan_variants(n_layers, spec))
+    else:
+        measured = len(done)
+    return measured, store.seconds_per_variant(db, setup)

@@ -1,0 +1,301 @@
+"""results.db: the only module that touches SQLite. Must not import torch.
+
+Schema (version 1)::
+
+    meta(key PRIMARY KEY, value)                         -- schema_version
+    models(id, name, revision, dtype, n_layers, model_class, UNIQUE(name, revision, dtype))
+    setups(id PRIMARY KEY, model_id, data, data_fingerprint, data_tokens, max_length, stride,
+           max_tokens, latency_seq, device, engine_version, created_at)
+    results(setup_id, removed, ..., status, error, PRIMARY KEY(setup_id, removed))
+    VIEW results_vs_baseline                              -- each variant against the baseline of its setup
+
+A result row is committed the moment it is measured, so an interrupted sweep loses at most the
+variant in flight. Failures are rows too (``status`` = ``failed`` or ``diverged`` with ``error``), as in
+optuna's trial states: a sweep never crashes on one bad variant and never silently skips it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sqlite3
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from sweep.errors import StoreError
+
+SCHEMA_VERSION = 1
+
+STATUSES = ("ok", "failed", "diverged")
+"""ok: measured; failed: an error (e.g. out of memory) stopped the measurement; diverged: NaN/inf perplexity."""
+
+RESULT_COLUMNS: dict[str, type] = {
+    "setup_id": str,
+    "removed": str,  # canonical key "1,3"; "" for the baseline
+    "n_removed": int,
+    "n_layers": int,  # layers kept
+    "kept_layers": str,
+    "params": int,
+    "params_non_embedding": int,
+    "nll_sum": float,
+    "n_tokens": int,
+    "n_bytes": int,
+    "ppl": float,
+    "bpb": float,
+    "prefill_ms": float,  # median
+    "prefill_iqr_ms": float,
+    "prefill_repeats": int,
+    "decode_ms_per_token": float,
+    "decode_iqr_ms": float,
+    "latency_signature": str,
+    "latency_from": str,  # key of the variant whose latency measurement this row shares
+    "status": str,
+    "error": str,
+    "eval_seconds": float,
+    "latency_seconds": float,
+    "device": str,
+    "host": str,
+    "measured_at": str,
+}
+
+VIEW_SQL = """
+CREATE VIEW IF NOT EXISTS results_vs_baseline AS
+SELECT
+    m.name AS model,
+    r.setup_id AS setup,
+    r.removed,
+    r.n_removed,
+    r.n_layers,
+    r.ppl,
+    r.prefill_ms AS speed_ms,
+    r.params,
+    100.0 * (r.ppl / b.ppl - 1.0) AS ppl_change_pct,
+    100.0 * (r.prefill_ms / b.prefill_ms - 1.0) AS speed_change_pct,
+    r.status,
+    r.error,
+    r.bpb,
+    r.decode_ms_per_token,
+    100.0 * (r.decode_ms_per_token / b.decode_ms_per_token - 1.0) AS decode_change_pct,
+    r.params_non_embedding,
+    100.0 * (1.0 * r.params / b.params - 1.0) AS params_change_pct,
+    r.nll_sum,
+    r.n_tokens,
+    r.prefill_iqr_ms AS speed_iqr_ms,
+    r.prefill_repeats,
+    r.latency_from,
+    m.revision,
+    m.dtype,
+    m.n_layers AS model_layers,
+    s.data,
+    s.max_length,
+    s.stride,
+    s.max_tokens,
+    r.device,
+    r.measured_at
+FROM results r
+JOIN setups s ON s.id = r.setup_id
+JOIN models m ON m.id = s.model_id
+LEFT JOIN results b ON b.setup_id = r.setup_id AND b.removed = '' AND b.status = 'ok'
+"""
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def check_writable(path: str | Path) -> None:
+    """Fail early, before any model is loaded, if results cannot be written to ``path``.
+
+    Raises:
+        StoreError: the file or its directory is not writable, or the path is a directory.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise StoreError(f"--db {path} is a directory; give a file path such as {path / 'results.db'}")
+    if path.exists():
+        if not os.access(path, os.W_OK):
+            raise StoreError(f"--db {path} is not writable")
+        return
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise StoreError(f"--db {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise StoreError(f"--db {path}: directory {parent} is not writable")
+
+
+def open_db(path: str | Path, create: bool = True) -> sqlite_utils.Database:
+    """Open (and with ``create``, initialise) a results database in WAL mode.
+
+    Raises:
+        StoreError: unwritable path, not a SQLite file, or a schema newer than this version of sweep.
+    """
+    path = Path(path)
+    if not create and not path.exists():
+        raise StoreError(f"no results database at {path}; run `sweep run` first")
+    if create:
+        check_writable(path)
+    try:
+        conn = sqlite3.connect(str(path), timeout=30)
+        db = sqlite_utils.Database(conn)
+        if create:
+            db.execute("PRAGMA journal_mode=WAL")
+        _check_version(db, path)
+        if create:
+            _create_schema(db)
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"{path} is not a usable SQLite database ({exc})") from None
+    return db
+
+
+def _check_version(db: sqlite_utils.Database, path: Path) -> None:
+    if "meta" not in db.table_names():
+        return
+    row = db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    if row and int(row[0]) > SCHEMA_VERSION:
+        raise StoreError(
+            f"{path} has schema version {row[0]}, newer than this sweep understands ({SCHEMA_VERSION}); upgrade sweep"
+        )
+
+
+def _create_schema(db: sqlite_utils.Database) -> None:
+    with db.conn:
+        if "meta" not in db.table_names():
+            db["meta"].create({"key": str, "value": str}, pk="key")
+            db["meta"].insert({"key": "schema_version", "value": str(SCHEMA_VERSION)})
+        if "models" not in db.table_names():
+            db["models"].create(
+                {"id": int, "name": str, "revision": str, "dtype": str, "n_layers": int, "model_class": str},
+                pk="id",
+            )
+            db["models"].create_index(["name", "revision", "dtype"], unique=True)
+        if "setups" not in db.table_names():
+            db["setups"].create(
+                {
+                    "id": str, "model_id": int, "data": str, "data_fingerprint": str, "data_tokens": int,
+                    "max_length": int, "stride": int, "max_tokens": int, "latency_seq": int,
+                    "device": str, "engine_version": str, "created_at": str,
+                },
+                pk="id",
+                foreign_keys=[("model_id", "models", "id")],
+            )
+        if "results" not in db.table_names():
+            db["results"].create(RESULT_COLUMNS, pk=("setup_id", "removed"),
+                                 foreign_keys=[("setup_id", "setups", "id")])
+        db.execute(VIEW_SQL)
+
+
+def upsert_model(db: sqlite_utils.Database, name: str, revision: str | None, dtype: str, n_layers: int,
+                 model_class: str) -> int:
+    """Return the id of the model row, creating it if needed."""
+    revision = revision or ""
+    with db.conn:
+        row = db.execute(
+            "SELECT id FROM models WHERE name = ? AND revision = ? AND dtype = ?", [name, revision, dtype]
+        ).fetchone()
+        if row:
+            return row[0]
+        return db["models"].insert(
+            {"name": name, "revision": revision, "dtype": dtype, "n_layers": n_layers, "model_class": model_class}
+        ).last_pk
+
+
+def setup_id(model_id: int, fields: dict[str, Any]) -> str:
+    """Stable id of an evaluation setup: a hash of everything that changes the numbers."""
+    blob = json.dumps({"model_id": model_id, **fields}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def upsert_setup(db: sqlite_utils.Database, model_id: int, fields: dict[str, Any]) -> str:
+    """Record an evaluation setup (data, fingerprint, windows, engine version); return its id."""
+    sid = setup_id(model_id, fields)
+    with db.conn:
+        if not db.execute("SELECT 1 FROM setups WHERE id = ?", [sid]).fetchone():
+            db["setups"].insert({"id": sid, "model_id": model_id, **fields, "created_at": now()})
+    return sid
+
+
+def done_keys(db: sqlite_utils.Database, setup: str, statuses: Iterable[str] = ("ok", "diverged")) -> set[str]:
+    """Variant keys already measured for ``setup`` (failed rows are retried on the next run)."""
+    statuses = list(statuses)
+    marks = ",".join("?" * len(statuses))
+    rows = db.execute(f"SELECT removed FROM results WHERE setup_id = ? AND status IN ({marks})", [setup, *statuses])
+    return {r[0] for r in rows}
+
+
+def record_result(db: sqlite_utils.Database, row: dict[str, Any]) -> None:
+    """Write one variant's result and commit at once. Non-finite perplexity is stored as data, not dropped."""
+    unknown = set(row) - set(RESULT_COLUMNS)
+    if unknown:
+        raise StoreError(f"unknown result columns: {sorted(unknown)}")
+    row = {**row, "measured_at": row.get("measured_at") or now()}
+    for name in ("ppl", "bpb", "nll_sum"):
+        value = row.get(name)
+        if isinstance(value, float) and not math.isfinite(value):
+            # SQLite turns NaN into NULL; keep inf as is. The status says why.
+            row[name] = None if math.isnan(value) else value
+    with db.conn:
+        db["results"].upsert(row, pk=("setup_id", "removed"))
+
+
+def latency_by_signature(db: sqlite_utils.Database, setup: str) -> dict[str, dict[str, Any]]:
+    """Latency measurements already stored for a setup, keyed by shape signature (for reuse on resume)."""
+    rows = db.execute(
+        "SELECT latency_signature, prefill_ms, prefill_iqr_ms, prefill_repeats, decode_ms_per_token, decode_iqr_ms, "
+        "removed, latency_from FROM results WHERE setup_id = ? AND status = 'ok' AND prefill_ms IS NOT NULL "
+        "AND latency_signature IS NOT NULL",
+        [setup],
+    )
+    found: dict[str, dict[str, Any]] = {}
+    for sig, pre, iqr, reps, dec, dec_iqr, removed, src in rows:
+        found.setdefault(sig, {"prefill_ms": pre, "prefill_iqr_ms": iqr, "prefill_repeats": reps,
+                               "decode_ms_per_token": dec, "decode_iqr_ms": dec_iqr,
+                               "latency_from": src if src is not None else removed})
+    return found
+
+
+def seconds_per_variant(db: sqlite_utils.Database, setup: str) -> float | None:
+    """Median measured evaluation time of one variant in a setup (for plan estimates), or None."""
+    rows = [r[0] for r in db.execute(
+        "SELECT eval_seconds + COALESCE(latency_seconds, 0) FROM results WHERE setup_id = ? AND status = 'ok'",
+        [setup],
+    ) if r[0] is not None]
+    if not rows:
+        return None
+    rows.sort()
+    return rows[len(rows) // 2]
+
+
+def read_view(path_or_db: str | Path | sqlite_utils.Database, model: str | None = None,
+              setup: str | None = None) -> list[dict[str, Any]]:
+    """Rows of ``results_vs_baseline`` as dicts, optionally filtered by model name and setup id."""
+    db = path_or_db if isinstance(path_or_db, sqlite_utils.Database) else open_db(path_or_db, create=False)
+    where, params = [], []
+    if model is not None:
+        where.append("model = ?")
+        params.append(model)
+    if setup is not None:
+        where.append("setup = ?")
+        params.append(setup)
+    sql = "SELECT * FROM results_vs_baseline" + (" WHERE " + " AND ".join(where) if where else "")
+    sql += " ORDER BY model, setup, n_removed, removed"
+    cursor = db.execute(sql, params)
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, r)) for r in cursor.fetchall()]
+
+
+def setups_overview(path_or_db: str | Path | sqlite_utils.Database) -> list[dict[str, Any]]:
+    """One row per (model, setup) with the number of results, newest first."""
+    db = path_or_db if isinstance(path_or_db, sqlite_utils.Database) else open_db(path_or_db, create=False)
+    cursor = db.execute(
+        "SELECT m.name AS model, s.id AS setup, s.data, s.max_length, s.stride, s.max_tokens, s.latency_seq, "
+        "m.dtype, s.device, s.created_at, COUNT(r.removed) AS n_results "
+        "FROM setups s JOIN models m ON m.id = s.model_id LEFT JOIN results r ON r.setup_id = s.id "
+        "GROUP BY s.id ORDER BY s.created_at DESC"
+    )
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, r)) for r in cursor.fetchall()]

@@ -1,0 +1,227 @@
+"""One device's work: hold a loaded model and its evaluation tokens, evaluate variants without reloading.
+
+A worker knows nothing about the database or the plan: it turns a removal into a result row (a dict with the
+columns of ``store.RESULT_COLUMNS``), and measurement failures (out of memory, NaN) into rows with a status.
+"""
+from __future__ import annotations
+
+import math
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sweep import measure, models
+from sweep.config import SweepConfig
+from sweep.data import TokenizedText, describe, load_text, tokenize
+from sweep.errors import ConfigError, DataError
+from sweep.plan import kept_layers, variant_key
+
+
+@dataclass(frozen=True)
+class EvalSetup:
+    """The resolved evaluation windows (defaults filled in from the model)."""
+
+    max_length: int
+    stride: int
+    max_tokens: int | None
+
+
+def model_context(config) -> int | None:
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def resolve_windows(cfg: SweepConfig, model_config) -> EvalSetup:
+    """Fill in max_length (min(context, 1024)) and stride (= max_length), and check them against the model.
+
+    Raises:
+        ConfigError: max-length beyond the model's context, or stride larger than max-length.
+    """
+    context = model_context(model_config)
+    max_length = cfg.max_length or min(context or 1024, 1024)
+    if context and max_length > context:
+        raise ConfigError(f"`--max-length` {max_length} exceeds the model's context of {context} tokens")
+    stride = cfg.stride or max_length
+    if stride > max_length:
+        raise ConfigError(f"`--stride` ({stride}) is larger than `--max-length` ({max_length}): tokens would be skipped")
+    return EvalSetup(max_length, stride, cfg.max_tokens)
+
+
+def load_tokens(cfg: SweepConfig, tokenizer, setup: EvalSetup) -> TokenizedText:
+    """Load, tokenize (cached) and check that the text fills at least one window.
+
+    Raises:
+        DataError: empty text or fewer tokens than one window.
+    """
+    name = describe(cfg.data, cfg.data_config, cfg.split)
+    text = load_text(cfg.data, cfg.data_config, cfg.split, cfg.text_column)
+    tokens = tokenize(text, tokenizer, name, cfg.cache_dir)
+    n_eval = min(len(tokens.ids), setup.max_tokens or len(tokens.ids))
+    if n_eval < setup.max_length:
+        limit = " (capped by --max-tokens)" if setup.max_tokens and setup.max_tokens < len(tokens.ids) else ""
+        raise DataError(f"--data {cfg.data}: {n_eval:,} tokens{limit}, fewer than one window of "
+                        f"--max-length {setup.max_length}; lower --max-length or give more text")
+    return tokens
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"
+
+
+class Worker:
+    """A model on one device plus the tokens to evaluate it on."""
+
+    def __init__(self, model: nn.Module, tokens: TokenizedText, setup: EvalSetup, cfg: SweepConfig):
+        self.model = model
+        self.tokens = tokens
+        self.cfg = cfg
+        self.setup = setup
+        self.device = next(model.parameters()).device
+        n_eval = min(len(tokens.ids), setup.max_tokens or len(tokens.ids))
+        self.token_ids = torch.as_tensor(tokens.ids[:n_eval]).to(self.device)  # (N,) moved once
+        # Bytes covered by the evaluated tokens, pro rata when --max-tokens cuts the text.
+        self.tokens_per_byte = len(tokens.ids) / tokens.n_bytes
+        self.n_layers = models.n_layers_of(model.config)
+        self.layer_params = models.layer_params(model)
+        self.total_params = models.total_params(model)
+        self.embedding_params = models.embedding_params(model)
+        self.hidden_fn, self.logits_fn = self._split_head()
+        self.host = socket.gethostname()
+        self.device_name = device_name(self.device)
+
+    # ------------------------------------------------------------------------------------------ head
+
+    def _split_head(self):
+        """Run backbone and LM head separately (so the head can be chunked) when that reproduces the model.
+
+        The split is checked once against the model's own logits; architectures that post-process logits in
+        ways we do not know fall back to full-model logits.
+        """
+        model = self.model
+        backbone = model.base_model
+        head = model.get_output_embeddings()
+        softcap = getattr(model.config, "final_logit_softcapping", None)
+
+        def hidden_fn(ids: torch.Tensor) -> torch.Tensor:
+            return backbone(input_ids=ids, use_cache=False).last_hidden_state  # (B, T, H)
+
+        def logits_fn(hidden: torch.Tensor) -> torch.Tensor:
+            logits = head(hidden)  # (B, t, V)
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+            return logits
+
+        probe = self.token_ids[: min(16, len(self.token_ids))][None]
+        with torch.no_grad():
+            want = model(input_ids=probe, use_cache=False).logits.float()
+            got = logits_fn(hidden_fn(probe)).float()
+        tol = 1e-4 if want.dtype == torch.float32 and next(model.parameters()).dtype == torch.float32 else 2e-2
+        if got.shape == want.shape and torch.allclose(got, want, rtol=tol, atol=tol):
+            return hidden_fn, logits_fn
+        return (lambda ids: model(input_ids=ids, use_cache=False).logits), (lambda logits: logits)
+
+    # ------------------------------------------------------------------------------------------ variants
+
+    def params_of(self, removed: Sequence[int]) -> tuple[int, int]:
+        """(total, non-embedding) parameters of a variant: exact, without building it."""
+        total = self.total_params - sum(self.layer_params[i] for i in removed)
+        return total, total - self.embedding_params
+
+    def evaluate(self, removed: Sequence[int]) -> dict:
+        """Perplexity and parameters of one variant, as a result row (status ok, diverged or failed)."""
+        total, non_embedding = self.params_of(removed)
+        kept = kept_layers(removed, self.n_layers)
+        row = {"removed": variant_key(removed), "n_removed": len(removed), "n_layers": len(kept),
+               "kept_layers": variant_key(kept), "params": total, "params_non_embedding": non_embedding,
+               "device": self.device_name, "host": self.host}
+        start = time.perf_counter()
+        try:
+            with models.pruned(self.model, removed):
+                result = measure.perplexity(self.hidden_fn, self.logits_fn, self.token_ids, self.setup.max_length,
+                                            self.setup.stride, self.cfg.batch_size, self.device)
+        except torch.OutOfMemoryError as exc:
+            _free_memory(self.device)
+            return {**row, "status": "failed", "error": f"out of memory: {str(exc).splitlines()[0]}",
+                    "eval_seconds": time.perf_counter() - start}
+        ppl = result.ppl
+        row.update(nll_sum=result.nll_sum, n_tokens=result.n_tokens, n_bytes=round(len(self.token_ids) / self.tokens_per_byte),
+                   ppl=ppl, bpb=measure.bits_per_byte(result.nll_sum, result.n_tokens, self.tokens_per_byte),
+                   eval_seconds=time.perf_counter() - start, status="ok", error=None)
+        if not math.isfinite(ppl):
+            row.update(status="diverged", error=f"perplexity is {ppl} (NLL sum {result.nll_sum})")
+        return row
+
+    # ------------------------------------------------------------------------------------------ latency
+
+    def signature(self, removed: Sequence[int]) -> str:
+        return models.shape_signature(self.model, kept_layers(removed, self.n_layers))
+
+    def measure_latency(self, representatives: dict[str, Sequence[int]], progress=None) -> dict[str, dict]:
+        """Prefill and decode latency of one variant per signature, with repeats interleaved across variants.
+
+        Interleaving (repeat r of every variant before repeat r+1 of any) spreads thermal or background drift
+        evenly, so it favours no variant. Returns signature -> latency columns of a result row.
+        """
+        cfg = self.cfg
+        gen = torch.Generator().manual_seed(cfg.seed)
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        prompt = torch.randint(0, vocab, (1, cfg.latency_seq), generator=gen).to(self.device)  # (1, T)
+        samples = {sig: {"prefill": [], "decode": []} for sig in representatives}
+        rounds = cfg.latency_warmup + cfg.latency_repeats
+        for round_idx in range(rounds):
+            for sig, removed in representatives.items():
+                with models.pruned(self.model, removed):
+                    prefill_ms = measure.time_once(measure.prefill_call(self.model, prompt), self.device)
+                    decode_ms = math.nan
+                    if cfg.decode_tokens:
+                        decode_ms = measure.time_decode(self.model, prompt, cfg.decode_tokens, self.device)
+                if round_idx >= cfg.latency_warmup:
+                    samples[sig]["prefill"].append(prefill_ms)
+                    samples[sig]["decode"].append(decode_ms)
+            if progress is not None:
+                progress(round_idx + 1, rounds)
+        return {sig: _latency_columns(s, variant_key(representatives[sig])) for sig, s in samples.items()}
+
+
+def _latency_columns(samples: dict[str, list[float]], source_key: str) -> dict:
+    prefill = measure.summarize(samples["prefill"])
+    columns = {"prefill_ms": prefill.median_ms, "prefill_iqr_ms": prefill.iqr_ms, "prefill_repeats": prefill.repeats,
+               "decode_ms_per_token": None, "decode_iqr_ms": None, "latency_from": source_key}
+    if samples["decode"] and all(math.isfinite(x) for x in samples["decode"]):
+        decode = measure.summarize(samples["decode"])
+        columns.update(decode_ms_per_token=decode.median_ms, decode_iqr_ms=decode.iqr_ms)
+    return columns
+
+
+def _free_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def load_worker(cfg: SweepConfig) -> Worker:
+    """Load model, tokenizer and tokens for ``cfg`` (cheap checks first, weights last).
+
+    Raises:
+        ModelLoadError, ArchitectureError, DataError, ConfigError.
+    """
+    model_config = models.load_config(cfg.model, cfg.revision, cfg.trust_remote_code)
+    setup = resolve_windows(cfg, model_config)
+    tokens = load_tokens(cfg, load_tokenizer(cfg), setup)
+    model = models.load_model(cfg.model, cfg.revision, cfg.dtype, cfg.device, cfg.random_init, cfg.trust_remote_code)
+    return Worker(model, tokens, setup, cfg)
+
+
+def load_tokenizer(cfg: SweepConfig):
+    """The --tokenizer if given, else the one saved with the model."""
+    if cfg.tokenizer:
+        return models.load_tokenizer(cfg.tokenizer, None, cfg.trust_remote_code)
+    return models.load_tokenizer(cfg.model, cfg.revision, cfg.trust_remote_code)

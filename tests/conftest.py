@@ -1,0 +1,65 @@
+"""Offline, seeded test set-up shared by every test module."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+GPT2_TOKENIZER = SHARED / "tokenizers" / "gpt2"
+WIKITEXT_TEST = SHARED / "data" / "wikitext-2-raw-v1" / "test.parquet"
+
+
+def need_shared(path: Path) -> Path:
+    """Skip (with the reason) when ../shared is absent, as on a machine with only the project."""
+    if not path.exists():
+        pytest.skip(f"{path} not found: this test needs ../shared beside the project (see ../shared/README.md)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer_dir(tmp_path_factory) -> Path:
+    """A 256-symbol byte-level tokenizer saved with save_pretrained, loadable by AutoTokenizer offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=alphabet[0])
+    out = tmp_path_factory.mktemp("byte-tokenizer")
+    fast.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory, byte_tokenizer_dir) -> Path:
+    """A seeded 4-layer random-init GPT-2 (vocab 256) saved with a byte tokenizer: a local 'hub id'."""
+    from transformers import AutoTokenizer
+
+    from tiny import tiny_model
+
+    model = tiny_model("gpt2", n_layers=4, vocab=256)
+    out = tmp_path_factory.mktemp("tiny-gpt2")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(byte_tokenizer_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def sample_text_file(tmp_path_factory) -> Path:
+    """~6 KB of varied text (the source of this package), written as a .txt file."""
+    text = "\n".join(p.read_text() for p in sorted((ROOT / "sweep").glob("*.py")))[:6000]
+    out = tmp_path_factory.mktemp("data") / "sample.txt"
+    out.write_text(text)
+    return out

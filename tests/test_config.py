@@ -1,0 +1,219 @@
+"""SweepConfig: documented defaults, presets and flags, and validation errors that name the flag."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from sweep.config import DTYPES, SweepConfig, build_config, field_docs, field_names, flag, load_preset
+from sweep.errors import ConfigError, UnknownNameError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+PRESETS = sorted(CONFIGS.glob("*.yaml"))
+NO_PRESETS = [pytest.param(None, marks=pytest.mark.skip(reason="no configs/*.yaml yet"))]
+REPEATS_DEFAULTS = {
+    "gpt2.yaml": "BUG: configs/gpt2.yaml repeats two defaults (`model: gpt2`, `k: 2`); presets hold only what differs",
+}
+
+
+def preset_id(preset: Path | None) -> str:
+    return preset.name if preset else "none"
+
+
+def presets_known_to_repeat_defaults() -> list:
+    return [pytest.param(p, marks=pytest.mark.xfail(reason=REPEATS_DEFAULTS[p.name], strict=True))
+            if p.name in REPEATS_DEFAULTS else p for p in PRESETS] or NO_PRESETS
+
+
+def write_preset(tmp_path: Path, text: str, name: str = "preset.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ fields
+
+
+def test_every_field_has_a_default():
+    missing = [f.name for f in dataclasses.fields(SweepConfig)
+               if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    assert missing == []
+
+
+def test_defaults_alone_make_a_valid_config():
+    assert SweepConfig() == build_config()
+
+
+def test_every_field_has_a_one_line_docstring():
+    docs = field_docs()
+    assert set(docs) == set(field_names())
+    for name, doc in docs.items():
+        assert doc.strip(), name
+        assert "\n" not in doc.strip(), name
+
+
+def test_config_is_frozen():
+    cfg = SweepConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.model = "other"  # type: ignore[misc]
+
+
+def test_flag_spelling_uses_dashes():
+    assert flag("max_length") == "max-length"
+    assert flag("model") == "model"
+
+
+# ------------------------------------------------------------------------------------------ precedence
+
+
+def test_preset_overrides_defaults(tmp_path):
+    cfg = build_config(write_preset(tmp_path, "strategy: blocks\nbatch_size: 4\n"))
+    assert (cfg.strategy, cfg.batch_size) == ("blocks", 4)
+    assert cfg.seed == SweepConfig().seed
+
+
+def test_flags_override_preset(tmp_path):
+    preset = write_preset(tmp_path, "strategy: blocks\nmax_length: 64\n")
+    cfg = build_config(preset, max_length=32, seed=7)
+    assert (cfg.strategy, cfg.max_length, cfg.seed) == ("blocks", 32, 7)
+
+
+def test_flags_given_as_none_keep_the_preset_value(tmp_path):
+    cfg = build_config(write_preset(tmp_path, "strategy: blocks\n"), strategy=None, max_length=None)
+    assert cfg.strategy == "blocks"
+    assert cfg.max_length is None
+
+
+def test_yaml_keys_may_use_dashes(tmp_path):
+    cfg = build_config(write_preset(tmp_path, "max-length: 64\nbatch-size: 2\nrandom-init: true\n"))
+    assert (cfg.max_length, cfg.batch_size, cfg.random_init) == (64, 2, True)
+
+
+def test_empty_preset_gives_defaults(tmp_path):
+    assert build_config(write_preset(tmp_path, "# nothing differs\n")) == SweepConfig()
+
+
+# ------------------------------------------------------------------------------------------ preset errors
+
+
+def test_unknown_preset_key_names_the_key_and_lists_valid_keys(tmp_path):
+    with pytest.raises(UnknownNameError) as info:
+        load_preset(write_preset(tmp_path, "strategy: single\nbogus_key: 3\n"))
+    message = str(info.value)
+    assert "'bogus_key'" in message
+    for name in field_names():
+        assert flag(name) in message
+
+
+def test_misspelled_preset_key_suggests_the_close_one(tmp_path):
+    with pytest.raises(UnknownNameError, match="did you mean 'max-length'"):
+        load_preset(write_preset(tmp_path, "max_lenght: 64\n"))
+
+
+@pytest.mark.parametrize("text, line", [
+    ("model: gpt2\nstrategy: single: blocks\n", 2),
+    ("model: gpt2\nstrategy: [single\nk: 2\n", 3),
+])
+def test_malformed_yaml_raises_with_the_line_number(tmp_path, text, line):
+    path = write_preset(tmp_path, text)
+    with pytest.raises(ConfigError, match=f"line {line}") as info:
+        load_preset(path)
+    assert str(path) in str(info.value)
+
+
+def test_preset_that_is_not_a_mapping_raises(tmp_path):
+    with pytest.raises(ConfigError, match="mapping"):
+        load_preset(write_preset(tmp_path, "- single\n- blocks\n"))
+
+
+def test_missing_preset_raises_naming_the_path(tmp_path):
+    with pytest.raises(ConfigError, match="no-such.yaml"):
+        load_preset(tmp_path / "no-such.yaml")
+
+
+# ------------------------------------------------------------------------------------------ coercion
+
+
+def test_yaml_int_for_a_string_field_becomes_a_string(tmp_path):
+    cfg = build_config(write_preset(tmp_path, "k: 2\nn: 3\n"))
+    assert (cfg.k, cfg.n) == ("2", "3")
+
+
+def test_yaml_string_for_an_int_field_becomes_an_int(tmp_path):
+    cfg = build_config(write_preset(tmp_path, 'max_length: "64"\n'))
+    assert cfg.max_length == 64
+
+
+def test_yaml_string_for_a_bool_field_is_read_as_a_bool(tmp_path):
+    assert build_config(write_preset(tmp_path, 'force: "yes"\n')).force is True
+    assert build_config(write_preset(tmp_path, 'force: "no"\n')).force is False
+
+
+def test_non_numeric_value_for_an_int_field_names_the_flag(tmp_path):
+    with pytest.raises(ConfigError, match="`--max-length` expects int"):
+        build_config(write_preset(tmp_path, "max_length: abc\n"))
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+
+def test_stride_larger_than_max_length_names_stride():
+    with pytest.raises(ConfigError, match="`--stride`"):
+        build_config(max_length=64, stride=65)
+
+
+def test_stride_equal_to_max_length_is_accepted():
+    assert build_config(max_length=64, stride=64).stride == 64
+
+
+def test_bad_dtype_lists_valid_dtypes():
+    with pytest.raises(UnknownNameError) as info:
+        build_config(dtype="fp16")
+    for dtype in DTYPES:
+        assert dtype in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["max_length", "stride", "max_tokens", "batch_size", "latency_seq"])
+def test_non_positive_sizes_name_the_flag(name):
+    with pytest.raises(ConfigError, match=f"`--{flag(name)}`"):
+        build_config(**{name: 0})
+
+
+def test_bad_latency_mode_lists_valid_modes():
+    with pytest.raises(UnknownNameError, match="per-variant"):
+        build_config(latency="sometimes")
+
+
+def test_bad_device_lists_valid_devices():
+    with pytest.raises(UnknownNameError, match="cuda:N"):
+        build_config(device="tpu")
+
+
+def test_validation_also_applies_to_direct_construction():
+    with pytest.raises(ConfigError, match="`--stride`"):
+        SweepConfig(max_length=8, stride=9)
+
+
+# ------------------------------------------------------------------------------------------ presets in configs/
+
+
+@pytest.mark.parametrize("preset", PRESETS or NO_PRESETS, ids=preset_id)
+def test_shipped_preset_loads(preset):
+    assert isinstance(build_config(preset), SweepConfig)
+
+
+@pytest.mark.parametrize("preset", presets_known_to_repeat_defaults(), ids=preset_id)
+def test_shipped_preset_holds_only_values_that_differ_from_defaults(preset):
+    cfg, defaults = build_config(preset), SweepConfig()
+    same = [key for key in load_preset(preset) if getattr(cfg, key) == getattr(defaults, key)]
+    assert same == [], f"{preset.name} repeats defaults: {same}"
+
+
+@pytest.mark.parametrize("preset", PRESETS or NO_PRESETS, ids=preset_id)
+def test_shipped_preset_starts_with_the_command_that_uses_it(preset):
+    first = preset.read_text().splitlines()[0]
+    assert first.startswith("#"), f"{preset.name}: first line is not a comment"
+    assert "sweep " in first and "--config" in first and preset.stem in first, (
+        f"{preset.name}: first line should give the exact command, e.g. # sweep run --config configs/{preset.name}"
+    )

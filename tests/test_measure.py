@@ -1,0 +1,153 @@
+"""Perplexity against an independent implementation of the transformers guide's recipe."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sweep import measure, models
+from sweep.config import SweepConfig
+from sweep.data import TokenizedText
+from sweep.worker import EvalSetup, Worker
+from tiny import tiny_model
+
+
+def recipe_perplexity(model, input_ids: torch.Tensor, max_length: int, stride: int) -> float:
+    """The guide "Perplexity of fixed-length models", written out as the guide does it (batch 1, labels=)."""
+    seq_len = input_ids.size(1)
+    nll_sum, n_tokens, prev_end_loc = 0.0, 0, 0
+    for begin_loc in range(0, seq_len, stride):
+        end_loc = min(begin_loc + max_length, seq_len)
+        trg_len = end_loc - prev_end_loc
+        ids = input_ids[:, begin_loc:end_loc]
+        target_ids = ids.clone()
+        target_ids[:, :-trg_len] = -100
+        with torch.no_grad():
+            loss = model(ids, labels=target_ids).loss
+        num_loss_tokens = (target_ids != -100).sum().item() - target_ids.size(0)
+        nll_sum += loss.item() * num_loss_tokens
+        n_tokens += num_loss_tokens
+        prev_end_loc = end_loc
+        if end_loc == seq_len:
+            break
+    return math.exp(nll_sum / n_tokens)
+
+
+def make_worker(model, ids: torch.Tensor, max_length: int, stride: int, batch_size: int = 4) -> Worker:
+    tokens = TokenizedText(ids.numpy(), n_bytes=len(ids), fingerprint="test", name="test")
+    cfg = SweepConfig(batch_size=batch_size, latency="off")
+    return Worker(model, tokens, EvalSetup(max_length, stride, None), cfg)
+
+
+@pytest.fixture(scope="module")
+def gpt2_and_ids():
+    model = tiny_model("gpt2", vocab=96)
+    ids = torch.randint(0, 96, (1, 700), generator=torch.Generator().manual_seed(0))
+    return model, ids
+
+
+@pytest.mark.parametrize("max_length,stride", [(128, 128), (128, 64), (100, 37), (16, 1), (64, 64)])
+def test_perplexity_equals_guide_recipe(gpt2_and_ids, max_length, stride):
+    model, ids = gpt2_and_ids
+    if stride == 1:
+        ids = ids[:, :60]  # the stride-1 recipe is a forward per token: keep it short
+    want = recipe_perplexity(model, ids, max_length, stride)
+    got = make_worker(model, ids[0], max_length, stride).evaluate([])["ppl"]
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
+def test_perplexity_equals_recipe_for_other_families(family):
+    model = tiny_model(family, vocab=96)
+    ids = torch.randint(0, 96, (1, 300), generator=torch.Generator().manual_seed(4))
+    want = recipe_perplexity(model, ids, 96, 48)
+    assert make_worker(model, ids[0], 96, 48).evaluate([])["ppl"] == pytest.approx(want, rel=1e-5)
+
+
+def test_pruned_variant_perplexity_equals_recipe_on_pruned_model(gpt2_and_ids):
+    model, ids = gpt2_and_ids
+    worker = make_worker(model, ids[0], 128, 128)
+    got = worker.evaluate([0, 2])
+    with models.pruned(model, [0, 2]):
+        want = recipe_perplexity(model, ids, 128, 128)
+    assert got["ppl"] == pytest.approx(want, rel=1e-5)
+    assert got["n_layers"] == 2 and got["removed"] == "0,2" and got["kept_layers"] == "1,3"
+
+
+def test_batch_size_does_not_change_perplexity(gpt2_and_ids):
+    model, ids = gpt2_and_ids
+    one = make_worker(model, ids[0], 64, 64, batch_size=1).evaluate([1])["ppl"]
+    many = make_worker(model, ids[0], 64, 64, batch_size=7).evaluate([1])["ppl"]
+    assert many == pytest.approx(one, rel=1e-6)
+
+
+def test_token_count_matches_recipe_definition():
+    # 10 tokens, windows of 4 with stride 2: the guide counts (4-1) + 3 * (2-1) = 6 loss tokens.
+    assert [(w.begin, w.end, w.n_targets) for w in measure.windows(10, 4, 2)] == [
+        (0, 4, 4), (2, 6, 2), (4, 8, 2), (6, 10, 2)]
+    model = tiny_model("gpt2", vocab=96)
+    ids = torch.arange(10) % 96
+    assert make_worker(model, ids, 4, 2).evaluate([])["n_tokens"] == 6
+
+
+def test_nll_sum_and_ppl_are_consistent_and_bpb_uses_bytes(gpt2_and_ids):
+    model, ids = gpt2_and_ids
+    row = make_worker(model, ids[0], 128, 128).evaluate([])
+    assert row["ppl"] == pytest.approx(math.exp(row["nll_sum"] / row["n_tokens"]), rel=1e-12)
+    # One token per byte here, so bits per byte = log2(ppl).
+    assert row["bpb"] == pytest.approx(math.log2(row["ppl"]), rel=1e-9)
+
+
+def test_nan_perplexity_is_recorded_as_diverged(gpt2_and_ids):
+    model, ids = gpt2_and_ids
+    worker = make_worker(model, ids[0], 128, 128)
+    with torch.no_grad():
+        layer = models.decoder_layers(model)[3]
+        saved = layer.mlp.c_proj.weight.clone()
+        layer.mlp.c_proj.weight.fill_(float("nan"))
+        try:
+            row = worker.evaluate([])
+            kept_fine = worker.evaluate([3])
+        finally:
+            layer.mlp.c_proj.weight.copy_(saved)
+    assert row["status"] == "diverged" and "nan" in row["error"].lower()
+    assert kept_fine["status"] == "ok"
+
+
+def test_out_of_memory_is_a_failed_row(gpt2_and_ids, monkeypatch):
+    model, ids = gpt2_and_ids
+    worker = make_worker(model, ids[0], 128, 128)
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(measure, "perplexity", oom)
+    row = worker.evaluate([1])
+    assert row["status"] == "failed" and "out of memory" in row["error"]
+    assert row["params"] > 0  # what could be measured still is
+
+
+def test_params_of_matches_pruned_model(gpt2_and_ids):
+    model, ids = gpt2_and_ids
+    worker = make_worker(model, ids[0], 128, 128)
+    with models.pruned(model, [1, 2]):
+        want = models.total_params(model)
+    assert worker.params_of([1, 2])[0] == want
+
+
+def test_summarize_gives_median_and_iqr():
+    timing = measure.summarize([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert timing.median_ms == 3.0 and timing.iqr_ms == 2.0 and timing.repeats == 5
+
+
+def test_latency_is_measured_per_signature_with_positive_times(gpt2_and_ids):
+    model, ids = gpt2_and_ids
+    cfg = SweepConfig(latency_seq=8, latency_repeats=20, latency_warmup=1, decode_tokens=2)
+    worker = Worker(model, TokenizedText(ids[0].numpy(), 700, "t", "t"), EvalSetup(128, 128, None), cfg)
+    result = worker.measure_latency({"a": [], "b": [0, 1]})
+    assert set(result) == {"a", "b"}
+    for columns in result.values():
+        assert columns["prefill_ms"] > 0 and columns["prefill_iqr_ms"] >= 0 and columns["prefill_repeats"] == 20
+        assert columns["decode_ms_per_token"] > 0
+    assert result["b"]["latency_from"] == "0,1"

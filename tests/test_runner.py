@@ -1,0 +1,145 @@
+"""End to end through the runner: results stored, resumed, shared latency, interruption, ../shared data."""
+from __future__ import annotations
+
+import math
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import GPT2_TOKENIZER, WIKITEXT_TEST, need_shared
+from sweep.config import SweepConfig
+from sweep.runner import run_sweep
+
+
+def rows(db, sql="select * from results_vs_baseline order by n_removed, removed"):
+    conn = sqlite3.connect(db)
+    conn.row_factory = sqlite3.Row
+    return [dict(r) for r in conn.execute(sql)]
+
+
+def quick_cfg(model_dir, data, db, tmp_path, **overrides) -> SweepConfig:
+    values = dict(model=str(model_dir), data=str(data), db=str(db), cache_dir=str(tmp_path / "cache"),
+                  max_length=64, max_tokens=1024, latency_seq=8, latency_warmup=1, decode_tokens=2)
+    values.update(overrides)
+    return SweepConfig(**values)
+
+
+def test_resume_skips_completed_variants(tiny_gpt2_dir, sample_text_file, tmp_path):
+    db = tmp_path / "r.db"
+    cfg = quick_cfg(tiny_gpt2_dir, sample_text_file, db, tmp_path, strategy="single,last-n", n="2")
+    first = run_sweep(cfg, log=lambda s: None, progress=False)
+    assert first.measured == 6 and first.planned == 6  # baseline, 4 singles, (2,3)
+    before = rows(db)
+    second = run_sweep(cfg, log=lambda s: None, progress=False)
+    assert second.measured == 0 and second.already_done == 6
+    assert rows(db) == before
+    # A bigger plan on the same setup measures only the new variants.
+    third = run_sweep(SweepConfig(**{**cfg.__dict__, "strategy": "exhaustive"}), log=lambda s: None, progress=False)
+    assert third.measured == 16 - 6
+    assert len(rows(db)) == 16
+
+
+def test_different_setup_adds_rows_without_overwriting(tiny_gpt2_dir, sample_text_file, tmp_path):
+    db = tmp_path / "r.db"
+    run_sweep(quick_cfg(tiny_gpt2_dir, sample_text_file, db, tmp_path, strategy="single", latency="off"),
+              log=lambda s: None, progress=False)
+    run_sweep(quick_cfg(tiny_gpt2_dir, sample_text_file, db, tmp_path, strategy="single", latency="off",
+                        max_length=32), log=lambda s: None, progress=False)
+    all_rows = rows(db)
+    assert len(all_rows) == 10 and len({r["setup"] for r in all_rows}) == 2
+
+
+def test_view_compares_each_variant_with_its_baseline(tiny_gpt2_dir, sample_text_file, tmp_path):
+    db = tmp_path / "r.db"
+    run_sweep(quick_cfg(tiny_gpt2_dir, sample_text_file, db, tmp_path, strategy="single"),
+              log=lambda s: None, progress=False)
+    view = rows(db)
+    baseline = next(r for r in view if r["removed"] == "")
+    for r in view:
+        assert r["status"] == "ok"
+        assert r["ppl_change_pct"] == pytest.approx(100 * (r["ppl"] / baseline["ppl"] - 1))
+        assert r["speed_change_pct"] == pytest.approx(100 * (r["speed_ms"] / baseline["speed_ms"] - 1))
+        assert r["n_layers"] == 4 - r["n_removed"]
+        assert math.isclose(r["ppl"], math.exp(r["nll_sum"] / r["n_tokens"]), rel_tol=1e-12)
+    per_layer = baseline["params"] - view[1]["params"]
+    assert all(r["params"] == baseline["params"] - per_layer * r["n_removed"] for r in view)
+
+
+def test_latency_measured_once_per_shape_signature(tiny_gpt2_dir, sample_text_file, tmp_path):
+    db = tmp_path / "r.db"
+    run_sweep(quick_cfg(tiny_gpt2_dir, sample_text_file, db, tmp_path, strategy="exhaustive", max_tokens=256),
+              log=lambda s: None, progress=False)
+    results = rows(db, "select * from results")
+    assert len(results) == 16
+    # GPT-2 layers all have one shape: the signature is the number of kept layers, so 5 measurements.
+    assert len({r["latency_from"] for r in results}) == 5
+    for r in results:
+        twin = next(t for t in results if t["removed"] == r["latency_from"])
+        assert twin["n_layers"] == r["n_layers"] and twin["prefill_ms"] == r["prefill_ms"]
+
+
+def test_per_variant_latency_times_every_variant(tiny_gpt2_dir, sample_text_file, tmp_path):
+    db = tmp_path / "r.db"
+    run_sweep(quick_cfg(tiny_gpt2_dir, sample_text_file, db, tmp_path, strategy="single", latency="per-variant",
+                        max_tokens=256, decode_tokens=0), log=lambda s: None, progress=False)
+    results = rows(db, "select * from results")
+    assert sorted(r["latency_from"] for r in results) == sorted(r["removed"] for r in results)
+
+
+def test_sigint_stops_after_current_variant_and_resume_completes(tiny_gpt2_dir, sample_text_file, tmp_path):
+    db = tmp_path / "r.db"
+    args = [sys.executable, "-m", "sweep", "run", "--model", str(tiny_gpt2_dir), "--data", str(sample_text_file),
+            "--db", str(db), "--cache-dir", str(tmp_path / "cache"), "--strategy", "exhaustive", "--max-length", "64",
+            "--max-tokens", "1024", "--latency", "off", "--quiet"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if rows(db, "select count(*) as n from results")[0]["n"] >= 2:
+                break
+        except sqlite3.OperationalError:  # the DB or its tables do not exist yet
+            pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode in (0, 130), err
+    partial = rows(db, "select * from results")
+    assert 2 <= len(partial) <= 16 and all(r["status"] == "ok" for r in partial)
+    assert sqlite3.connect(db).execute("pragma integrity_check").fetchone()[0] == "ok"
+    subprocess.run(args, check=True, capture_output=True)
+    final = rows(db, "select removed from results")
+    assert len(final) == 16 and len({r["removed"] for r in final}) == 16
+
+
+def test_wikitext_with_real_gpt2_tokenizer_matches_recipe(tmp_path):
+    """Integration: the real GPT-2 tokenizer and WikiText-2 test split from ../shared."""
+    need_shared(WIKITEXT_TEST)
+    need_shared(GPT2_TOKENIZER)
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from test_measure import recipe_perplexity
+
+    tokenizer = AutoTokenizer.from_pretrained(GPT2_TOKENIZER)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=256)).eval()
+    model_dir = tmp_path / "gpt2-tiny"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    db = tmp_path / "r.db"
+    cfg = SweepConfig(model=str(model_dir), data=str(WIKITEXT_TEST), db=str(db), cache_dir=str(tmp_path / "c"),
+                      max_length=256, stride=128, max_tokens=2048, strategy="single", latency="off")
+    run_sweep(cfg, log=lambda s: None, progress=False)
+    setup = rows(db, "select * from setups")[0]
+    assert setup["data_tokens"] == 287_644  # the guide's "\n\n".join of the test split, GPT-2 tokens
+    from datasets import load_dataset
+
+    text = "\n\n".join(load_dataset("parquet", data_files=str(WIKITEXT_TEST), split="train")["text"])
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :2048]
+    want = recipe_perplexity(model, ids, 256, 128)
+    got = rows(db, "select ppl from results where removed = ''")[0]["ppl"]
+    assert got == pytest.approx(want, rel=1e-5)
