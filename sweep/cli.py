@@ -85,7 +85,7 @@ def _config_from(args: argparse.Namespace, names: tuple[str, ...] | None = None)
 def cmd_run(args: argparse.Namespace) -> int:
     from sweep.runner import run_sweep
 
-    summary = run_sweep(_config_from(args), progress=not args.quiet and sys.stderr.isatty() or not args.quiet)
+    summary = run_sweep(_config_from(args), progress=not args.quiet)
     return 130 if summary.interrupted else 0
 
 

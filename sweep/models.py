@@ -331,10 +331,14 @@ def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bo
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         err = _load_error(name, "tokenizer", exc)
         raise ModelLoadError(f"{err} — pass --tokenizer DIR to use another tokenizer") from None
+    # transformers 5 builds an empty tokenizer (no vocabulary) from a directory without tokenizer files.
+    if len(tokenizer) <= 1 or not tokenizer("a")["input_ids"]:
+        raise ModelLoadError(f"no tokenizer files at {name} — pass --tokenizer DIR to use another tokenizer")
+    return tokenizer
 
 
 # ---------------------------------------------------------------------------------------------- export

@@ -106,12 +106,16 @@ def _combinations(n_layers: int, spec: PlanSpec) -> Iterator[Removal]:
         yield from itertools.combinations(range(n_layers), k)
 
 
-def _exhaustive(n_layers: int, spec: PlanSpec) -> Iterator[Removal]:
+def _check_exhaustive(n_layers: int, spec: PlanSpec) -> None:
     if n_layers > EXHAUSTIVE_LIMIT and not spec.force:
         raise PlanError(
             f"exhaustive on {n_layers} layers is {2**n_layers - 1:,} variants; "
             f"add --force to run it, or use --strategy combinations --k 1-3"
         )
+
+
+def _exhaustive(n_layers: int, spec: PlanSpec) -> Iterator[Removal]:
+    _check_exhaustive(n_layers, spec)
     for k in range(1, n_layers + 1):
         yield from itertools.combinations(range(n_layers), k)
 
@@ -168,9 +172,14 @@ def strategy_names(text: str) -> list[str]:
 def count_variants(n_layers: int, spec: PlanSpec) -> int:
     """Number of variants of a plan, computed without enumerating it (for huge exhaustive plans)."""
     names = strategy_names(spec.strategy)
-    if "exhaustive" in names:
-        return 2**n_layers
-    return len(plan_variants(n_layers, spec))
+    if "exhaustive" not in names:
+        return len(plan_variants(n_layers, spec))
+    _check_exhaustive(n_layers, spec)
+    for name in names:  # exhaustive contains every other plan, but their parameters must still be valid
+        if name != "exhaustive":
+            for _ in STRATEGIES[name](n_layers, spec):
+                break
+    return 2**n_layers
 
 
 def plan_variants(n_layers: int, spec: PlanSpec) -> list[Removal]:

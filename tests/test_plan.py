@@ -174,9 +174,6 @@ def test_count_variants_equals_length_of_plan(spec):
     assert count_variants(5, spec) == len(plan_variants(5, spec))
 
 
-@pytest.mark.xfail(reason="BUG: count_variants returns 2**n for any plan containing exhaustive without checking "
-                          "--force or the other strategies' parameters (plan.py count_variants), so it accepts "
-                          "plans that plan_variants rejects", strict=True)
 @pytest.mark.parametrize("n_layers, spec", [
     (17, PlanSpec(strategy="exhaustive")),
     (4, PlanSpec(strategy="exhaustive,explicit", remove="9")),
