@@ -85,8 +85,9 @@ def window_nll(logits_fn: Callable[[torch.Tensor], torch.Tensor], hidden: torch.
         stop = min(start + HEAD_CHUNK, length)
         logits = logits_fn(hidden[:, start - 1 : stop - 1]).float()  # (B, c, V) predicts labels start..stop-1
         labels = input_ids[:, start:stop]  # (B, c)
-        nll = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none")  # (B, c)
-        sums += nll.sum(dim=1, dtype=torch.float64)
+        # Flattened (B*c, V) rows: several times faster on CPU than class-dim-second (B, V, c).
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
+        sums += nll.view(batch, -1).sum(dim=1, dtype=torch.float64)
     return sums.cpu(), length - first
 
 

@@ -71,11 +71,15 @@ def format_params(value: int | None) -> str:
 
 
 def format_pct(value: float | None) -> str:
-    """A signed change: ``12.34 -> "+12.3 %"``, ``-4 -> "-4.0 %"``, ``0 -> "+0.0 %"``; ``None -> "—"``."""
+    """A signed change: ``12.34 -> "+12.3 %"``, ``-4 -> "-4.0 %"``, ``0.042 -> "+0.04 %"``; ``None -> "—"``.
+
+    Changes under 1 % keep two decimals so small but real effects do not all print as ``+0.0 %``.
+    """
     if not _finite(value):
         return MISSING
-    rounded = round(value, 1)
-    return f"{rounded + 0.0:+,.1f} %"  # + 0.0 turns -0.0 into +0.0
+    digits = 2 if abs(value) < 1 else 1
+    rounded = round(value, digits)
+    return f"{rounded + 0.0:+,.{digits}f} %"  # + 0.0 turns -0.0 into +0.0
 
 
 def _cell(text: Any) -> str:
@@ -296,7 +300,7 @@ def _footer(info: Row, rows: list[Row], model: str) -> str:
         "## How these numbers were produced",
         "",
         f"- **perplexity** = exp(NLL sum / tokens) over the evaluation text{tokens_text}, scored in windows of "
-        "`max_length` tokens that advance by `stride`; **bits per byte** = NLL sum / (ln 2 × UTF-8 bytes).",
+        "`max_length` tokens that advance by `stride`; **bits per byte** = mean NLL per token / ln 2 × tokens per UTF-8 byte of the text.",
         f"- **speed** = median wall time (ms) of N timed prefill passes of {prompt} at batch size 1, after "
         "untimed warm-up passes (N = the `latency_repeats` setting; `prefill_repeats` in the `results` table); "
         "IQR = 75th − 25th percentile. With the default `latency: shared`, variants of the same shape "

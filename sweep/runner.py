@@ -102,6 +102,7 @@ def run_sweep(cfg: SweepConfig, log: Log = print, progress: bool = True) -> Summ
         f"{summary.already_done:,} already in {cfg.db}, {len(todo):,} to measure on {worker.device_name} "
         f"[setup {setup}]")
     if todo:
+        _announce_estimate(cfg, worker, todo, log)
         with StopFlag(log) as stop:
             _measure_all(cfg, worker, db, setup, todo, summary, stop, log, progress)
     summary.seconds = time.perf_counter() - start
@@ -164,6 +165,16 @@ def _latency_for(cfg, worker, db, setup, todo, log, progress) -> dict[str, dict]
         known.update(worker.measure_latency(needed, progress=lambda done, total: bar.update(1)))
         bar.close()
     return known
+
+
+def _announce_estimate(cfg: SweepConfig, worker, todo: list[Removal], log: Log) -> None:
+    """Tell the user within seconds how long the plan will take, and how to make it shorter when it is long."""
+    seconds = worker.estimate_seconds(todo)
+    log(f"estimate: about {format_duration(seconds)} of perplexity evaluation for {len(todo):,} variants "
+        f"({len(worker.token_ids):,} tokens each), plus latency")
+    if seconds > 600:
+        log("  shorter: --max-tokens 20000 (evaluate a prefix), --strategy single, --latency off, or a GPU; "
+            "Ctrl-C stops cleanly and the same command resumes")
 
 
 def _first_estimate(row: dict, n_todo: int) -> None:

@@ -160,6 +160,30 @@ class Worker:
             row.update(status="diverged", error=f"perplexity is {ppl} (NLL sum {result.nll_sum})")
         return row
 
+    def estimate_seconds(self, variants: Sequence[Sequence[int]]) -> float:
+        """Seconds to evaluate ``variants``, extrapolated from timing one batch of windows (takes seconds).
+
+        Cost model: a variant keeping k of L layers costs ``head + k/L * (full - head)`` per batch, where
+        ``full`` is the unpruned batch time and ``head`` the time with every layer removed.
+        """
+        windows = measure.windows(len(self.token_ids), self.setup.max_length, self.setup.stride)
+        n_batches = math.ceil(len(windows) / self.cfg.batch_size)
+        sample = windows[: self.cfg.batch_size]
+        ids = torch.stack([self.token_ids[w.begin : w.begin + sample[0].end - sample[0].begin] for w in sample])
+
+        def batch_seconds(removed: Sequence[int]) -> float:
+            with models.pruned(self.model, removed), torch.no_grad():
+                start = time.perf_counter()
+                measure.window_nll(self.logits_fn, self.hidden_fn(ids), ids, ids.shape[1])
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                return time.perf_counter() - start
+
+        batch_seconds([])  # warm-up
+        full, head = batch_seconds([]), batch_seconds(range(self.n_layers))
+        per_layer = max(full - head, 0.0) / max(self.n_layers, 1)
+        return sum(n_batches * (head + per_layer * (self.n_layers - len(v))) for v in variants)
+
     # ------------------------------------------------------------------------------------------ latency
 
     def signature(self, removed: Sequence[int]) -> str:

@@ -154,7 +154,7 @@ def test_best_and_worst_per_n_match_the_fixture(results_db, tmp_path):
 
 def test_changes_are_signed_percentages(results_db, tmp_path):
     rows = {r[0]: r for r in _table_rows(_section(_tiny_report(results_db, tmp_path), "Single layer removal"))}
-    assert rows["none"][5:] == ["+0.0 %", "+0.0 %"]
+    assert rows["none"][5:] == ["+0.00 %", "+0.00 %"]
     assert rows["1"][5] == "+20.0 %"  # 30 / 25
     assert rows["1"][6] == "-25.0 %"  # 3 of 4 layers
     assert rows["0"][5] == "+4,838.0 %"
