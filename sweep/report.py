@@ -368,7 +368,14 @@ def _setup_fields(rows: list[Row], setup_info: Row) -> Row:
 
 
 def report_filename(model: str) -> str:
-    """A filesystem-safe file name for a model's report: ``"org/name" -> "org--name.md"``."""
+    """A filesystem-safe file name for a model's report.
+
+    Hub ids keep their organisation: ``"org/name" -> "org--name.md"``. Local paths keep their last two parts:
+    ``".cache/demo/model" -> "demo--model.md"``, ``"/data/ckpt/llama-7b" -> "ckpt--llama-7b.md"``.
+    """
+    if model.startswith((".", "/", "~")):
+        model = "/".join(p for p in model.split("/") if p not in ("", ".", "..", "~"))
+        model = "/".join(model.split("/")[-2:])
     safe = model.strip("/").replace("/", "--")
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", safe).strip(".") or "model"
     return f"{safe}.md"

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import pre_tokenizers
 
 from sweep import demo
 
@@ -45,6 +46,7 @@ def test_tokenizer_is_byte_level_and_round_trips():
     assert ids == list(TEXT.encode("utf-8"))  # one token per byte, id == byte value, no specials added
     assert tok.decode(ids) == TEXT
     assert tok.eos_token_id == demo.EOS_ID and len(tok) == demo.EOS_ID + 1
+    assert sorted(demo._byte_to_unicode().values()) == sorted(pre_tokenizers.ByteLevel.alphabet())
 
 
 def test_model_init_is_seeded():

@@ -112,7 +112,8 @@ def test_writes_one_report_per_model_with_safe_names(results_db, tmp_path):
 
 def test_report_filename_is_filesystem_safe():
     assert report_filename("org/name") == "org--name.md"
-    assert report_filename("/home/me/my model") == "home--me--my_model.md"
+    assert report_filename("/home/me/my model") == "me--my_model.md"  # local paths: last two parts
+    assert report_filename(".cache/demo/model") == "demo--model.md"
 
 
 def test_tables_have_the_exact_column_headers(results_db, tmp_path):
