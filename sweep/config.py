@@ -13,6 +13,7 @@ from sweep.errors import ConfigError, UnknownNameError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LATENCY_MODES = ("shared", "per-variant", "off")
+ENGINES = ("trie", "per-variant")
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ class SweepConfig:
     """Evaluate only the first N tokens of the text (recorded with the result); None = all."""
     batch_size: int = 8
     """Evaluation windows per forward pass."""
+    engine: str = "trie"
+    """trie (variants share the computation of common leading layers) or per-variant (the plain reference)."""
 
     strategy: str = "single"
     """Comma-separated removal strategies: single, combinations, exhaustive, last-n, blocks, explicit."""
@@ -92,6 +95,8 @@ def validate(cfg: SweepConfig) -> None:
     """
     if cfg.dtype not in DTYPES:
         raise UnknownNameError("--dtype", cfg.dtype, DTYPES)
+    if cfg.engine not in ENGINES:
+        raise UnknownNameError("--engine", cfg.engine, ENGINES)
     if cfg.latency not in LATENCY_MODES:
         raise UnknownNameError("--latency mode", cfg.latency, LATENCY_MODES)
     for name in ("max_length", "stride", "max_tokens"):

@@ -363,3 +363,75 @@ def export_pruned(model: nn.Module, tokenizer, removed: Sequence[int], out_dir: 
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+# ---------------------------------------------------------------------------------------------- replay
+
+
+@dataclass
+class LayerCalls:
+    """How the model called each decoder layer in one unpruned forward, for replaying layers one by one.
+
+    ``hidden`` is the residual stream entering layer 0, (B, T, H); ``calls[i]`` holds the other positional and
+    keyword arguments layer i received (attention mask for its own layer type, rotary position embeddings, ...).
+    Calling layer i as ``layer(h, *args, **kwargs)`` with any residual stream h is exactly what the model would
+    do with the layers before it removed, because a layer's inputs other than h do not depend on earlier layers.
+    """
+
+    hidden: torch.Tensor
+    calls: list[tuple[tuple, dict]]
+
+
+class _StopForward(Exception):
+    """Raised by the last layer's hook: the rest of the forward is not needed."""
+
+
+def capture_layer_calls(model: nn.Module, input_ids: torch.Tensor) -> LayerCalls:
+    """Run the model's backbone just far enough to record every decoder layer's call arguments."""
+    layers = decoder_layers(model)
+    calls: list[tuple[tuple, dict]] = [((), {})] * len(layers)
+    first: dict[str, torch.Tensor] = {}
+
+    def make_hook(i: int):
+        def hook(module, args, kwargs):
+            if i == 0:
+                first["hidden"] = args[0] if args else kwargs["hidden_states"]
+            rest_kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            calls[i] = (tuple(args[1:]), rest_kwargs)
+            if i == len(layers) - 1:
+                raise _StopForward  # the last layer's arguments are known: skip its work and the head
+        return hook
+
+    handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            model.base_model(input_ids=input_ids, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return LayerCalls(first["hidden"], calls)
+
+
+def call_layer(model: nn.Module, index: int, hidden: torch.Tensor, calls: LayerCalls) -> torch.Tensor:
+    """Replay decoder layer ``index`` on the residual stream ``hidden`` (B, T, H) with its captured arguments."""
+    args, kwargs = calls.calls[index]
+    out = decoder_layers(model)[index](hidden, *args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def final_norm_fn(model: nn.Module):
+    """The residual stream after the last kept layer -> the backbone's output (final norm, OPT's project_out)."""
+    adapter = adapter_for(model)
+    norm = _get(model, adapter.final_norm) if adapter.final_norm else None
+    project_out = getattr(getattr(model.base_model, "decoder", None), "project_out", None)
+
+    def finish(hidden: torch.Tensor) -> torch.Tensor:
+        if norm is not None:
+            hidden = norm(hidden)
+        if project_out is not None:
+            hidden = project_out(hidden)
+        return hidden
+
+    return finish

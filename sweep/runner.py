@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from sweep import ENGINE_VERSION, store
 from sweep.config import SweepConfig
-from sweep.plan import PlanSpec, Removal, count_variants, format_duration, plan_variants, variant_key
+from sweep.plan import PlanSpec, Removal, count_variants, format_duration, kept_layers, plan_variants, variant_key
 
 Log = Callable[[str], None]
 
@@ -119,30 +119,50 @@ def _signature(cfg: SweepConfig, worker, removed: Removal) -> str:
     return f"variant:{variant_key(removed)}" if cfg.latency == "per-variant" else worker.signature(removed)
 
 
+CHUNK_SECONDS = 30.0
+"""Target evaluation time of one chunk (sub-trie): results reach the DB at least this often (roughly)."""
+
+
 def _measure_all(cfg, worker, db, setup, todo: list[Removal], summary: Summary, stop: StopFlag, log: Log,
                  progress: bool) -> None:
-    group = PER_VARIANT_GROUP if cfg.latency == "per-variant" else len(todo)
-    bar = None
-    for first in range(0, len(todo), group):
-        chunk = todo[first : first + group]
-        latency = _latency_for(cfg, worker, db, setup, chunk, log, progress and cfg.latency != "per-variant")
-        bar = bar or tqdm(total=len(todo), desc="variants", unit="variant", disable=not progress, dynamic_ncols=True)
-        for removed in chunk:
-            if stop.stop:
-                summary.interrupted = True
-                bar.close()
-                return
+    """Evaluate ``todo`` in chunks (sub-tries), committing each chunk's rows as soon as it is measured."""
+    per_variant_latency = cfg.latency == "per-variant"
+    latency = {} if per_variant_latency else _latency_for(cfg, worker, db, setup, todo, log, progress)
+    order = _trie_order(todo, worker.n_layers) if cfg.engine == "trie" and worker.trie_ok else list(todo)
+    bar = tqdm(total=len(todo), desc="variants", unit="variant", disable=not progress, dynamic_ncols=True)
+    size, first = (8 if cfg.engine == "trie" else 1), 0
+    while first < len(order) and not stop.stop:
+        chunk = order[first : first + min(size, PER_VARIANT_GROUP if per_variant_latency else size)]
+        if per_variant_latency:
+            latency.update(_latency_for(cfg, worker, db, setup, chunk, log, False))
+        rows = worker.evaluate_many(chunk)
+        for removed, row in zip(chunk, rows):
             signature = _signature(cfg, worker, removed)
-            row = {**worker.evaluate(removed), **latency.get(signature, {}), "setup_id": setup,
-                   "latency_signature": signature if cfg.latency != "off" else None}
-            store.record_result(db, row)
-            summary.measured += 1
+            store.record_result(db, {**row, **latency.get(signature, {}), "setup_id": setup,
+                                     "latency_signature": signature if cfg.latency != "off" else None})
             summary.failed += row["status"] != "ok"
-            bar.update(1)
-            if summary.measured == 1 and len(todo) > 1:
-                _first_estimate(row, len(todo))
-    if bar is not None:
-        bar.close()
+        summary.measured += len(chunk)
+        bar.update(len(chunk))
+        if first == 0 and len(todo) > len(chunk):
+            _first_estimate(rows[0], len(todo))
+        first += len(chunk)
+        size = _next_chunk_size(rows, size)
+    summary.interrupted = first < len(order)
+    bar.close()
+
+
+def _trie_order(todo: list[Removal], n_layers: int) -> list[Removal]:
+    """Variants sorted by kept-layer sequence, so that consecutive chunks are sub-tries sharing long prefixes.
+
+    Example, 3 layers: kept [] (all removed), [0], [0, 1], [0, 1, 2] (baseline), [0, 2], [1], [1, 2], [2].
+    """
+    return sorted(todo, key=lambda removed: kept_layers(removed, n_layers))
+
+
+def _next_chunk_size(rows: list[dict], size: int) -> int:
+    """Grow or shrink chunks so that one takes about CHUNK_SECONDS."""
+    per_variant = max(sum(r.get("eval_seconds") or 0.0 for r in rows) / max(len(rows), 1), 1e-3)
+    return max(1, min(512, int(CHUNK_SECONDS / per_variant)))
 
 
 def _latency_for(cfg, worker, db, setup, todo, log, progress) -> dict[str, dict]:

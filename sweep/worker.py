@@ -94,7 +94,8 @@ class Worker:
         self.layer_params = models.layer_params(model)
         self.total_params = models.total_params(model)
         self.embedding_params = models.embedding_params(model)
-        self.hidden_fn, self.logits_fn = self._split_head()
+        self.hidden_fn, self.logits_fn, self.split_head = self._split_head()
+        self.trie_ok = self.split_head and self._trie_reproduces_backbone()
         self.host = socket.gethostname()
         self.device_name = device_name(self.device)
 
@@ -126,8 +127,23 @@ class Worker:
             got = logits_fn(hidden_fn(probe)).float()
         tol = 1e-4 if want.dtype == torch.float32 and next(model.parameters()).dtype == torch.float32 else 2e-2
         if got.shape == want.shape and torch.allclose(got, want, rtol=tol, atol=tol):
-            return hidden_fn, logits_fn
-        return (lambda ids: model(input_ids=ids, use_cache=False).logits), (lambda logits: logits)
+            return hidden_fn, logits_fn, True
+        return (lambda ids: model(input_ids=ids, use_cache=False).logits), (lambda logits: logits), False
+
+    def _trie_reproduces_backbone(self) -> bool:
+        """Replaying captured layer calls must give the backbone's own output, or the trie engine is not used."""
+        probe = self.token_ids[: min(16, len(self.token_ids))][None]
+        try:
+            with torch.no_grad():
+                calls = models.capture_layer_calls(self.model, probe)
+                hidden = calls.hidden
+                for i in range(self.n_layers):
+                    hidden = models.call_layer(self.model, i, hidden, calls)
+                got = models.final_norm_fn(self.model)(hidden).float()
+                want = self.hidden_fn(probe).float()
+        except Exception:  # an architecture whose layers cannot be replayed: use the per-variant engine
+            return False
+        return got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-4)
 
     # ------------------------------------------------------------------------------------------ variants
 
@@ -136,13 +152,26 @@ class Worker:
         total = self.total_params - sum(self.layer_params[i] for i in removed)
         return total, total - self.embedding_params
 
-    def evaluate(self, removed: Sequence[int]) -> dict:
-        """Perplexity and parameters of one variant, as a result row (status ok, diverged or failed)."""
+    def _base_row(self, removed: Sequence[int]) -> dict:
         total, non_embedding = self.params_of(removed)
         kept = kept_layers(removed, self.n_layers)
-        row = {"removed": variant_key(removed), "n_removed": len(removed), "n_layers": len(kept),
-               "kept_layers": variant_key(kept), "params": total, "params_non_embedding": non_embedding,
-               "device": self.device_name, "host": self.host}
+        return {"removed": variant_key(removed), "n_removed": len(removed), "n_layers": len(kept),
+                "kept_layers": variant_key(kept), "params": total, "params_non_embedding": non_embedding,
+                "device": self.device_name, "host": self.host}
+
+    def _row(self, removed: Sequence[int], result: measure.Perplexity, seconds: float) -> dict:
+        """A result row from a perplexity; NaN or inf perplexity makes it ``diverged``."""
+        ppl = result.ppl
+        row = {**self._base_row(removed), "nll_sum": result.nll_sum, "n_tokens": result.n_tokens,
+               "n_bytes": round(len(self.token_ids) / self.tokens_per_byte), "ppl": ppl,
+               "bpb": measure.bits_per_byte(result.nll_sum, result.n_tokens, self.tokens_per_byte),
+               "eval_seconds": seconds, "status": "ok", "error": None}
+        if not math.isfinite(ppl):
+            row.update(status="diverged", error=f"perplexity is {ppl} (NLL sum {result.nll_sum})")
+        return row
+
+    def evaluate(self, removed: Sequence[int]) -> dict:
+        """Perplexity and parameters of one variant, as a result row (status ok, diverged or failed)."""
         start = time.perf_counter()
         try:
             with models.pruned(self.model, removed):
@@ -150,15 +179,9 @@ class Worker:
                                             self.setup.stride, self.cfg.batch_size, self.device)
         except torch.OutOfMemoryError as exc:
             _free_memory(self.device)
-            return {**row, "status": "failed", "error": f"out of memory: {str(exc).splitlines()[0]}",
-                    "eval_seconds": time.perf_counter() - start}
-        ppl = result.ppl
-        row.update(nll_sum=result.nll_sum, n_tokens=result.n_tokens, n_bytes=round(len(self.token_ids) / self.tokens_per_byte),
-                   ppl=ppl, bpb=measure.bits_per_byte(result.nll_sum, result.n_tokens, self.tokens_per_byte),
-                   eval_seconds=time.perf_counter() - start, status="ok", error=None)
-        if not math.isfinite(ppl):
-            row.update(status="diverged", error=f"perplexity is {ppl} (NLL sum {result.nll_sum})")
-        return row
+            return {**self._base_row(removed), "status": "failed", "eval_seconds": time.perf_counter() - start,
+                    "error": f"out of memory: {str(exc).splitlines()[0]}"}
+        return self._row(removed, result, time.perf_counter() - start)
 
     def estimate_seconds(self, variants: Sequence[Sequence[int]]) -> float:
         """Seconds to evaluate ``variants``, extrapolated from timing one batch of windows (takes seconds).
@@ -183,6 +206,23 @@ class Worker:
         full, head = batch_seconds([]), batch_seconds(range(self.n_layers))
         per_layer = max(full - head, 0.0) / max(self.n_layers, 1)
         return sum(n_batches * (head + per_layer * (self.n_layers - len(v))) for v in variants)
+
+    def evaluate_many(self, removals: Sequence[Sequence[int]]) -> list[dict]:
+        """Result rows of several variants: one prefix-sharing trie pass when possible, else one by one."""
+        if self.cfg.engine != "trie" or not self.trie_ok or len(removals) == 1:
+            return [self.evaluate(r) for r in removals]
+        from sweep import prefix
+
+        kept = {variant_key(r): kept_layers(r, self.n_layers) for r in removals}
+        start = time.perf_counter()
+        try:
+            results = prefix.trie_perplexities(self.model, kept, self.logits_fn, self.token_ids,
+                                               self.setup.max_length, self.setup.stride, self.cfg.batch_size)
+        except torch.OutOfMemoryError:
+            _free_memory(self.device)
+            return [self.evaluate(r) for r in removals]  # smaller working set: one variant at a time
+        seconds = (time.perf_counter() - start) / len(removals)
+        return [self._row(r, results[variant_key(r)], seconds) for r in removals]
 
     # ------------------------------------------------------------------------------------------ latency
 

@@ -1,0 +1,82 @@
+"""Prefix sharing (trie) against the per-variant reference evaluation."""
+from __future__ import annotations
+
+import itertools
+import sqlite3
+
+import pytest
+import torch
+
+from sweep import prefix
+from sweep.config import SweepConfig
+from sweep.data import TokenizedText
+from sweep.plan import kept_layers, variant_key
+from sweep.runner import run_sweep
+from sweep.worker import EvalSetup, Worker
+from tiny import FAMILIES, tiny_model
+
+ALL_SUBSETS = [r for k in range(5) for r in itertools.combinations(range(4), k)]
+
+
+def worker_for(model, engine="trie", n_tokens=300, max_length=64, stride=32) -> Worker:
+    ids = torch.randint(0, 96, (n_tokens,), generator=torch.Generator().manual_seed(0))
+    cfg = SweepConfig(latency="off", batch_size=4, engine=engine)
+    return Worker(model, TokenizedText(ids.numpy(), n_tokens, "t", "t"), EvalSetup(max_length, stride, None), cfg)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_trie_equals_per_variant_evaluation_on_every_subset(family):
+    worker = worker_for(tiny_model(family))
+    assert worker.trie_ok
+    rows = {r["removed"]: r for r in worker.evaluate_many(ALL_SUBSETS)}
+    for removed in ALL_SUBSETS:
+        reference = worker.evaluate(removed)
+        got = rows[variant_key(removed)]
+        assert got["ppl"] == pytest.approx(reference["ppl"], rel=1e-6), (family, removed)
+        assert got["n_tokens"] == reference["n_tokens"] and got["params"] == reference["params"]
+
+
+def test_exhaustive_trie_costs_one_layer_call_per_nonempty_prefix():
+    for n_layers in (3, 4, 6):
+        removals = [r for k in range(n_layers + 1) for r in itertools.combinations(range(n_layers), k)]
+        root = prefix.build_trie({variant_key(r): kept_layers(r, n_layers) for r in removals})
+        assert prefix.layer_calls(root) == 2**n_layers - 1
+        per_variant = sum(n_layers - len(r) for r in removals)
+        assert per_variant == n_layers * 2 ** (n_layers - 1)
+
+
+def test_trie_shares_prefixes_of_single_removals():
+    # Removing each of 4 layers: [1,2,3], [0,2,3], [0,1,3], [0,1,2] + baseline [0,1,2,3].
+    kept = {variant_key(r): kept_layers(r, 4) for r in [(), (0,), (1,), (2,), (3,)]}
+    root = prefix.build_trie(kept)
+    assert prefix.layer_calls(root) == 4 + 3 + 2 + 1  # vs 4 + 4*3 = 16 one by one
+    assert root.children[0].children[1].children[2].keys == ["3"]
+
+
+def test_runner_trie_and_per_variant_engines_store_the_same_perplexities(tiny_gpt2_dir, sample_text_file, tmp_path):
+    results = {}
+    for engine in ("trie", "per-variant"):
+        db = tmp_path / f"{engine}.db"
+        cfg = SweepConfig(model=str(tiny_gpt2_dir), data=str(sample_text_file), db=str(db), engine=engine,
+                          cache_dir=str(tmp_path / "cache"), max_length=64, max_tokens=1024, strategy="exhaustive",
+                          latency="off")
+        summary = run_sweep(cfg, log=lambda s: None, progress=False)
+        assert summary.measured == 16
+        conn = sqlite3.connect(db)
+        results[engine] = dict(conn.execute("select removed, ppl from results"))
+    assert results["trie"].keys() == results["per-variant"].keys()
+    for key, ppl in results["per-variant"].items():
+        assert results["trie"][key] == pytest.approx(ppl, rel=1e-6)
+
+
+def test_architecture_that_cannot_replay_falls_back_to_per_variant(monkeypatch):
+    from sweep import models
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("cannot replay")
+
+    monkeypatch.setattr(models, "capture_layer_calls", broken)
+    worker = worker_for(tiny_model("llama"))
+    assert not worker.trie_ok
+    rows = worker.evaluate_many([(), (1,)])
+    assert [r["status"] for r in rows] == ["ok", "ok"]
