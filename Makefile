@@ -13,7 +13,7 @@ TORCH_VERSION ?= 2.13.0
 PRESET  := $(if $(wildcard configs/$(MODEL).yaml),--config configs/$(MODEL).yaml,--model $(MODEL))
 RUN_FLAGS := $(PRESET) --db $(DB) $(if $(DATA),--data $(DATA)) $(if $(STRATEGY),--strategy $(STRATEGY)) $(ARGS)
 
-.PHONY: help install sweep plan report test demo clean
+.PHONY: help install sweep plan report test demo bench clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -44,6 +44,9 @@ demo: install  ## offline end to end: train a tiny model on stdlib source, sweep
 	$(BIN)/python -m sweep.demo --out .cache/demo
 	$(BIN)/sweep run --config configs/demo.yaml --db demo.db $(ARGS)
 	$(BIN)/sweep report --db demo.db --out reports
+
+bench: install  ## guide recipe vs sweep engines on ../shared data; figures saved under bench/results/
+	$(BIN)/python bench/bench.py $(ARGS)
 
 clean:  ## remove caches and demo outputs (keeps results.db)
 	rm -rf .cache demo.db demo.db-wal demo.db-shm reports/demo*

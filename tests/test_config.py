@@ -210,3 +210,11 @@ def test_shipped_preset_starts_with_the_command_that_uses_it(preset):
     assert "sweep " in first and "--config" in first and preset.stem in first, (
         f"{preset.name}: first line should give the exact command, e.g. # sweep run --config configs/{preset.name}"
     )
+
+
+def test_every_flag_is_documented_in_the_readme():
+    from sweep.config import field_names, flag
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [f"--{flag(name)}" for name in field_names() if f"`--{flag(name)}`" not in readme]
+    assert not missing, f"README.md lacks {missing}"
