@@ -171,17 +171,22 @@ class Worker:
         return row
 
     def evaluate(self, removed: Sequence[int]) -> dict:
-        """Perplexity and parameters of one variant, as a result row (status ok, diverged or failed)."""
+        """Perplexity and parameters of one variant, as a result row (status ok, diverged or failed).
+
+        Out of memory: retried once with half the batch, then recorded as ``failed`` with the error.
+        """
         start = time.perf_counter()
-        try:
-            with models.pruned(self.model, removed):
-                result = measure.perplexity(self.hidden_fn, self.logits_fn, self.token_ids, self.setup.max_length,
-                                            self.setup.stride, self.cfg.batch_size, self.device)
-        except torch.OutOfMemoryError as exc:
-            _free_memory(self.device)
-            return {**self._base_row(removed), "status": "failed", "eval_seconds": time.perf_counter() - start,
-                    "error": f"out of memory: {str(exc).splitlines()[0]}"}
-        return self._row(removed, result, time.perf_counter() - start)
+        for batch_size in _retry_batch_sizes(self.cfg.batch_size):
+            try:
+                with models.pruned(self.model, removed):
+                    result = measure.perplexity(self.hidden_fn, self.logits_fn, self.token_ids,
+                                                self.setup.max_length, self.setup.stride, batch_size, self.device)
+                return self._row(removed, result, time.perf_counter() - start)
+            except torch.OutOfMemoryError as exc:
+                _free_memory(self.device)
+                error = f"out of memory at batch size {batch_size}: {str(exc).splitlines()[0]}"
+        return {**self._base_row(removed), "status": "failed", "eval_seconds": time.perf_counter() - start,
+                "error": error}
 
     def estimate_seconds(self, variants: Sequence[Sequence[int]]) -> float:
         """Seconds to evaluate ``variants``, extrapolated from timing one batch of windows (takes seconds).
@@ -215,14 +220,15 @@ class Worker:
 
         kept = {variant_key(r): kept_layers(r, self.n_layers) for r in removals}
         start = time.perf_counter()
-        try:
-            results = prefix.trie_perplexities(self.model, kept, self.logits_fn, self.token_ids,
-                                               self.setup.max_length, self.setup.stride, self.cfg.batch_size)
-        except torch.OutOfMemoryError:
-            _free_memory(self.device)
-            return [self.evaluate(r) for r in removals]  # smaller working set: one variant at a time
-        seconds = (time.perf_counter() - start) / len(removals)
-        return [self._row(r, results[variant_key(r)], seconds) for r in removals]
+        for batch_size in _retry_batch_sizes(self.cfg.batch_size):
+            try:
+                results = prefix.trie_perplexities(self.model, kept, self.logits_fn, self.token_ids,
+                                                   self.setup.max_length, self.setup.stride, batch_size)
+                seconds = (time.perf_counter() - start) / len(removals)
+                return [self._row(r, results[variant_key(r)], seconds) for r in removals]
+            except torch.OutOfMemoryError:
+                _free_memory(self.device)
+        return [self.evaluate(r) for r in removals]  # the trie's cache did not fit: one variant at a time
 
     # ------------------------------------------------------------------------------------------ latency
 
@@ -264,6 +270,11 @@ def _latency_columns(samples: dict[str, list[float]], source_key: str) -> dict:
         decode = measure.summarize(samples["decode"])
         columns.update(decode_ms_per_token=decode.median_ms, decode_iqr_ms=decode.iqr_ms)
     return columns
+
+
+def _retry_batch_sizes(batch_size: int) -> list[int]:
+    """The configured batch size, then half of it once (when that is smaller)."""
+    return [batch_size] + ([batch_size // 2] if batch_size > 1 else [])
 
 
 def _free_memory(device: torch.device) -> None:

@@ -115,17 +115,36 @@ def test_nan_perplexity_is_recorded_as_diverged(gpt2_and_ids):
     assert kept_fine["status"] == "ok"
 
 
-def test_out_of_memory_is_a_failed_row(gpt2_and_ids, monkeypatch):
+def test_out_of_memory_is_a_failed_row_after_one_smaller_batch(gpt2_and_ids, monkeypatch):
     model, ids = gpt2_and_ids
-    worker = make_worker(model, ids[0], 128, 128)
+    worker = make_worker(model, ids[0], 128, 128, batch_size=4)
+    tried = []
 
     def oom(*args, **kwargs):
+        tried.append(args[5])  # batch_size
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(measure, "perplexity", oom)
     row = worker.evaluate([1])
+    assert tried == [4, 2]
     assert row["status"] == "failed" and "out of memory" in row["error"]
     assert row["params"] > 0  # what could be measured still is
+
+
+def test_out_of_memory_retry_with_smaller_batch_gives_the_same_result(gpt2_and_ids, monkeypatch):
+    model, ids = gpt2_and_ids
+    worker = make_worker(model, ids[0], 128, 128, batch_size=4)
+    want = worker.evaluate([1])["ppl"]
+    real = measure.perplexity
+
+    def oom_once(*args, **kwargs):
+        if args[5] == 4:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(measure, "perplexity", oom_once)
+    row = worker.evaluate([1])
+    assert row["status"] == "ok" and row["ppl"] == pytest.approx(want, rel=1e-6)
 
 
 def test_params_of_matches_pruned_model(gpt2_and_ids):
