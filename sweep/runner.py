@@ -146,7 +146,8 @@ def _measure_all(cfg, worker, db, setup, todo: list[Removal], summary: Summary, 
         if first == 0 and len(todo) > len(chunk):
             _first_estimate(rows[0], len(todo))
         first += len(chunk)
-        size = _next_chunk_size(rows, size)
+        if cfg.engine == "trie":  # per-variant chunks stay at one variant: Ctrl-C stops after the current one
+            size = _next_chunk_size(rows, size)
     summary.interrupted = first < len(order)
     bar.close()
 
