@@ -1,4 +1,4 @@
-"""Command line: ``sweep plan | run | report | export``. The only place that turns errors into exit codes."""
+"""Command line: ``sweep plan | run | status | report | export``. The only place that turns errors into exit codes."""
 from __future__ import annotations
 
 import argparse
@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--model", default=None, help="only this model (default: every model in the DB)")
     report.add_argument("--setup", default=None, help="setup id when a model has several (default: newest)")
 
+    status = sub.add_parser("status", help="progress of running and past sweeps in a DB (safe while one runs)")
+    status.add_argument("--db", default="results.db", help="results database (default: results.db)")
+
     export = sub.add_parser("export", help="save a physically pruned model that reloads with from_pretrained")
     _add_preset_flag(export)
     _add_config_flags(export, MODEL_FIELDS)
@@ -124,7 +127,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "plan": cmd_plan, "report": cmd_report, "export": cmd_export}
+def cmd_status(args: argparse.Namespace) -> int:
+    from sweep.runner import describe_status
+
+    describe_status(args.db)
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "plan": cmd_plan, "report": cmd_report, "export": cmd_export, "status": cmd_status}
 
 
 def main(argv: list[str] | None = None) -> int:

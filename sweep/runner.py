@@ -5,6 +5,7 @@ Reads like a table of contents; the work happens in ``plan``, ``worker`` and ``s
 from __future__ import annotations
 
 import signal
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -102,9 +103,16 @@ def run_sweep(cfg: SweepConfig, log: Log = print, progress: bool = True) -> Summ
         f"{summary.already_done:,} already in {cfg.db}, {len(todo):,} to measure on {worker.device_name} "
         f"[setup {setup}]")
     if todo:
-        _announce_estimate(cfg, worker, todo, log)
-        with StopFlag(log) as stop:
-            _measure_all(cfg, worker, db, setup, todo, summary, stop, log, progress)
+        run_id = store.start_run(db, setup, len(variants), len(todo), " ".join(sys.argv))
+        status = "failed"
+        try:
+            _announce_estimate(cfg, worker, todo, log)
+            with StopFlag(log) as stop:
+                _measure_all(cfg, worker, db, setup, todo, summary, stop, log, progress,
+                             beat=lambda: store.heartbeat(db, run_id, summary.measured))
+            status = "interrupted" if summary.interrupted else "done"
+        finally:
+            store.finish_run(db, run_id, status, summary.measured)
     summary.seconds = time.perf_counter() - start
     log(closing_line(cfg, summary))
     return summary
@@ -124,7 +132,7 @@ CHUNK_SECONDS = 30.0
 
 
 def _measure_all(cfg, worker, db, setup, todo: list[Removal], summary: Summary, stop: StopFlag, log: Log,
-                 progress: bool) -> None:
+                 progress: bool, beat: Callable[[], None] = lambda: None) -> None:
     """Evaluate ``todo`` in chunks (sub-tries), committing each chunk's rows as soon as it is measured."""
     per_variant_latency = cfg.latency == "per-variant"
     latency = {} if per_variant_latency else _latency_for(cfg, worker, db, setup, todo, log, progress)
@@ -142,6 +150,7 @@ def _measure_all(cfg, worker, db, setup, todo: list[Removal], summary: Summary, 
                                      "latency_signature": signature if cfg.latency != "off" else None})
             summary.failed += row["status"] != "ok"
         summary.measured += len(chunk)
+        beat()
         bar.update(len(chunk))
         if first == 0 and len(todo) > len(chunk):
             _first_estimate(rows[0], len(todo))
@@ -255,3 +264,27 @@ def _measured_in_db(cfg: SweepConfig, n_layers: int, spec: PlanSpec) -> tuple[in
     else:
         measured = len(done)
     return measured, store.seconds_per_variant(db, setup)
+
+
+def describe_status(db_path: str, log: Log = print) -> list[dict]:
+    """What ``sweep status`` prints: the newest runs, their progress, rate and ETA. Loads no model."""
+    from datetime import datetime, timezone
+
+    runs = store.runs_overview(db_path)
+    if not runs:
+        log(f"{db_path}: no sweep has run yet")
+        return runs
+    for run in runs:
+        started = datetime.fromisoformat(run["started_at"])
+        last = datetime.fromisoformat(run["heartbeat_at"])
+        elapsed = max((last - started).total_seconds(), 1e-9)
+        line = (f"run {run['id']:>3}  {run['status']:<11} {run['model']}  setup {run['setup_id']}  "
+                f"{run['measured']:,}/{run['to_measure']:,} measured ({run['planned']:,} planned)  "
+                f"started {run['started_at']}  pid {run['pid']} on {run['host']}")
+        if run["status"] == "running" and run["measured"]:
+            rate = run["measured"] / elapsed
+            left = (run["to_measure"] - run["measured"]) / rate
+            age = (datetime.now(timezone.utc) - last).total_seconds()
+            line += f"  {rate * 60:.1f} variants/min, about {format_duration(left)} left, last beat {age:.0f} s ago"
+        log(line)
+    return runs

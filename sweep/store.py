@@ -6,6 +6,7 @@ Schema (version 1)::
     models(id, name, revision, dtype, n_layers, model_class, UNIQUE(name, revision, dtype))
     setups(id PRIMARY KEY, model_id, data, data_fingerprint, data_tokens, max_length, stride,
            max_tokens, latency_seq, device, engine_version, created_at)
+    runs(id, setup_id, status, pid, host, command, planned, to_measure, measured, started_at, heartbeat_at, ended_at)
     results(setup_id, removed, ..., status, error, PRIMARY KEY(setup_id, removed))
     VIEW results_vs_baseline                              -- each variant against the baseline of its setup
 
@@ -19,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import socket
 import sqlite3
 from collections.abc import Iterable
 from datetime import datetime, timezone
@@ -30,6 +32,12 @@ import sqlite_utils
 from sweep.errors import StoreError
 
 SCHEMA_VERSION = 1
+
+BUSY_TIMEOUT_SECONDS = 30
+"""How long a writer waits for another process's write lock before giving up."""
+
+RUN_STALE_SECONDS = 180
+"""A running sweep whose heartbeat is older than this (or whose process is gone) is considered abandoned."""
 
 STATUSES = ("ok", "failed", "diverged")
 """ok: measured; failed: an error (e.g. out of memory) stopped the measurement; diverged: NaN/inf perplexity."""
@@ -140,10 +148,12 @@ def open_db(path: str | Path, create: bool = True) -> sqlite_utils.Database:
     if create:
         check_writable(path)
     try:
-        conn = sqlite3.connect(str(path), timeout=30)
+        conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_SECONDS)
         db = sqlite_utils.Database(conn)
         if create:
             db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a committed result survives power loss, not only a process crash (WAL's NORMAL default).
+            db.execute("PRAGMA synchronous=FULL")
         _check_version(db, path)
         if create:
             _create_schema(db)
@@ -186,6 +196,13 @@ def _create_schema(db: sqlite_utils.Database) -> None:
         if "results" not in db.table_names():
             db["results"].create(RESULT_COLUMNS, pk=("setup_id", "removed"),
                                  foreign_keys=[("setup_id", "setups", "id")])
+        if "runs" not in db.table_names():
+            db["runs"].create(
+                {"id": int, "setup_id": str, "status": str, "pid": int, "host": str, "command": str,
+                 "planned": int, "to_measure": int, "measured": int, "started_at": str, "heartbeat_at": str,
+                 "ended_at": str},
+                pk="id",
+            )
         db.execute(VIEW_SQL)
 
 
@@ -288,6 +305,12 @@ def read_view(path_or_db: str | Path | sqlite_utils.Database, model: str | None 
     return [dict(zip(names, r)) for r in cursor.fetchall()]
 
 
+def view_columns(path_or_db: str | Path | sqlite_utils.Database) -> list[str]:
+    """Column names of ``results_vs_baseline``, in order."""
+    db = path_or_db if isinstance(path_or_db, sqlite_utils.Database) else open_db(path_or_db, create=False)
+    return [d[0] for d in db.execute("SELECT * FROM results_vs_baseline LIMIT 0").description]
+
+
 def setups_overview(path_or_db: str | Path | sqlite_utils.Database) -> list[dict[str, Any]]:
     """One row per (model, setup) with the number of results, newest first."""
     db = path_or_db if isinstance(path_or_db, sqlite_utils.Database) else open_db(path_or_db, create=False)
@@ -299,3 +322,85 @@ def setups_overview(path_or_db: str | Path | sqlite_utils.Database) -> list[dict
     )
     names = [d[0] for d in cursor.description]
     return [dict(zip(names, r)) for r in cursor.fetchall()]
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+
+def _run_alive(run: dict[str, Any]) -> bool:
+    """A run is alive when its heartbeat is fresh and, on this host, its process still exists."""
+    age = (datetime.now(timezone.utc) - datetime.fromisoformat(run["heartbeat_at"])).total_seconds()
+    if age > RUN_STALE_SECONDS:
+        return False
+    if run["host"] == socket.gethostname():
+        try:
+            os.kill(run["pid"], 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+    return True
+
+
+def start_run(db: sqlite_utils.Database, setup: str, planned: int, to_measure: int, command: str) -> int:
+    """Register a sweep of ``setup``; refuse if another live sweep is measuring the same setup.
+
+    The check and the insert happen in one ``BEGIN IMMEDIATE`` transaction, so of two sweeps started at once
+    exactly one gets the setup. Runs left ``running`` by a dead process are marked ``abandoned``.
+
+    Raises:
+        StoreError: another live sweep of this setup holds the DB.
+    """
+    conn = db.conn
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        cursor = conn.execute("SELECT * FROM runs WHERE setup_id = ? AND status = 'running'", [setup])
+        names = [d[0] for d in cursor.description]
+        for run in (dict(zip(names, r)) for r in cursor.fetchall()):
+            if _run_alive(run):
+                raise StoreError(
+                    f"another sweep (pid {run['pid']} on {run['host']}, run {run['id']}) is measuring this setup "
+                    f"in this DB; wait for it (`sweep status`), or use another --db"
+                )
+            conn.execute("UPDATE runs SET status = 'abandoned', ended_at = ? WHERE id = ?", [now(), run["id"]])
+        stamp = now()
+        cursor = conn.execute(
+            "INSERT INTO runs (setup_id, status, pid, host, command, planned, to_measure, measured, started_at, "
+            "heartbeat_at) VALUES (?, 'running', ?, ?, ?, ?, ?, 0, ?, ?)",
+            [setup, os.getpid(), socket.gethostname(), command, planned, to_measure, stamp, stamp],
+        )
+        conn.execute("COMMIT")
+        return cursor.lastrowid
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def heartbeat(db: sqlite_utils.Database, run_id: int, measured: int) -> None:
+    """Record progress of a running sweep (shown by ``sweep status``)."""
+    with db.conn:
+        db.execute("UPDATE runs SET measured = ?, heartbeat_at = ? WHERE id = ?", [measured, now(), run_id])
+
+
+def finish_run(db: sqlite_utils.Database, run_id: int, status: str, measured: int) -> None:
+    """Close a run: ``done``, ``interrupted`` or ``failed``."""
+    stamp = now()
+    with db.conn:
+        db.execute("UPDATE runs SET status = ?, measured = ?, heartbeat_at = ?, ended_at = ? WHERE id = ?",
+                   [status, measured, stamp, stamp, run_id])
+
+
+def runs_overview(path_or_db: str | Path | sqlite_utils.Database, limit: int = 20) -> list[dict[str, Any]]:
+    """The newest runs with their model, progress and liveness (``running`` runs of dead processes: ``abandoned``)."""
+    db = path_or_db if isinstance(path_or_db, sqlite_utils.Database) else open_db(path_or_db, create=False)
+    if "runs" not in db.table_names():
+        return []
+    cursor = db.execute(
+        "SELECT r.*, m.name AS model FROM runs r JOIN setups s ON s.id = r.setup_id JOIN models m ON m.id = s.model_id "
+        "ORDER BY r.id DESC LIMIT ?", [limit])
+    names = [d[0] for d in cursor.description]
+    runs = [dict(zip(names, r)) for r in cursor.fetchall()]
+    for run in runs:
+        if run["status"] == "running" and not _run_alive(run):
+            run["status"] = "abandoned"
+    return runs
