@@ -119,7 +119,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     if len(removals) != 1:
         raise SweepError("`--remove` for export takes one group of layers, e.g. \"9,10,11\"")
     tokenizer = load_tokenizer(cfg)
-    model = models.load_model(cfg.model, cfg.revision, cfg.dtype, "cpu" if cfg.device == "auto" else cfg.device,
+    # Export keeps the checkpoint's dtype unless --dtype says otherwise (auto would upcast to float32 on CPU).
+    dtype = models.checkpoint_dtype(models.load_config(cfg.model, cfg.revision, cfg.trust_remote_code)) \
+        if cfg.dtype == "auto" else cfg.dtype
+    model = models.load_model(cfg.model, cfg.revision, dtype, "cpu" if cfg.device == "auto" else cfg.device,
                               cfg.random_init, cfg.trust_remote_code)
     out = models.export_pruned(model, tokenizer, removals[0], args.out)
     print(f"saved {cfg.model} without layers {','.join(map(str, removals[0]))} "

@@ -106,6 +106,9 @@ def validate(cfg: SweepConfig) -> None:
     for name in ("batch_size", "latency_seq", "latency_repeats"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"`--{flag(name)}` must be a positive integer, got {getattr(cfg, name)}")
+    for name in ("decode_tokens", "latency_warmup"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"`--{flag(name)}` must be 0 or more, got {getattr(cfg, name)}")
     if cfg.latency_repeats < 20 and cfg.latency != "off":
         # Median and IQR of fewer repeats are too noisy to compare variants.
         raise ConfigError(f"`--latency-repeats` must be at least 20, got {cfg.latency_repeats}")

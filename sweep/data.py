@@ -105,8 +105,11 @@ def _column(ds, text_column: str, data: str) -> list[str]:
 def tokenizer_fingerprint(tokenizer) -> str:
     """Hash of what decides token ids: the vocabulary and the tokenizer's class and special-token settings."""
     vocab = tokenizer.get_vocab()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    # A fast tokenizer's JSON holds normalizer, pre-tokenizer, merges and post-processor (e.g. an added BOS).
+    pipeline = backend.to_str() if backend is not None else None
     blob = json.dumps([type(tokenizer).__name__, sorted(vocab.items()), tokenizer.bos_token, tokenizer.eos_token,
-                       getattr(tokenizer, "add_bos_token", None)], default=str)
+                       getattr(tokenizer, "add_bos_token", None), pipeline], default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -112,10 +112,12 @@ def perplexity(hidden_fn: Callable[[torch.Tensor], torch.Tensor], logits_fn: Cal
     token_ids = token_ids.to(device)
     nll_sum, n_tokens = 0.0, 0
     for group in _batches(windows(len(token_ids), max_length, stride), batch_size):
+        n_loss = group[0].n_targets - 1  # the guide's num_loss_tokens
+        if n_loss == 0:
+            continue  # a 1-token last window: the guide weights it by 0 (its loss is NaN there)
         input_ids = torch.stack([token_ids[w.begin : w.end] for w in group])  # (B, T)
         hidden = hidden_fn(input_ids)
         sums, n_scored = window_nll(logits_fn, hidden, input_ids, group[0].n_targets)
-        n_loss = group[0].n_targets - 1  # the guide's num_loss_tokens
         nll_sum += float(sums.sum()) / n_scored * n_loss
         n_tokens += n_loss * len(group)
     return Perplexity(nll_sum, n_tokens)
@@ -175,10 +177,14 @@ def time_once(fn: Callable[[], object], device: torch.device) -> float:
     return (time.perf_counter() - begin) * 1000.0
 
 
-@torch.no_grad()
 def prefill_call(model: nn.Module, prompt: torch.Tensor) -> Callable[[], object]:
     """A prefill: one forward over the prompt (1, T) that builds the KV cache and returns last-token logits."""
-    return lambda: model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+
+    @torch.inference_mode()
+    def run() -> object:
+        return model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+
+    return run
 
 
 @torch.no_grad()

@@ -10,7 +10,6 @@ without undo and saves, so the in-memory variant and the exported model are the 
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -78,8 +77,21 @@ def adapter_for(model: nn.Module) -> Adapter:
             f"cannot find the decoder layers of {type(model).__name__} (model_type {model_type!r}); "
             f"supported: {', '.join(sorted(ADAPTERS))} and models with one ModuleList of num_hidden_layers layers"
         )
-    norm = path.rsplit(".", 1)[0] + ".norm" if "." in path else None
-    return Adapter(f"generic:{model_type}", path, norm)
+    return Adapter(f"generic:{model_type}", path, _find_final_norm(model, path))
+
+
+FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "norm_f")
+
+
+def _find_final_norm(model: nn.Module, layers_path: str) -> str | None:
+    """The final norm beside the layer list, under one of the names architectures use for it."""
+    parent = layers_path.rsplit(".", 1)[0] if "." in layers_path else ""
+    for name in FINAL_NORM_NAMES:
+        path = f"{parent}.{name}" if parent else name
+        with contextlib.suppress(AttributeError):
+            if isinstance(_get(model, path), nn.Module):
+                return path
+    return None
 
 
 def n_layers_of(config) -> int:
@@ -97,7 +109,8 @@ def _per_layer_config_lists(config, n_layers: int) -> list[str]:
     """Config attributes holding one entry per layer (``layer_types``, GPT-Neo's ``attention_layers``...)."""
     names = []
     for name, value in vars(config).items():
-        if isinstance(value, (list, tuple)) and len(value) == n_layers and not name.startswith("_"):
+        if (isinstance(value, (list, tuple)) and len(value) == n_layers and not name.startswith("_")
+                and not name.endswith("token_id")):  # e.g. a list of eos ids that happens to have that length
             names.append(name)
     return names
 
@@ -131,35 +144,40 @@ def remove_layers(model: nn.Module, removed: Sequence[int]) -> Callable[[], None
     if any(not 0 <= i < n_layers for i in removed) or len(set(removed)) != len(removed):
         raise ConfigError(f"cannot remove layers {removed} from a model with layers 0-{n_layers - 1}")
     kept = [i for i in range(n_layers) if i not in set(removed)]
-    parent_path, attr = adapter.layers.rsplit(".", 1)
+    parent_path, list_name = adapter.layers.rsplit(".", 1)
     parent = _get(model, parent_path)
     config = model.config
     changes = _config_changes(config, kept)
     old_config = {name: getattr(config, name) for name in changes}
     old_idx = _renumber(layers, kept)
-    setattr(parent, attr, nn.ModuleList([layers[i] for i in kept]))
+    setattr(parent, list_name, nn.ModuleList([layers[i] for i in kept]))
     for name, value in changes.items():
         setattr(config, name, value)
 
     def undo() -> None:
-        setattr(parent, attr, layers)
+        setattr(parent, list_name, layers)
         for name, value in old_config.items():
             setattr(config, name, value)
-        for module, idx in old_idx:
-            module.layer_idx = idx
+        for module, attr, idx in old_idx:
+            setattr(module, attr, idx)
 
     return undo
 
 
-def _renumber(layers: nn.ModuleList, kept: Sequence[int]) -> list[tuple[nn.Module, int]]:
-    """Set ``layer_idx`` of every module inside kept layer ``kept[j]`` to ``j``; return the old values."""
+LAYER_INDEX_ATTRS = ("layer_idx", "layer_id")
+"""Attributes through which a module finds its KV-cache slot (GPT-Neo's attention uses ``layer_id``)."""
+
+
+def _renumber(layers: nn.ModuleList, kept: Sequence[int]) -> list[tuple[nn.Module, str, int]]:
+    """Set the layer index of every module inside kept layer ``kept[j]`` to ``j``; return the old values."""
     old = []
     for new_idx, old_layer in enumerate(kept):
         for module in layers[old_layer].modules():
-            idx = getattr(module, "layer_idx", None)
-            if isinstance(idx, int):
-                old.append((module, idx))
-                module.layer_idx = new_idx
+            for attr in LAYER_INDEX_ATTRS:
+                idx = getattr(module, attr, None)
+                if isinstance(idx, int) and not isinstance(idx, bool):
+                    old.append((module, attr, idx))
+                    setattr(module, attr, new_idx)
     return old
 
 
@@ -292,6 +310,31 @@ def load_config(name: str, revision: str | None = None, trust_remote_code: bool 
         raise _load_error(name, "model", exc) from None
 
 
+def weights_fingerprint(name: str, config, random_init: bool = False) -> str:
+    """What identifies the weights, without reading them: part of every setup id.
+
+    Random init -> ``"random-init"``; a local directory -> hash of its weight files' names, sizes and
+    modification times (retrained weights make a new setup); a hub id -> the resolved commit hash.
+    """
+    import hashlib
+
+    if random_init:
+        return "random-init"
+    path = Path(name).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+        blob = "|".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+        return "local:" + hashlib.sha256(blob.encode()).hexdigest()[:12]
+    return "hub:" + str(getattr(config, "_commit_hash", None) or "unknown")
+
+
+def checkpoint_dtype(config) -> str:
+    """The dtype the checkpoint was saved in, as a --dtype name (float32 when unknown)."""
+    dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
+    dtype = dtype.replace("torch.", "")
+    return dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
+
+
 def load_model(name: str, revision: str | None = None, dtype: str = "auto", device: str = "auto",
                random_init: bool = False, trust_remote_code: bool = False) -> nn.Module:
     """Load a causal LM by hub id or local directory, in eval mode on the chosen device.
@@ -357,12 +400,33 @@ def export_pruned(model: nn.Module, tokenizer, removed: Sequence[int], out_dir: 
         raise ExportError("this GPT-2 config scales attention by 1/(layer_idx+1); a pruned export would change it")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with pruned(model, removed):
-        model_copy = copy.deepcopy(model)
-    model_copy.save_pretrained(out_dir)
+    probe = torch.arange(min(16, model.config.vocab_size), device=next(model.parameters()).device)[None] % 7 + 1
+    with pruned(model, removed), torch.no_grad():
+        want = model(input_ids=probe, use_cache=False).logits.float().cpu()
+        model.save_pretrained(out_dir)  # saves only the kept layers, renumbered; no copy of the weights
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
+    _verify_export(out_dir, probe.cpu(), want, model.config._attn_implementation)
     return out_dir
+
+
+def _verify_export(out_dir: Path, probe: torch.Tensor, want: torch.Tensor, attn: str | None) -> None:
+    """Reload the export and check it computes the in-memory variant's logits.
+
+    Raises:
+        ExportError: a config field that refers to layers by index (e.g. MoE layer lists) was not remapped.
+    """
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, attn_implementation=attn).eval()
+    with torch.no_grad():
+        got = reloaded(input_ids=probe, use_cache=False).logits.float()
+    tol = 1e-4 if want.dtype == torch.float32 else 5e-2
+    if got.shape != want.shape or not torch.allclose(got, want.to(got.dtype), rtol=tol, atol=tol * max(1.0, float(want.abs().max()))):
+        raise ExportError(
+            f"the model saved in {out_dir} does not reproduce the pruned variant's logits; its config probably "
+            "has a field that refers to layers by index (MoE layer lists...) that sweep does not remap yet"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- replay

@@ -67,9 +67,11 @@ def trie_perplexities(model, kept_sequences: dict[str, Sequence[int]], logits_fn
     nll = {key: 0.0 for key in kept_sequences}
     n_tokens = {key: 0 for key in kept_sequences}
     for group in measure._batches(measure.windows(len(token_ids), max_length, stride), batch_size):
+        n_loss = group[0].n_targets - 1  # the guide's num_loss_tokens per window
+        if n_loss == 0:
+            continue  # a 1-token last window: weighted by 0 in the guide
         input_ids = torch.stack([token_ids[w.begin : w.end] for w in group])  # (B, T)
         calls = models.capture_layer_calls(model, input_ids)
-        n_loss = group[0].n_targets - 1  # the guide's num_loss_tokens per window
 
         def score(node: Node, hidden: torch.Tensor) -> None:
             if node.keys:

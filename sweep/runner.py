@@ -37,21 +37,26 @@ class Summary:
     best: dict = field(default_factory=dict)
 
 
-def setup_fields(worker, cfg: SweepConfig) -> dict:
-    """What identifies an evaluation setup: data, windows, latency prompt, device and engine version."""
-    tokens = worker.tokens
+def setup_fields(cfg: SweepConfig, tokens, windows, device_name: str, weights: str) -> dict:
+    """What identifies an evaluation setup: weights, data, windows, latency settings, device, engine version."""
+    latency = (f"{cfg.latency}:seq={cfg.latency_seq}:decode={cfg.decode_tokens}:repeats={cfg.latency_repeats}"
+               f":warmup={cfg.latency_warmup}:seed={cfg.seed}") if cfg.latency != "off" else "off"
     return {"data": tokens.name, "data_fingerprint": tokens.fingerprint, "data_tokens": len(tokens.ids),
-            "max_length": worker.setup.max_length, "stride": worker.setup.stride,
-            "max_tokens": worker.setup.max_tokens, "latency_seq": cfg.latency_seq, "device": worker.device_name,
-            "engine_version": ENGINE_VERSION}
+            "max_length": windows.max_length, "stride": windows.stride, "max_tokens": windows.max_tokens,
+            "latency_seq": cfg.latency_seq, "latency_settings": latency, "weights": weights,
+            "device": device_name, "engine_version": ENGINE_VERSION}
 
 
 def open_setup(cfg: SweepConfig, worker):
     """Create/find the model and setup rows; return (db, setup id)."""
+    from sweep import models
+
     db = store.open_db(cfg.db)
     dtype = str(next(worker.model.parameters()).dtype).replace("torch.", "")
     model_id = store.upsert_model(db, cfg.model, cfg.revision, dtype, worker.n_layers, type(worker.model).__name__)
-    return db, store.upsert_setup(db, model_id, setup_fields(worker, cfg))
+    weights = models.weights_fingerprint(cfg.model, worker.model.config, cfg.random_init)
+    fields = setup_fields(cfg, worker.tokens, worker.setup, worker.device_name, weights)
+    return db, store.upsert_setup(db, model_id, fields)
 
 
 class StopFlag:
@@ -73,7 +78,7 @@ class StopFlag:
         if self.stop:
             raise KeyboardInterrupt
         self.stop = True
-        self.log("\nstopping after the current variant (Ctrl-C again to stop now; results so far are saved)")
+        self.log("\nstopping after the current variant or chunk (Ctrl-C again to stop now; results so far are saved)")
 
     def __exit__(self, *exc):
         if self._previous is not None:
@@ -146,7 +151,11 @@ def _measure_all(cfg, worker, db, setup, todo: list[Removal], summary: Summary, 
         rows = worker.evaluate_many(chunk)
         for removed, row in zip(chunk, rows):
             signature = _signature(cfg, worker, removed)
-            store.record_result(db, {**row, **latency.get(signature, {}), "setup_id": setup,
+            timing = dict(latency.get(signature, {}))
+            if "latency_error" in timing:  # perplexity stands; say why the speed columns are empty
+                row = {**row, "error": "; ".join(x for x in (row.get("error"), "latency failed: "
+                                                             + timing.pop("latency_error")) if x)}
+            store.record_result(db, {**row, **timing, "setup_id": setup,
                                      "latency_signature": signature if cfg.latency != "off" else None})
             summary.failed += row["status"] != "ok"
         summary.measured += len(chunk)
@@ -231,10 +240,11 @@ def describe_plan(cfg: SweepConfig, log: Log = print) -> dict:
     """
     from sweep import models
 
-    n_layers = models.n_layers_of(models.load_config(cfg.model, cfg.revision, cfg.trust_remote_code))
+    model_config = models.load_config(cfg.model, cfg.revision, cfg.trust_remote_code)
+    n_layers = models.n_layers_of(model_config)
     spec = plan_spec(cfg)
     n_variants = count_variants(n_layers, spec)
-    measured, per_variant = _measured_in_db(cfg, n_layers, spec)
+    measured, per_variant = _measured_in_db(cfg, model_config, n_layers, spec)
     todo = n_variants - measured
     info = {"n_layers": n_layers, "variants": n_variants, "measured": measured, "todo": todo,
             "seconds_per_variant": per_variant}
@@ -247,17 +257,28 @@ def describe_plan(cfg: SweepConfig, log: Log = print) -> dict:
     return info
 
 
-def _measured_in_db(cfg: SweepConfig, n_layers: int, spec: PlanSpec) -> tuple[int, float | None]:
-    """How many planned variants the newest matching setup in the DB has, and its seconds per variant."""
+def _measured_in_db(cfg: SweepConfig, model_config, n_layers: int, spec: PlanSpec) -> tuple[int, float | None]:
+    """How many planned variants the DB has for exactly this setup, and its seconds per variant.
+
+    The setup id is computed as `sweep run` would (tokenizing the data, cached), without loading weights.
+    """
     from pathlib import Path
+
+    from sweep import models
+    from sweep.worker import device_name, load_tokens, load_tokenizer, resolve_windows
 
     if not Path(cfg.db).exists():
         return 0, None
     db = store.open_db(cfg.db, create=False)
-    setups = [s for s in store.setups_overview(db) if s["model"] == cfg.model]
-    if not setups:
+    device = models.resolve_device(cfg.device)
+    dtype = str(models.resolve_dtype(cfg.dtype, device)).replace("torch.", "")
+    model_id = store.find_model(db, cfg.model, cfg.revision, dtype)
+    if model_id is None:
         return 0, None
-    setup = setups[0]["setup"]
+    windows = resolve_windows(cfg, model_config)
+    tokens = load_tokens(cfg, load_tokenizer(cfg), windows)
+    weights = models.weights_fingerprint(cfg.model, model_config, cfg.random_init)
+    setup = store.setup_id(model_id, setup_fields(cfg, tokens, windows, device_name(device), weights))
     done = store.done_keys(db, setup)
     if count_variants(n_layers, spec) <= 200_000:
         measured = sum(variant_key(v) in done for v in plan_variants(n_layers, spec))

@@ -5,7 +5,7 @@ Schema (version 1)::
     meta(key PRIMARY KEY, value)                         -- schema_version
     models(id, name, revision, dtype, n_layers, model_class, UNIQUE(name, revision, dtype))
     setups(id PRIMARY KEY, model_id, data, data_fingerprint, data_tokens, max_length, stride,
-           max_tokens, latency_seq, device, engine_version, created_at)
+           max_tokens, latency_seq, latency_settings, weights, device, engine_version, created_at)
     runs(id, setup_id, status, pid, host, command, planned, to_measure, measured, started_at, heartbeat_at, ended_at)
     results(setup_id, removed, ..., status, error, PRIMARY KEY(setup_id, removed))
     VIEW results_vs_baseline                              -- each variant against the baseline of its setup
@@ -188,7 +188,8 @@ def _create_schema(db: sqlite_utils.Database) -> None:
                 {
                     "id": str, "model_id": int, "data": str, "data_fingerprint": str, "data_tokens": int,
                     "max_length": int, "stride": int, "max_tokens": int, "latency_seq": int,
-                    "device": str, "engine_version": str, "created_at": str,
+                    "latency_settings": str, "weights": str, "device": str, "engine_version": str,
+                    "created_at": str,
                 },
                 pk="id",
                 foreign_keys=[("model_id", "models", "id")],
@@ -210,15 +211,17 @@ def upsert_model(db: sqlite_utils.Database, name: str, revision: str | None, dty
                  model_class: str) -> int:
     """Return the id of the model row, creating it if needed."""
     revision = revision or ""
-    with db.conn:
-        row = db.execute(
-            "SELECT id FROM models WHERE name = ? AND revision = ? AND dtype = ?", [name, revision, dtype]
-        ).fetchone()
-        if row:
-            return row[0]
-        return db["models"].insert(
-            {"name": name, "revision": revision, "dtype": dtype, "n_layers": n_layers, "model_class": model_class}
-        ).last_pk
+    with db.conn:  # INSERT OR IGNORE + SELECT: safe when two sweeps start at once
+        db.execute("INSERT OR IGNORE INTO models (name, revision, dtype, n_layers, model_class) VALUES (?, ?, ?, ?, ?)",
+                   [name, revision, dtype, n_layers, model_class])
+    return find_model(db, name, revision, dtype)
+
+
+def find_model(db: sqlite_utils.Database, name: str, revision: str | None, dtype: str) -> int | None:
+    """Id of a model row, or None."""
+    row = db.execute("SELECT id FROM models WHERE name = ? AND revision = ? AND dtype = ?",
+                     [name, revision or "", dtype]).fetchone()
+    return row[0] if row else None
 
 
 def setup_id(model_id: int, fields: dict[str, Any]) -> str:
@@ -231,8 +234,7 @@ def upsert_setup(db: sqlite_utils.Database, model_id: int, fields: dict[str, Any
     """Record an evaluation setup (data, fingerprint, windows, engine version); return its id."""
     sid = setup_id(model_id, fields)
     with db.conn:
-        if not db.execute("SELECT 1 FROM setups WHERE id = ?", [sid]).fetchone():
-            db["setups"].insert({"id": sid, "model_id": model_id, **fields, "created_at": now()})
+        db["setups"].insert({"id": sid, "model_id": model_id, **fields, "created_at": now()}, ignore=True)
     return sid
 
 

@@ -133,17 +133,25 @@ class Worker:
     def _trie_reproduces_backbone(self) -> bool:
         """Replaying captured layer calls must give the backbone's own output, or the trie engine is not used."""
         probe = self.token_ids[: min(16, len(self.token_ids))][None]
+        # The full model, and a variant without layer 0 and a middle layer (catches layer arguments that
+        # carry state from earlier layers, which a full replay alone would not).
+        checks = [[], sorted({0, self.n_layers // 2})] if self.n_layers > 1 else [[]]
         try:
             with torch.no_grad():
                 calls = models.capture_layer_calls(self.model, probe)
-                hidden = calls.hidden
-                for i in range(self.n_layers):
-                    hidden = models.call_layer(self.model, i, hidden, calls)
-                got = models.final_norm_fn(self.model)(hidden).float()
-                want = self.hidden_fn(probe).float()
+                finish = models.final_norm_fn(self.model)
+                for removed in checks:
+                    hidden = calls.hidden
+                    for i in kept_layers(removed, self.n_layers):
+                        hidden = models.call_layer(self.model, i, hidden, calls)
+                    got = finish(hidden).float()
+                    with models.pruned(self.model, removed):
+                        want = self.hidden_fn(probe).float()
+                    if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-4):
+                        return False
         except Exception:  # an architecture whose layers cannot be replayed: use the per-variant engine
             return False
-        return got.shape == want.shape and torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+        return True
 
     # ------------------------------------------------------------------------------------------ variants
 
@@ -246,20 +254,34 @@ class Worker:
         vocab = self.model.get_output_embeddings().weight.shape[0]
         prompt = torch.randint(0, vocab, (1, cfg.latency_seq), generator=gen).to(self.device)  # (1, T)
         samples = {sig: {"prefill": [], "decode": []} for sig in representatives}
+        failed: dict[str, str] = {}
         rounds = cfg.latency_warmup + cfg.latency_repeats
         for round_idx in range(rounds):
             for sig, removed in representatives.items():
-                with models.pruned(self.model, removed):
-                    prefill_ms = measure.time_once(measure.prefill_call(self.model, prompt), self.device)
-                    decode_ms = math.nan
-                    if cfg.decode_tokens:
-                        decode_ms = measure.time_decode(self.model, prompt, cfg.decode_tokens, self.device)
+                if sig in failed:
+                    continue
+                try:
+                    prefill_ms, decode_ms = self._time_variant(removed, prompt)
+                except Exception as exc:  # a latency failure is data: perplexity is still measured
+                    _free_memory(self.device)
+                    failed[sig] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                    continue
                 if round_idx >= cfg.latency_warmup:
                     samples[sig]["prefill"].append(prefill_ms)
                     samples[sig]["decode"].append(decode_ms)
             if progress is not None:
                 progress(round_idx + 1, rounds)
-        return {sig: _latency_columns(s, variant_key(representatives[sig])) for sig, s in samples.items()}
+        return {sig: ({"latency_error": failed[sig]} if sig in failed
+                      else _latency_columns(s, variant_key(representatives[sig]))) for sig, s in samples.items()}
+
+    def _time_variant(self, removed: Sequence[int], prompt: torch.Tensor) -> tuple[float, float]:
+        """One prefill and (if asked) one decode timing of a variant, in ms and ms per token."""
+        with models.pruned(self.model, removed):
+            prefill_ms = measure.time_once(measure.prefill_call(self.model, prompt), self.device)
+            decode_ms = math.nan
+            if self.cfg.decode_tokens:
+                decode_ms = measure.time_decode(self.model, prompt, self.cfg.decode_tokens, self.device)
+        return prefill_ms, decode_ms
 
 
 def _latency_columns(samples: dict[str, list[float]], source_key: str) -> dict:

@@ -271,14 +271,23 @@ def test_rerun_measures_nothing(capsys, tmp_path, tiny_gpt2_dir, sample_text_fil
 # ------------------------------------------------------------------------------------------ plan
 
 
-def test_plan_prints_variant_count_and_number_measured(capsys, single_db, tiny_gpt2_dir):
+def test_plan_prints_variant_count_and_number_measured(capsys, single_db, tiny_gpt2_dir, sample_text_file):
+    same_setup = ["--data", sample_text_file, "--cache-dir", single_db.parent / "cache", *FAST[:-1]]
     code, out, _ = sweep(capsys, "plan", "--model", tiny_gpt2_dir, "--db", single_db,
-                         "--strategy", "single,combinations", "--k", "2")
+                         "--strategy", "single,combinations", "--k", "2", *same_setup)
     n_variants = 1 + 4 + math.comb(4, 2)  # baseline, single removals, pairs
     assert code == 0
     assert f"{n_variants} variants" in out
     assert "5 already measured" in out
     assert f"{n_variants - 5} to go" in out
+
+
+def test_plan_counts_only_results_of_the_same_setup(capsys, single_db, tiny_gpt2_dir, sample_text_file):
+    other_window = ["--data", sample_text_file, "--cache-dir", single_db.parent / "cache", "--max-tokens", "512",
+                    "--max-length", "32", "--latency", "off"]
+    code, out, _ = sweep(capsys, "plan", "--model", tiny_gpt2_dir, "--db", single_db, "--strategy", "single",
+                         *other_window)
+    assert code == 0 and "0 already measured" in out
 
 
 def test_plan_without_a_db_creates_none(capsys, tmp_path, tiny_gpt2_dir):

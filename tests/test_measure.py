@@ -170,3 +170,13 @@ def test_latency_is_measured_per_signature_with_positive_times(gpt2_and_ids):
         assert columns["prefill_ms"] > 0 and columns["prefill_iqr_ms"] >= 0 and columns["prefill_repeats"] == 20
         assert columns["decode_ms_per_token"] > 0
     assert result["b"]["latency_from"] == "0,1"
+
+
+def test_one_token_last_window_adds_nothing(gpt2_and_ids):
+    # 129 tokens in windows of 64: the last window holds one token and has no target to score.
+    model, ids = gpt2_and_ids
+    with_tail = make_worker(model, ids[0, :129], 64, 64).evaluate([])
+    without = make_worker(model, ids[0, :128], 64, 64).evaluate([])
+    assert with_tail["status"] == "ok"
+    assert with_tail["ppl"] == pytest.approx(without["ppl"], rel=1e-9)
+    assert with_tail["n_tokens"] == without["n_tokens"]

@@ -153,3 +153,15 @@ def test_generic_fallback_finds_layer_list_of_unlisted_type():
     model = tiny_model("llama")
     model.config.model_type = "llama-fork"
     assert models.adapter_for(model).layers == "model.layers"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_kv_cache_decoding_after_removal_matches_full_forward(family):
+    """Each kept layer must find its own KV-cache slot (layer_idx / GPT-Neo's layer_id renumbered)."""
+    model = tiny_model(family)
+    ids = torch.randint(2, 96, (1, 12), generator=torch.Generator().manual_seed(5))
+    with models.pruned(model, [1]), torch.no_grad():
+        want = model(input_ids=ids, use_cache=False).logits[:, -1]
+        prefill = model(input_ids=ids[:, :-1], use_cache=True)
+        step = model(input_ids=ids[:, -1:], past_key_values=prefill.past_key_values, use_cache=True)
+    torch.testing.assert_close(step.logits[:, -1], want, rtol=1e-4, atol=1e-4)

@@ -143,3 +143,37 @@ def test_wikitext_with_real_gpt2_tokenizer_matches_recipe(tmp_path):
     want = recipe_perplexity(model, ids, 256, 128)
     got = rows(db, "select ppl from results where removed = ''")[0]["ppl"]
     assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_random_init_weights_are_a_different_setup(tiny_gpt2_dir, sample_text_file, tmp_path):
+    db = tmp_path / "r.db"
+    cfg = quick_cfg(tiny_gpt2_dir, sample_text_file, db, tmp_path, strategy="single", latency="off")
+    first = run_sweep(cfg, log=lambda s: None, progress=False)
+    second = run_sweep(SweepConfig(**{**cfg.__dict__, "random_init": True}), log=lambda s: None, progress=False)
+    assert first.measured == second.measured == 5 and first.setup != second.setup
+
+
+def test_changed_latency_settings_are_a_different_setup(tiny_gpt2_dir, sample_text_file, tmp_path):
+    db = tmp_path / "r.db"
+    cfg = quick_cfg(tiny_gpt2_dir, sample_text_file, db, tmp_path, strategy="single", latency="off")
+    run_sweep(cfg, log=lambda s: None, progress=False)
+    timed = run_sweep(SweepConfig(**{**cfg.__dict__, "latency": "shared", "max_tokens": 256}),
+                      log=lambda s: None, progress=False)
+    assert timed.measured == 5
+    assert all(r["prefill_ms"] for r in rows(db, "select prefill_ms from results where setup_id = '%s'" % timed.setup))
+
+
+def test_latency_failure_leaves_perplexity_and_says_why(tiny_gpt2_dir, sample_text_file, tmp_path, monkeypatch):
+    from sweep import measure
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel for this shape")
+
+    monkeypatch.setattr(measure, "time_decode", broken)
+    db = tmp_path / "r.db"
+    summary = run_sweep(quick_cfg(tiny_gpt2_dir, sample_text_file, db, tmp_path, strategy="single", max_tokens=256),
+                        log=lambda s: None, progress=False)
+    assert summary.measured == 5
+    for r in rows(db, "select * from results"):
+        assert r["status"] == "ok" and r["ppl"] > 0 and r["prefill_ms"] is None
+        assert "latency failed: RuntimeError: no kernel" in r["error"]
