@@ -237,22 +237,18 @@ def layer_signature(layer: nn.Module) -> str:
 
 
 def shape_signature(model: nn.Module, kept: Sequence[int]) -> str:
-    """Cost signature of a variant: run-length list of its kept layers' signatures.
+    """Cost signature of a variant: how many kept layers there are of each kind, in no particular order.
 
-    Example: GPT-2 keeping layers [0, 5, 7] -> ``"3xa1b2c3d4"`` (three layers of one shape), the same as
-    keeping [1, 2, 3]: both cost the same, so latency is measured once for both.
+    A forward's cost is the sum of its layers' costs, so order does not matter. Example: GPT-2 keeping
+    [0, 5, 7] -> ``"3xa1b2c3d4"``, the same as keeping [1, 2, 3]; Gemma 2 keeping [0, 1] (sliding, full) and
+    [2, 3] (sliding, full) share one measurement too.
     """
     import hashlib
+    from collections import Counter
 
     layers = decoder_layers(model)
-    codes = [hashlib.sha1(layer_signature(layers[i]).encode()).hexdigest()[:8] for i in kept]
-    runs: list[list] = []
-    for code in codes:
-        if runs and runs[-1][1] == code:
-            runs[-1][0] += 1
-        else:
-            runs.append([1, code])
-    return "+".join(f"{n}x{code}" for n, code in runs) or "0"
+    codes = Counter(hashlib.sha1(layer_signature(layers[i]).encode()).hexdigest()[:8] for i in kept)
+    return "+".join(f"{n}x{code}" for code, n in sorted(codes.items())) or "0"
 
 
 # ---------------------------------------------------------------------------------------------- loading

@@ -136,6 +136,9 @@ def test_sliding_and_full_layers_have_different_signatures():
     model = tiny_model("gemma2")  # layer types alternate sliding/full
     assert models.shape_signature(model, [0]) != models.shape_signature(model, [1])
     assert models.shape_signature(model, [0]) == models.shape_signature(model, [2])
+    # Order does not change cost: (sliding, full) and (full, sliding) share a measurement.
+    assert models.shape_signature(model, [0, 1]) == models.shape_signature(model, [1, 2])
+    assert models.shape_signature(model, [0, 2]) != models.shape_signature(model, [0, 1])
 
 
 def test_unknown_architecture_names_the_model_class():
