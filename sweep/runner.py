@@ -140,7 +140,8 @@ def _measure_all(cfg, worker, db, setup, todo: list[Removal], summary: Summary, 
                  progress: bool, beat: Callable[[], None] = lambda: None) -> None:
     """Evaluate ``todo`` in chunks (sub-tries), committing each chunk's rows as soon as it is measured."""
     per_variant_latency = cfg.latency == "per-variant"
-    latency = {} if per_variant_latency else _latency_for(cfg, worker, db, setup, todo, log, progress)
+    latency = {} if per_variant_latency else _latency_for(cfg, worker, db, setup, todo, log, progress,
+                                                          should_stop=lambda: stop.stop)
     order = _trie_order(todo, worker.n_layers) if cfg.engine == "trie" and worker.trie_ok else list(todo)
     bar = tqdm(total=len(todo), desc="variants", unit="variant", disable=not progress, dynamic_ncols=True)
     size, first = (8 if cfg.engine == "trie" else 1), 0
@@ -184,7 +185,7 @@ def _next_chunk_size(rows: list[dict], size: int) -> int:
     return max(1, min(512, int(CHUNK_SECONDS / per_variant)))
 
 
-def _latency_for(cfg, worker, db, setup, todo, log, progress) -> dict[str, dict]:
+def _latency_for(cfg, worker, db, setup, todo, log, progress, should_stop=lambda: False) -> dict[str, dict]:
     """Latency columns for every signature in ``todo``: reuse stored measurements, measure the rest interleaved."""
     if cfg.latency == "off":
         return {}
@@ -201,7 +202,8 @@ def _latency_for(cfg, worker, db, setup, todo, log, progress) -> dict[str, dict]
                 f"{f', decode of {cfg.decode_tokens} tokens' if cfg.decode_tokens else ''})")
         bar = tqdm(total=cfg.latency_warmup + cfg.latency_repeats, desc="latency", unit="round",
                    disable=not progress, dynamic_ncols=True)
-        known.update(worker.measure_latency(needed, progress=lambda done, total: bar.update(1)))
+        known.update(worker.measure_latency(needed, progress=lambda done, total: bar.update(1),
+                                            should_stop=should_stop))
         bar.close()
     return known
 

@@ -243,11 +243,13 @@ class Worker:
     def signature(self, removed: Sequence[int]) -> str:
         return models.shape_signature(self.model, kept_layers(removed, self.n_layers))
 
-    def measure_latency(self, representatives: dict[str, Sequence[int]], progress=None) -> dict[str, dict]:
+    def measure_latency(self, representatives: dict[str, Sequence[int]], progress=None,
+                        should_stop=lambda: False) -> dict[str, dict]:
         """Prefill and decode latency of one variant per signature, with repeats interleaved across variants.
 
         Interleaving (repeat r of every variant before repeat r+1 of any) spreads thermal or background drift
-        evenly, so it favours no variant. Returns signature -> latency columns of a result row.
+        evenly, so it favours no variant. Returns signature -> latency columns of a result row, or nothing
+        when ``should_stop()`` turns true between rounds (Ctrl-C).
         """
         cfg = self.cfg
         gen = torch.Generator().manual_seed(cfg.seed)
@@ -257,6 +259,8 @@ class Worker:
         failed: dict[str, str] = {}
         rounds = cfg.latency_warmup + cfg.latency_repeats
         for round_idx in range(rounds):
+            if should_stop():
+                return {}
             for sig, removed in representatives.items():
                 if sig in failed:
                     continue

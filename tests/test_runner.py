@@ -177,3 +177,22 @@ def test_latency_failure_leaves_perplexity_and_says_why(tiny_gpt2_dir, sample_te
     for r in rows(db, "select * from results"):
         assert r["status"] == "ok" and r["ppl"] > 0 and r["prefill_ms"] is None
         assert "latency failed: RuntimeError: no kernel" in r["error"]
+
+
+def test_stop_during_latency_phase_measures_nothing_and_resumes(tiny_gpt2_dir, sample_text_file, tmp_path,
+                                                                monkeypatch):
+    from sweep import runner
+
+    class StopAtOnce(runner.StopFlag):
+        def __enter__(self):
+            self.stop = True
+            return self
+
+    monkeypatch.setattr(runner, "StopFlag", StopAtOnce)
+    db = tmp_path / "r.db"
+    cfg = quick_cfg(tiny_gpt2_dir, sample_text_file, db, tmp_path, strategy="single", max_tokens=256)
+    summary = run_sweep(cfg, log=lambda s: None, progress=False)
+    assert summary.interrupted and summary.measured == 0
+    assert rows(db, "select status from runs") == [{"status": "interrupted"}]
+    monkeypatch.undo()
+    assert run_sweep(cfg, log=lambda s: None, progress=False).measured == 5
