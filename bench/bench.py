@@ -10,6 +10,7 @@ with the device name, under bench/results/. Ratios are measured in this run; not
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -29,7 +30,6 @@ sys.path.insert(0, str(ROOT))
 from sweep import models  # noqa: E402
 from sweep.config import SweepConfig  # noqa: E402
 from sweep.data import load_text, tokenize  # noqa: E402
-from sweep.plan import kept_layers, variant_key  # noqa: E402
 from sweep.worker import EvalSetup, Worker, device_name  # noqa: E402
 
 
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     cfg = SweepConfig(batch_size=batch_size, latency="off", engine="per-variant", max_length=args.max_length)
     worker32 = Worker(fp32, tokens, EvalSetup(args.max_length, stride, max_tokens), cfg)
     worker32.evaluate([])  # warm-up
-    engine32_s, row = timed(lambda: worker32.evaluate([]))
+    engine32_s, row = timed(functools.partial(worker32.evaluate, []))
     figures.update(engine_fp32_seconds=engine32_s, engine_fp32_ppl=row["ppl"],
                    engine_fp32_rel_diff=abs(row["ppl"] / recipe_ppl - 1))
     print(f"  sweep per-variant (float32, batch {batch_size}):     {engine32_s:8.2f} s   "

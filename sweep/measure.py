@@ -111,7 +111,7 @@ def perplexity(hidden_fn: Callable[[torch.Tensor], torch.Tensor], logits_fn: Cal
     """
     token_ids = token_ids.to(device)
     nll_sum, n_tokens = 0.0, 0
-    for group in _batches(windows(len(token_ids), max_length, stride), batch_size):
+    for group in window_batches(windows(len(token_ids), max_length, stride), batch_size):
         n_loss = group[0].n_targets - 1  # the guide's num_loss_tokens
         if n_loss == 0:
             continue  # a 1-token last window: the guide weights it by 0 (its loss is NaN there)
@@ -123,7 +123,7 @@ def perplexity(hidden_fn: Callable[[torch.Tensor], torch.Tensor], logits_fn: Cal
     return Perplexity(nll_sum, n_tokens)
 
 
-def _batches(all_windows: list[Window], batch_size: int) -> list[list[Window]]:
+def window_batches(all_windows: list[Window], batch_size: int) -> list[list[Window]]:
     """Consecutive windows with the same length and target count, at most ``batch_size`` per group."""
     groups: list[list[Window]] = []
     for w in all_windows:

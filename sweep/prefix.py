@@ -66,7 +66,7 @@ def trie_perplexities(model, kept_sequences: dict[str, Sequence[int]], logits_fn
     finish = models.final_norm_fn(model)
     nll = {key: 0.0 for key in kept_sequences}
     n_tokens = {key: 0 for key in kept_sequences}
-    for group in measure._batches(measure.windows(len(token_ids), max_length, stride), batch_size):
+    for group in measure.window_batches(measure.windows(len(token_ids), max_length, stride), batch_size):
         n_loss = group[0].n_targets - 1  # the guide's num_loss_tokens per window
         if n_loss == 0:
             continue  # a 1-token last window: weighted by 0 in the guide

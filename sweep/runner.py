@@ -8,7 +8,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
@@ -34,7 +34,6 @@ class Summary:
     interrupted: bool = False
     seconds: float = 0.0
     setup: str = ""
-    best: dict = field(default_factory=dict)
 
 
 def setup_fields(cfg: SweepConfig, tokens, windows, device_name: str, weights: str) -> dict:
