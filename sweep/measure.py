@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -64,12 +65,51 @@ class Perplexity:
         return math.exp(self.nll_sum / self.n_tokens) if self.n_tokens else float("nan")
 
 
-def window_nll(logits_fn: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, input_ids: torch.Tensor,
-               n_targets: int) -> tuple[torch.Tensor, int]:
+class HeadLoss:
+    """LM head + cross-entropy for a chunk of positions, optionally through ``torch.compile``.
+
+    Eager, the head writes (B, c, V) logits, ``.float()`` copies them to float32, and cross-entropy reads them
+    twice more. Compiled (inductor), the upcast, log-sum-exp and label gather fuse into one pass over the head's
+    output, so no float32 copy of the logits exists and the loss still accumulates in float32. On a GPU the head +
+    loss is the largest single cost of a variant after its layers (GPT-2: 50,257-way head), so the trie engine
+    compiles it there by default.
+
+    A compilation failure (no C compiler, an unsupported op) falls back to eager with a warning: results are the
+    same, only slower. Out-of-memory errors are raised as usual so callers can retry with a smaller batch.
+    """
+
+    def __init__(self, logits_fn: Callable[[torch.Tensor], torch.Tensor], compiled: bool = False):
+        self.logits_fn = logits_fn
+        self.compiled = compiled
+        self._compiled_nll = torch.compile(self._nll, dynamic=True) if compiled else None
+
+    def _nll(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """hidden (B, c, H) predicting labels (B, c) -> per-position NLL (B, c), float32."""
+        logits = self.logits_fn(hidden).float()  # (B, c, V)
+        # Flattened (B*c, V) rows: several times faster on CPU than class-dim-second (B, V, c).
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
+        return nll.view(labels.shape)
+
+    def __call__(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self._compiled_nll is not None:
+            try:
+                return self._compiled_nll(hidden, labels)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any compiler failure: eager gives the same numbers
+                warnings.warn(f"torch.compile of the LM head + loss failed ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); using eager", stacklevel=2)
+                self._compiled_nll, self.compiled = None, False
+        return self._nll(hidden, labels)
+
+
+def window_nll(head: Callable[[torch.Tensor], torch.Tensor] | HeadLoss, hidden: torch.Tensor,
+               input_ids: torch.Tensor, n_targets: int) -> tuple[torch.Tensor, int]:
     """Summed NLL (float64 on CPU) of the scored tokens of a batch of equal-length windows.
 
     Args:
-        logits_fn: hidden states (B, t, H) -> logits (B, t, V); applied in chunks of positions.
+        head: a :class:`HeadLoss`, or a plain logits function hidden (B, t, H) -> logits (B, t, V) (run eagerly);
+            applied in chunks of :data:`HEAD_CHUNK` positions so full-length logits never exist at once.
         hidden: (B, T, H) final hidden states (after the final norm).
         input_ids: (B, T) token ids.
         n_targets: trailing positions of each window whose labels count.
@@ -78,16 +118,15 @@ def window_nll(logits_fn: Callable[[torch.Tensor], torch.Tensor], hidden: torch.
         (per-window NLL sums of shape (B,), number of scored tokens per window). A label at position p is
         predicted by the logits at p-1, so position 0 is never scored.
     """
+    head_loss = head if isinstance(head, HeadLoss) else HeadLoss(head)
     batch, length = input_ids.shape
     first = max(1, length - n_targets)  # first scored label position
     sums = torch.zeros(batch, dtype=torch.float64, device=hidden.device)
     for start in range(first, length, HEAD_CHUNK):
         stop = min(start + HEAD_CHUNK, length)
-        logits = logits_fn(hidden[:, start - 1 : stop - 1]).float()  # (B, c, V) predicts labels start..stop-1
-        labels = input_ids[:, start:stop]  # (B, c)
-        # Flattened (B*c, V) rows: several times faster on CPU than class-dim-second (B, V, c).
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
-        sums += nll.view(batch, -1).sum(dim=1, dtype=torch.float64)
+        # positions start-1 .. stop-2 predict labels start .. stop-1
+        nll = head_loss(hidden[:, start - 1 : stop - 1], input_ids[:, start:stop])  # (B, c)
+        sums += nll.sum(dim=1, dtype=torch.float64)
     return sums.cpu(), length - first
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -180,3 +181,39 @@ def test_one_token_last_window_adds_nothing(gpt2_and_ids):
     assert with_tail["status"] == "ok"
     assert with_tail["ppl"] == pytest.approx(without["ppl"], rel=1e-9)
     assert with_tail["n_tokens"] == without["n_tokens"]
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                    reason="torch.compile (inductor) on CPU needs a C compiler")
+def test_compiled_head_loss_equals_eager(gpt2_and_ids):
+    """The fused (compiled) head + loss gives the eager NLL: same float32 math, different kernels."""
+    model, ids = gpt2_and_ids
+    head = model.get_output_embeddings()
+    hidden = torch.randn(3, 300, 32, generator=torch.Generator().manual_seed(1))
+    input_ids = torch.randint(0, 96, (3, 300), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        compiled = measure.HeadLoss(head, compiled=True)
+        got, n_got = measure.window_nll(compiled, hidden, input_ids, 280)
+        want, n_want = measure.window_nll(head, hidden, input_ids, 280)
+    assert compiled.compiled, "fell back to eager: the test would compare eager with eager"
+    assert n_got == n_want == 280
+    assert torch.allclose(got, want, rtol=1e-5)
+    # Reference from full logits, no chunking: sum of -log p(label) over scored positions.
+    logp = torch.log_softmax(head(hidden).double(), dim=-1)[:, 19:299]
+    reference = -logp.gather(-1, input_ids[:, 20:300, None]).squeeze(-1).sum(dim=1)
+    assert torch.allclose(got, reference, rtol=1e-5)
+
+
+def test_head_loss_falls_back_to_eager_when_compile_fails(gpt2_and_ids, monkeypatch):
+    model, ids = gpt2_and_ids
+    head = model.get_output_embeddings()
+    loss = measure.HeadLoss(head, compiled=True)
+
+    def broken(*args):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(loss, "_compiled_nll", broken)
+    hidden = torch.randn(2, 10, 32)
+    with pytest.warns(UserWarning, match="no compiler here"), torch.no_grad():
+        got = loss(hidden, ids[:, :20].view(2, 10))
+    assert not loss.compiled and got.shape == (2, 10)

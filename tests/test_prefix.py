@@ -80,3 +80,15 @@ def test_architecture_that_cannot_replay_falls_back_to_per_variant(monkeypatch):
     assert not worker.trie_ok
     rows = worker.evaluate_many([(), (1,)])
     assert [r["status"] for r in rows] == ["ok", "ok"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])
+def test_trie_equals_per_variant_in_bfloat16_on_gpu(family):
+    """On GPU in bfloat16 the trie and physical removal agree within 1e-3 relative perplexity."""
+    worker = worker_for(tiny_model(family).to("cuda", torch.bfloat16), n_tokens=600)
+    assert worker.device.type == "cuda" and worker.trie_ok
+    rows = {r["removed"]: r for r in worker.evaluate_many(ALL_SUBSETS)}
+    for removed in ALL_SUBSETS:
+        assert rows[variant_key(removed)]["ppl"] == pytest.approx(worker.evaluate(removed)["ppl"], rel=1e-3)
