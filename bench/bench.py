@@ -80,8 +80,16 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--exhaustive-layers", type=int, default=None,
                         help="trie vs per-variant over every subset of the last N layers (default: 3 on CPU, all on GPU)")
-    parser.add_argument("--sweep", action="store_true", help="also time an end-to-end exhaustive `sweep run` into a DB")
+    parser.add_argument("--sweep", action="store_true", help="also time an end-to-end `sweep run` into a fresh DB")
+    parser.add_argument("--sweep-strategy", default="exhaustive", help="strategy of the --sweep run (default: exhaustive)")
+    parser.add_argument("--skip-recipe", action="store_true",
+                        help="skip the float32 guide recipe (when a model is too big for float32 batch-1 timing)")
+    parser.add_argument("--targets", action="store_true",
+                        help="GPU: run the issue's target protocol (GPT-2 exhaustive sweep, then Llama-3.2-1B at "
+                             "max-length 2048 with a single-layer sweep) and print each target as met or missed")
     args = parser.parse_args(argv)
+    if args.targets:
+        return run_targets(args)
     device = models.resolve_device(args.device)
     on_gpu = device.type == "cuda"
     args.model_config = args.model_config or str(SHARED / "model-configs" / ("gpt2" if on_gpu else "distilgpt2"))
@@ -103,22 +111,26 @@ def main(argv=None) -> int:
     print(f"bench: {figures['model_config']} (random init) on {figures['device']}, {len(ids):,} tokens, "
           f"max-length {args.max_length}, stride {stride}")
 
-    # 1. The guide's recipe: float32, batch 1.
-    fp32 = models.load_model(args.model_config, dtype="float32", device=str(device), random_init=True)
-    recipe_s, recipe_ppl = recipe_seconds(fp32, ids[None].to(device), args.max_length, stride)
-    figures.update(recipe_seconds=recipe_s, recipe_ppl=recipe_ppl)
-    print(f"  guide recipe (float32, batch 1):           {recipe_s:8.2f} s per variant")
+    recipe_s = math.nan
+    if not args.skip_recipe:
+        # 1. The guide's recipe: float32, batch 1.
+        fp32 = models.load_model(args.model_config, dtype="float32", device=str(device), random_init=True)
+        recipe_s, recipe_ppl = recipe_seconds(fp32, ids[None].to(device), args.max_length, stride)
+        figures.update(recipe_seconds=recipe_s, recipe_ppl=recipe_ppl)
+        print(f"  guide recipe (float32, batch 1):           {recipe_s:8.2f} s per variant")
 
-    # 2. sweep's per-variant engine, same float32 model: exactness and speed.
-    cfg = SweepConfig(batch_size=batch_size, latency="off", engine="per-variant", max_length=args.max_length)
-    worker32 = Worker(fp32, tokens, EvalSetup(args.max_length, stride, max_tokens), cfg)
-    worker32.evaluate([])  # warm-up
-    engine32_s, row = timed(functools.partial(worker32.evaluate, []))
-    figures.update(engine_fp32_seconds=engine32_s, engine_fp32_ppl=row["ppl"],
-                   engine_fp32_rel_diff=abs(row["ppl"] / recipe_ppl - 1))
-    print(f"  sweep per-variant (float32, batch {batch_size}):     {engine32_s:8.2f} s   "
-          f"x{recipe_s / engine32_s:5.1f}   |ppl/recipe - 1| = {figures['engine_fp32_rel_diff']:.1e}")
-    del worker32, fp32
+        # 2. sweep's per-variant engine, same float32 model: exactness and speed.
+        cfg = SweepConfig(batch_size=batch_size, latency="off", engine="per-variant", max_length=args.max_length)
+        worker32 = Worker(fp32, tokens, EvalSetup(args.max_length, stride, max_tokens), cfg)
+        worker32.evaluate([])  # warm-up
+        engine32_s, row = timed(functools.partial(worker32.evaluate, []))
+        figures.update(engine_fp32_seconds=engine32_s, engine_fp32_ppl=row["ppl"],
+                       engine_fp32_rel_diff=abs(row["ppl"] / recipe_ppl - 1))
+        print(f"  sweep per-variant (float32, batch {batch_size}):     {engine32_s:8.2f} s   "
+              f"x{recipe_s / engine32_s:5.1f}   |ppl/recipe - 1| = {figures['engine_fp32_rel_diff']:.1e}")
+        del worker32, fp32
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
     # 3. Default dtype (bfloat16 on GPU): per-variant and trie over every subset of the last N layers.
     model = models.load_model(args.model_config, dtype="auto", device=str(device), random_init=True)
@@ -143,9 +155,44 @@ def main(argv=None) -> int:
     print(f"    one by one: {per_variant_s:8.2f} s   trie: {trie_s:8.2f} s   x{per_variant_s / trie_s:4.1f}   "
           f"-> {trie_s / len(removals):.3f} s per variant, x{recipe_s / (trie_s / len(removals)):5.1f} vs recipe")
 
+    del worker, model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        figures["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     if args.sweep:
         figures.update(end_to_end_sweep(args, device, max_tokens, batch_size))
     save(figures)
+    return 0
+
+
+TARGETS = {
+    # issue #3, one H100: (figure, limit, comparison)
+    "gpt2": [("sweep_seconds", 300.0, "<="), ("recipe_ratio", 20.0, ">=")],
+    "llama-3.2-1b": [("full_variant_seconds", 1.2, "<="), ("sweep_seconds", 25.0, "<=")],
+}
+
+
+def run_targets(args) -> int:
+    """Both target protocols of issue #3, one after the other in this process, each saved as usual."""
+    if not torch.cuda.is_available():
+        print("bench: --targets needs a CUDA GPU (the targets are for one H100)", file=sys.stderr)
+        return 2
+    verdicts = []
+    for name, extra in (("gpt2", ["--sweep"]),
+                        ("llama-3.2-1b", ["--sweep", "--sweep-strategy", "single", "--max-length", "2048",
+                                          "--exhaustive-layers", "4", "--skip-recipe"])):
+        argv = ["--model-config", str(SHARED / "model-configs" / name), *extra]
+        if args.batch_size:
+            argv += ["--batch-size", str(args.batch_size)]
+        main(argv)
+        figures = json.loads(max((ROOT / "bench" / "results").glob(f"{name}-*.json"),
+                                 key=lambda p: p.stat().st_mtime).read_text())
+        figures["recipe_ratio"] = figures.get("recipe_seconds", math.nan) / figures["full_variant_seconds"]
+        for key, limit, op in TARGETS[name]:
+            value = figures.get(key, math.nan)
+            met = value <= limit if op == "<=" else value >= limit
+            verdicts.append(f"  {name:14} {key:22} {value:10.3f}  target {op} {limit:g}  {'met' if met else 'MISSED'}")
+    print("targets (issue #3):", *verdicts, sep="\n")
     return 0
 
 
@@ -156,11 +203,12 @@ def end_to_end_sweep(args, device, max_tokens, batch_size) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = SweepConfig(model=args.model_config, random_init=True, tokenizer=args.tokenizer, data=args.data,
                           max_length=args.max_length, stride=args.stride, max_tokens=max_tokens,
-                          batch_size=batch_size, strategy="exhaustive", db=str(Path(tmp) / "results.db"),
+                          batch_size=batch_size, strategy=args.sweep_strategy, db=str(Path(tmp) / "results.db"),
                           device=str(device), cache_dir=str(ROOT / ".cache" / "sweep"))
         seconds, summary = timed(lambda: run_sweep(cfg, log=print, progress=True))
-    print(f"  end-to-end exhaustive sweep: {summary.measured:,} variants in {seconds:.1f} s (results.db included)")
-    return {"sweep_variants": summary.measured, "sweep_seconds": seconds}
+    print(f"  end-to-end {args.sweep_strategy} sweep: {summary.measured:,} variants in {seconds:.1f} s "
+          "(results.db included)")
+    return {"sweep_strategy": args.sweep_strategy, "sweep_variants": summary.measured, "sweep_seconds": seconds}
 
 
 def save(figures: dict) -> None:
