@@ -1,13 +1,14 @@
 """The report's figures: matplotlib PNGs drawn from one setup's ``results_vs_baseline`` DataFrame.
 
 No torch and no SQL: data comes from :func:`sweep.load_results` (the same rows the report's tables show) and
-the numbers from :mod:`sweep.analysis`. Each ``draw_*`` function writes one PNG and returns its path, or
-returns None without writing when its data is absent (no single removals, no pairs, no latency...), so the
-report simply leaves that figure out. Diverged and failed variants are never plotted; captions count them.
+the numbers from :mod:`sweep.analysis`. Each ``plot_*`` function returns a matplotlib Figure, or None when its
+data is absent (no single removals, no pairs, no latency...), so the report simply leaves that figure out;
+:func:`draw` saves one as PNG. Diverged and failed variants are never plotted; captions count them.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -50,7 +51,12 @@ def _titled(fig: plt.Figure, title: str, subtitle: str, caption: str | None = No
     fig.get_layout_engine().set(rect=(0, bottom, 1, top - bottom))
 
 
-def _save(fig: plt.Figure, path: Path) -> Path:
+def draw(plot: Callable[[pd.DataFrame, str], plt.Figure | None], frame: pd.DataFrame, path: Path,
+         subtitle: str) -> Path | None:
+    """Save ``plot(frame, subtitle)`` as a PNG at ``path``; None (nothing written) when it has no data."""
+    fig = plot(frame, subtitle)
+    if fig is None:
+        return None
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
@@ -75,16 +81,17 @@ def _layer_ticks(ax: plt.Axes, n_layers: int, axis: str = "x") -> None:
 
 
 def _n_layers(frame: pd.DataFrame) -> int:
-    total = pd.to_numeric(frame.get("model_layers"), errors="coerce").dropna()
-    if not total.empty:
-        return int(total.iloc[0])
+    if "model_layers" in frame:
+        total = pd.to_numeric(frame["model_layers"], errors="coerce").dropna()
+        if not total.empty:
+            return int(total.iloc[0])
     return int((frame["n_layers"] + frame["n_removed"]).max())
 
 
 # --- single removals ---------------------------------------------------------------------------
 
 
-def draw_single_removals(frame: pd.DataFrame, path: Path, subtitle: str) -> Path | None:
+def plot_single_removals(frame: pd.DataFrame, subtitle: str) -> plt.Figure | None:
     """Bar chart: perplexity change (%) when each single layer is removed, over layer index.
 
     The layer with the largest change is drawn in red. A symmetric-log y axis is used when that layer dwarfs
@@ -113,13 +120,13 @@ def draw_single_removals(frame: pd.DataFrame, path: Path, subtitle: str) -> Path
     ax.grid(axis="y", alpha=0.3)
     caption = _excluded_caption(analysis.excluded_counts(frame, 1), "single removals")
     _titled(fig, "Perplexity change when one layer is removed", subtitle, caption)
-    return _save(fig, path)
+    return fig
 
 
 # --- per number of removed layers --------------------------------------------------------------
 
 
-def draw_per_n(frame: pd.DataFrame, path: Path, subtitle: str) -> Path | None:
+def plot_per_n(frame: pd.DataFrame, subtitle: str) -> plt.Figure | None:
     """Best, median and worst perplexity (log scale) per number of removed layers, the baseline at n = 0."""
     stats = analysis.per_n_stats(frame)
     stats = stats[stats["variants"] > 0]
@@ -142,7 +149,7 @@ def draw_per_n(frame: pd.DataFrame, path: Path, subtitle: str) -> Path | None:
     ax.legend(fontsize=8, loc="upper left")
     counts = analysis.excluded_counts(frame)
     _titled(fig, "Perplexity by number of layers removed", subtitle, _excluded_caption(counts))
-    return _save(fig, path)
+    return fig
 
 
 # --- pairs -------------------------------------------------------------------------------------
@@ -180,7 +187,7 @@ def _cell_labels(matrix: np.ndarray, fmt) -> list[str] | None:
     return [fmt(v) for v in matrix[np.isfinite(matrix)]]
 
 
-def draw_pairs(frame: pd.DataFrame, path: Path, subtitle: str) -> Path | None:
+def plot_pairs(frame: pd.DataFrame, subtitle: str) -> plt.Figure | None:
     """Two heatmaps over pairs (i, j): perplexity ÷ baseline (log colour), and the interaction in points.
 
     The interaction is ``change(i, j) - change(i) - change(j)`` (see :func:`sweep.analysis.pair_interactions`);
@@ -208,7 +215,7 @@ def draw_pairs(frame: pd.DataFrame, path: Path, subtitle: str) -> Path | None:
         axes[0, 1].set_title("interaction: change(i, j) − change(i) − change(j)", fontsize=10)
     caption = _excluded_caption(analysis.excluded_counts(frame, 2), "pairs")
     _titled(fig, "Removing two layers: perplexity and interaction", subtitle, caption)
-    return _save(fig, path)
+    return fig
 
 
 # --- Pareto fronts -----------------------------------------------------------------------------
@@ -230,11 +237,11 @@ def _label_front(ax: plt.Axes, front: pd.DataFrame, cost: str, scale: float) -> 
                     fontsize=7, color=FRONT)
 
 
-def draw_pareto(frame: pd.DataFrame, path: Path, subtitle: str) -> Path | None:
+def plot_pareto(frame: pd.DataFrame, subtitle: str) -> plt.Figure | None:
     """Perplexity (log) against prefill time and against parameters; the Pareto front highlighted and labelled.
 
     Labels are the removed layers (``"1,3"``; ``"none"`` = baseline). A panel is left out when its cost was not
-    measured (e.g. ``--latency off``); the figure, when both are.
+    measured (e.g. ``--latency off``); the figure, when neither was.
     """
     ok = analysis.measured(frame)
     panels = [(c, label, s) for c, label, s in PARETO_AXES
@@ -258,13 +265,13 @@ def draw_pareto(frame: pd.DataFrame, path: Path, subtitle: str) -> Path | None:
     axes[0, 0].legend(fontsize=8, loc="upper right")
     caption = _excluded_caption(analysis.excluded_counts(frame))
     _titled(fig, "Pareto front: perplexity vs cost (lower-left is better)", subtitle, caption)
-    return _save(fig, path)
+    return fig
 
 
 FIGURES = {
-    "single": draw_single_removals,
-    "pairs": draw_pairs,
-    "per-n": draw_per_n,
-    "pareto": draw_pareto,
+    "single": plot_single_removals,
+    "pairs": plot_pairs,
+    "per-n": plot_per_n,
+    "pareto": plot_pareto,
 }
-"""Figure name (the PNG is ``<report stem>-<name>.png``) -> drawing function."""
+"""Figure name (the PNG is ``<report stem>-<name>.png``) -> plotting function."""

@@ -47,6 +47,11 @@ def _layers(keys: list) -> str:
     return f"layers {', '.join(names[:-1])} and {names[-1]}"
 
 
+def _variant(key: str) -> str:
+    """``"3" -> "layer 3"``, ``"1,3" -> "layers 1,3"``."""
+    return f"layer {key}" if "," not in key else f"layers {key}"
+
+
 def critical_layers(frame: pd.DataFrame) -> str | None:
     """Which single layers cannot go: the largest changes, and how far they stand above the rest."""
     changes = analysis.single_changes(frame).sort_values(ascending=False)
@@ -133,13 +138,13 @@ def speed_knee(frame: pd.DataFrame) -> str | None:
     while knee + 1 < len(front) and math.log(ppl[knee + 1] / ppl[knee]) < math.log(ms[knee] / ms[knee + 1]):
         knee += 1
     if knee == 0:
-        return (f"**Speed.** Even the cheapest speed-up on the Pareto front (layers {keys[1]}: prefill "
+        return (f"**Speed.** Even the cheapest speed-up on the Pareto front ({_variant(keys[1])}: prefill "
                 f"{_pct(100 * (ms[1] / ms[0] - 1))}) costs more perplexity than it saves time "
                 f"({_pct(100 * (ppl[1] / ppl[0] - 1))}).")
-    text = (f"**Speed.** Speed gains pay up to removing layers {keys[knee]} (prefill "
+    text = (f"**Speed.** Speed gains pay up to removing {_variant(keys[knee])} (prefill "
             f"{_pct(100 * (ms[knee] / ms[0] - 1))}, perplexity {_pct(100 * (ppl[knee] / ppl[0] - 1))})")
     if knee + 1 < len(front):
-        text += (f"; the next step on the Pareto front (layers {keys[knee + 1]}) saves another "
+        text += (f"; the next step on the Pareto front ({_variant(keys[knee + 1])}) saves another "
                  f"{100 * (1 - ms[knee + 1] / ms[knee]):,.0f} % of prefill time for "
                  f"{_pct(100 * (ppl[knee + 1] / ppl[knee] - 1))} perplexity")
     return text + "."

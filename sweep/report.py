@@ -15,7 +15,7 @@ for it) leaves the section out. Adding a section is one function plus one line i
         rows = store.read_similarity(ctx.db_path, setup=ctx.setup) if ctx.db_path else []
         if not rows:
             return None
-        return "## Layer similarity\n\n" + (ctx.figure("similarity", draw_similarity) or "")
+        return "## Layer similarity\n\n" + (ctx.figure("similarity", "layer similarity", plot_similarity) or "")
 
     SECTIONS.insert(SECTIONS.index(_pairs_section) + 1, _similarity_section)   # or edit the list literal
 """
@@ -380,14 +380,17 @@ class ReportContext:
         return (f"{self.model} · setup {self.setup or MISSING} · {info.get('data') or MISSING}, {window}{tokens} · "
                 f"{info.get('dtype') or MISSING} on {info.get('device') or MISSING}")
 
-    def figure(self, name: str, draw: Callable[[pd.DataFrame, Path, str], Path | None], alt: str) -> str | None:
-        """Draw figure ``name`` to ``<figures_dir>/<stem>-<name>.png``; the markdown image line, or None.
+    def figure(self, name: str, alt: str, plot: Callable[[pd.DataFrame, str], Any] | None = None) -> str | None:
+        """Draw ``plot(frame, subtitle)`` to ``<figures_dir>/<stem>-<name>.png``; the markdown image line, or None.
 
-        None when figures are off or ``draw`` found no data for it (then no file is written).
+        ``plot`` returns a matplotlib Figure, or None without data; by default ``sweep.figures.FIGURES[name]``.
+        None when figures are off or there is no data (then no file is written).
         """
         if self.figures_dir is None:
             return None
-        path = draw(self.frame, self.figures_dir / f"{self.figure_stem}-{name}.png", self.subtitle())
+        figures = _figures()
+        path = figures.draw(plot or figures.FIGURES[name], self.frame, self.figures_dir / f"{self.figure_stem}-{name}.png",
+                               self.subtitle())
         if path is None:
             return None
         self.figures_written.append(path)
@@ -414,11 +417,11 @@ def _findings_section(ctx: ReportContext) -> str | None:
 
 def _single_part(ctx: ReportContext) -> str:
     return _join(_single_section(ctx.rows, ctx.baseline),
-                 ctx.figure("single", _figures().draw_single_removals, "perplexity change per removed layer"))
+                 ctx.figure("single", "perplexity change per removed layer"))
 
 
 def _pairs_section(ctx: ReportContext) -> str | None:
-    image = ctx.figure("pairs", _figures().draw_pairs, "pair removals and their interaction")
+    image = ctx.figure("pairs", "pair removals and their interaction")
     if image is None:
         return None
     return _join("## Pair interactions", image,
@@ -433,7 +436,7 @@ def _combinatorial_part(ctx: ReportContext) -> str:
 
 def _per_n_part(ctx: ReportContext) -> str:
     return _join(_per_n_section(ctx.rows),
-                 ctx.figure("per-n", _figures().draw_per_n, "best, median and worst perplexity per layers removed"))
+                 ctx.figure("per-n", "best, median and worst perplexity per number of layers removed"))
 
 
 PARETO_COLUMNS = ("layers removed", "layers", "perplexity (↓)", "speed (ms) ↓", "parameters (M)",
@@ -442,7 +445,7 @@ PARETO_COLUMNS = ("layers removed", "layers", "perplexity (↓)", "speed (ms) �
 
 def _pareto_section(ctx: ReportContext) -> str | None:
     front = analysis.pareto_front(ctx.frame, "speed_ms")
-    image = ctx.figure("pareto", _figures().draw_pareto, "Pareto front of perplexity against speed and parameters")
+    image = ctx.figure("pareto", "Pareto front of perplexity against speed and parameters")
     if len(front) < 2 and image is None:
         return None
     lines = ["## Pareto front", ""]
