@@ -721,9 +721,9 @@ def render_index(contexts: Iterable[ReportContext]) -> str:
         "given with `--setup`). Best variant per number of layers removed: `removed layers` (perplexity change).",
         "",
         _table(INDEX_COLUMNS, (_index_row(ctx) for ctx in contexts)),
-        "",
-        "A model with other setups: `sweep report --setup <id>` reports one of them.",
     ]
+    if any(ctx.other_setups for ctx in contexts):
+        lines += ["", "A model with other setups: `sweep report --setup <id>` reports one of them."]
     return "\n".join(lines) + "\n"
 
 
