@@ -15,12 +15,12 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on servers and CI
 
-import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.colors import LogNorm, SymLogNorm  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.colors import LogNorm, SymLogNorm
 
-from sweep import analysis  # noqa: E402
+from sweep import analysis
 
 DPI = 110
 WIDE = (8.0, 4.2)

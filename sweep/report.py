@@ -717,8 +717,8 @@ def render_index(contexts: Iterable[ReportContext]) -> str:
     contexts = list(contexts)
     lines = [
         "# Layer removal reports", "",
-        f"{len(contexts)} model{'s' if len(contexts) != 1 else ''}, each reported for its newest setup (or the one "
-        "given with `--setup`). Best variant per number of layers removed: `removed layers` (perplexity change).",
+        (f"{len(contexts)} model{'s' if len(contexts) != 1 else ''}, each reported for its newest setup (or the one "
+         "given with `--setup`). Best variant per number of layers removed: `removed layers` (perplexity change)."),
         "",
         _table(INDEX_COLUMNS, (_index_row(ctx) for ctx in contexts)),
     ]

@@ -5,9 +5,9 @@ import math
 
 import pandas as pd
 import pytest
+from results_fixture import BASE_PPL, DIVERGED, FACTORS, FAILED, MODEL, N_LAYERS, fixture_ppl, make_results_db
 
 import sweep
-from results_fixture import BASE_PPL, DIVERGED, FACTORS, FAILED, MODEL, N_LAYERS, fixture_ppl, make_results_db
 from sweep import analysis
 from sweep.plan import parse_key
 

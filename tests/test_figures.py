@@ -7,9 +7,9 @@ from pathlib import Path
 import matplotlib.image
 import pandas as pd
 import pytest
+from results_fixture import DIVERGED, FAILED, MODEL, N_LAYERS, make_results_db
 
 import sweep
-from results_fixture import DIVERGED, FAILED, MODEL, N_LAYERS, make_results_db
 from sweep import analysis, figures
 from sweep.report import write_reports
 

@@ -5,9 +5,9 @@ import re
 
 import pandas as pd
 import pytest
+from results_fixture import FACTORS, MODEL, make_results_db
 
 import sweep
-from results_fixture import FACTORS, MODEL, make_results_db
 from sweep import findings
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from results_fixture import BASE_PPL, MODEL, make_results_db
 
 import sweep
-from results_fixture import BASE_PPL, MODEL, make_results_db
 from sweep import store
 from sweep.cli import main
 from sweep.report import INDEX_NAME, export_rows, load_contexts, records, write_reports
