@@ -53,7 +53,11 @@ def _variant(key: str) -> str:
 
 
 def critical_layers(frame: pd.DataFrame) -> str | None:
-    """Which single layers cannot go: the largest changes, and how far they stand above the rest."""
+    """Which single layers cannot go: the largest changes, and how far they stand above the rest.
+
+    Critical = a change of at least ``CRITICAL_FACTOR`` × the median single change (at most 3 named); when no
+    layer stands out that much, the most harmful one is named anyway, with its distance to the runner-up.
+    """
     changes = analysis.single_changes(frame).sort_values(ascending=False)
     if len(changes) < 2:
         return None
@@ -61,13 +65,17 @@ def critical_layers(frame: pd.DataFrame) -> str | None:
     threshold = CRITICAL_FACTOR * max(median, 0.0)
     critical = [layer for layer, change in changes.items() if change > 0 and change >= threshold][:3] or \
         [changes.index[0]]
-    worst = changes.iloc[0]
     rest = changes.drop(critical)
-    text = f"**Critical layers.** Removing {_layers(critical)} raises perplexity by " + \
-        ", ".join(_pct(changes[c]) for c in critical)
+    costs = " and ".join(_pct(changes[c]) for c in critical)
+    if len(critical) == 1:
+        text = f"**Critical layers.** Removing layer {critical[0]} raises perplexity by {costs}"
+    else:
+        text = f"**Critical layers.** Removing {_layers(critical).replace(' and ', ' or ')} raises perplexity " \
+               f"by {costs} respectively"
     if not rest.empty and rest.iloc[0] > 0:
-        text += (f", {_times(worst / rest.iloc[0])} more than the most harmful other single layer "
-                 f"(layer {rest.index[0]}, {_pct(rest.iloc[0])})")
+        weakest = changes[critical[-1]]
+        text += (f", {'at least ' if len(critical) > 1 else ''}{_times(weakest / rest.iloc[0])} more than any "
+                 f"other single layer (layer {rest.index[0]}, {_pct(rest.iloc[0])})")
     return text + f"; the median single removal costs {_pct(median)}."
 
 

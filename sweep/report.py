@@ -389,8 +389,8 @@ class ReportContext:
         if self.figures_dir is None:
             return None
         figures = _figures()
-        path = figures.draw(plot or figures.FIGURES[name], self.frame, self.figures_dir / f"{self.figure_stem}-{name}.png",
-                               self.subtitle())
+        target = self.figures_dir / f"{self.figure_stem}-{name}.png"
+        path = figures.draw(plot or figures.FIGURES[name], self.frame, target, self.subtitle())
         if path is None:
             return None
         self.figures_written.append(path)
@@ -420,14 +420,34 @@ def _single_part(ctx: ReportContext) -> str:
                  ctx.figure("single", "perplexity change per removed layer"))
 
 
+INTERACTION_COLUMNS = ("layers removed", "ppl change (%)", "change i (%)", "change j (%)", "interaction (points)")
+SHOW_INTERACTIONS = 5
+"""The pair table shows this many of the strongest interactions of each sign."""
+
+
 def _pairs_section(ctx: ReportContext) -> str | None:
+    pairs = analysis.pair_interactions(ctx.frame).dropna(subset=["interaction"])
     image = ctx.figure("pairs", "pair removals and their interaction")
-    if image is None:
+    if image is None and pairs.empty:
         return None
-    return _join("## Pair interactions", image,
-                 "Left: perplexity with layers i and j both removed, relative to the baseline. Right: the "
-                 "interaction, change(i, j) − change(i) − change(j) in percentage points of perplexity change: "
-                 "red = removing both hurts more than the two single removals added up, blue = less.")
+    explained = ("The interaction of a pair is change(i, j) − change(i) − change(j), in percentage points of "
+                 "perplexity change: positive (red) = removing both hurts more than the two single removals "
+                 "added up, negative (blue) = less." + (" Left: perplexity with both layers removed, relative "
+                                                       "to the baseline." if image else ""))
+    return _join("## Pair interactions", image, explained, _interaction_table(ctx, pairs))
+
+
+def _interaction_table(ctx: ReportContext, pairs: pd.DataFrame) -> str | None:
+    """The strongest interactions of each sign, strongest first."""
+    if pairs.empty:
+        return None
+    singles = analysis.single_changes(ctx.frame)
+    strongest = pd.concat([pairs[pairs.interaction > 0].nlargest(SHOW_INTERACTIONS, "interaction"),
+                           pairs[pairs.interaction < 0].nsmallest(SHOW_INTERACTIONS, "interaction")])
+    rows = [[key, format_pct(change), format_pct(singles[i]), format_pct(singles[j]), f"{inter:+,.1f}"]
+            for key, change, i, j, inter in zip(strongest["removed"], strongest["change"], strongest["i"],
+                                                 strongest["j"], strongest["interaction"])]
+    return f"Strongest interactions ({len(pairs):,} pairs measured):\n\n" + _table(INTERACTION_COLUMNS, rows)
 
 
 def _combinatorial_part(ctx: ReportContext) -> str:
@@ -437,10 +457,6 @@ def _combinatorial_part(ctx: ReportContext) -> str:
 def _per_n_part(ctx: ReportContext) -> str:
     return _join(_per_n_section(ctx.rows),
                  ctx.figure("per-n", "best, median and worst perplexity per number of layers removed"))
-
-
-PARETO_COLUMNS = ("layers removed", "layers", "perplexity (↓)", "speed (ms) ↓", "parameters (M)",
-                  "ppl change (%)", "speed change (%)")
 
 
 def _pareto_section(ctx: ReportContext) -> str | None:
@@ -454,7 +470,7 @@ def _pareto_section(ctx: ReportContext) -> str | None:
     if len(front) >= 2:
         by_key = {r["removed"]: r for r in ctx.rows}
         lines += ["Variants that no other variant beats on both perplexity and prefill time, fastest first:", "",
-                  _table(PARETO_COLUMNS, (_variant_cells(by_key[k]) for k in front["removed"]))]
+                  _table(VARIANT_COLUMNS, (_variant_cells(by_key[k]) for k in front["removed"]))]
     return "\n".join(lines).rstrip()
 
 
@@ -615,7 +631,7 @@ def write_reports(db_path: str | Path, out_dir: str | Path = "reports", model: s
         setup: Report this setup id (of ``model``, or of whichever model owns it).
         figures: Draw the figures (``<model>-single.png``, ``-pairs``, ``-per-n``, ``-pareto``) next to each report.
         index: Also write ``<out_dir>/index.md`` listing the reports; default: when every model is reported
-            (neither ``model`` nor ``setup`` given).
+            (neither ``model`` nor ``setup`` given) and the database holds more than one.
 
     Returns:
         The report paths written, one per model in model-name order (``index.md`` and figures not included).
@@ -632,7 +648,7 @@ def write_reports(db_path: str | Path, out_dir: str | Path = "reports", model: s
         ctx.figures_dir = out_dir if figures else None
         text = render(ctx)  # figures are drawn while rendering, before the markdown that embeds them is written
         paths.append(_write(out_dir / report_filename(ctx.model), text))
-    if index if index is not None else (model is None and setup is None):
+    if index if index is not None else (model is None and setup is None and len(contexts) > 1):
         _write(out_dir / INDEX_NAME, render_index(contexts))
     return paths
 

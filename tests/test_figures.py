@@ -129,3 +129,10 @@ def test_failed_and_diverged_variants_are_never_plotted(frame):
     assert plotted == len(frame) - 2  # DIVERGED and FAILED left out
     assert {DIVERGED, FAILED} <= set(frame.removed)
     figures.plt.close(fig)
+
+
+def test_pair_section_tables_the_strongest_interactions_first(report):
+    section = report.read_text().split("## Pair interactions\n")[1].split("\n## ")[0]
+    rows = [line.split(" | ") for line in section.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert rows[0][0] == "| 0,2"  # 100 × (1.3 − 1)(40 − 1) = +1,170 points, the fixture's strongest
+    assert rows[0][-1] == "+1,170.0 |"

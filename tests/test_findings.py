@@ -26,7 +26,16 @@ def test_notes_name_the_layer_the_fixture_makes_critical(frame):
     assert _critical_layers_named(note) == {max(FACTORS, key=FACTORS.get)} == {2}
     assert "+3,900 %" in note  # factor 40 -> +3,900 %
     runner_up = sorted(FACTORS, key=FACTORS.get)[-2]
-    assert f"layer {runner_up}, +30.0 %" in note and "130×" in note  # 3,900 / 30
+    assert f"130× more than any other single layer (layer {runner_up}, +30.0 %)" in note  # 3,900 / 30
+
+
+def test_several_critical_layers_are_named_with_their_lead_over_the_rest():
+    changes = {0: 2900.0, 1: 20.0, 2: 25.0, 3: 150.0, 4: 18.0}
+    rows = [{"removed": "", "n_removed": 0, "status": "ok", "ppl": 10.0}]
+    rows += [{"removed": str(i), "n_removed": 1, "status": "ok", "ppl": 10.0 * (1 + c / 100)} for i, c in changes.items()]
+    note = findings.critical_layers(pd.DataFrame(rows))
+    assert _critical_layers_named(note) == {0, 3}  # median 25 %: 5× = 125 %
+    assert "by +2,900 % and +150 % respectively, at least 6.0× more than any other single layer (layer 2" in note
 
 
 def test_notes_name_the_cheapest_layer_and_the_most_layers_within_budget(frame):
