@@ -94,7 +94,7 @@ def _n_layers(frame: pd.DataFrame) -> int:
 def plot_single_removals(frame: pd.DataFrame, subtitle: str) -> plt.Figure | None:
     """Bar chart: perplexity change (%) when each single layer is removed, over layer index.
 
-    The layer with the largest change is drawn in red. A symmetric-log y axis is used when that layer dwarfs
+    The critical layers (:func:`sweep.analysis.critical_layers`, the ones the findings name) are drawn in red. A symmetric-log y axis is used when that layer dwarfs
     the others (largest change > ``SPAN_FOR_LOG`` × the median), so the small bars stay visible.
     """
     changes = analysis.single_changes(frame)
@@ -102,7 +102,8 @@ def plot_single_removals(frame: pd.DataFrame, subtitle: str) -> plt.Figure | Non
         return None
     n_layers = _n_layers(frame)
     fig, ax = plt.subplots(figsize=WIDE, layout="constrained")
-    colors = [CRITICAL if layer == changes.idxmax() else NEUTRAL for layer in changes.index]
+    critical = set(analysis.critical_layers(frame))
+    colors = [CRITICAL if layer in critical else NEUTRAL for layer in changes.index]
     bars = ax.bar(changes.index, changes.to_numpy(), color=colors, width=0.7)
     median = float(np.median(np.abs(changes.to_numpy()))) or 1e-9
     if float(changes.abs().max()) > SPAN_FOR_LOG * median:
@@ -163,10 +164,17 @@ def _pair_matrix(pairs: pd.DataFrame, column: str, n_layers: int) -> np.ndarray:
     return matrix
 
 
-def _heatmap(ax: plt.Axes, matrix: np.ndarray, norm, cmap: str, label: str, cell_text: list[str] | None) -> None:
+def _symlog_ticks(linthresh: float, bound: float) -> list[float]:
+    """0 and ± each power of ten between the linear threshold and the bound: [-1000, -100, 0, 100, 1000]."""
+    powers = [10.0 ** k for k in range(math.ceil(math.log10(linthresh)), math.floor(math.log10(bound)) + 1)]
+    return [-p for p in reversed(powers)] + [0.0] + powers
+
+
+def _heatmap(ax: plt.Axes, matrix: np.ndarray, norm, cmap: str, label: str, cell_text: list[str] | None,
+             ticks: list[float] | None = None) -> None:
     color_map = plt.get_cmap(cmap).with_extremes(bad="#eeeeee")  # unmeasured pairs and the diagonal
     image = ax.imshow(np.ma.masked_invalid(matrix), cmap=color_map, norm=norm, origin="upper")
-    colorbar = ax.figure.colorbar(image, ax=ax, shrink=0.85)
+    colorbar = ax.figure.colorbar(image, ax=ax, shrink=0.85, ticks=ticks)
     colorbar.set_label(label, fontsize=8)
     n_layers = matrix.shape[0]
     _layer_ticks(ax, n_layers, "x")
@@ -210,8 +218,10 @@ def plot_pairs(frame: pd.DataFrame, subtitle: str) -> plt.Figure | None:
     if has_interaction:
         inter = _pair_matrix(pairs, "interaction", n_layers)
         bound = float(np.nanmax(np.abs(inter))) or 1.0
-        _heatmap(axes[0, 1], inter, SymLogNorm(linthresh=max(1.0, bound / 100), vmin=-bound, vmax=bound),
-                 "RdBu_r", "interaction (percentage points)", _cell_labels(inter, lambda v: f"{v:+,.0f}"))
+        linthresh = max(1.0, bound / 100)
+        _heatmap(axes[0, 1], inter, SymLogNorm(linthresh=linthresh, vmin=-bound, vmax=bound),
+                 "RdBu_r", "interaction (percentage points)", _cell_labels(inter, lambda v: f"{v:+,.0f}"),
+                 ticks=_symlog_ticks(linthresh, bound))
         axes[0, 1].set_title("interaction: change(i, j) − change(i) − change(j)", fontsize=10)
     caption = _excluded_caption(analysis.excluded_counts(frame, 2), "pairs")
     _titled(fig, "Removing two layers: perplexity and interaction", subtitle, caption)
@@ -228,11 +238,20 @@ PARETO_AXES = (
 """(cost column, axis label, scale to the plotted unit) of the Pareto panels."""
 
 
+MIN_LABEL_GAP_PX = 14
+"""A front variant closer than this (in pixels) to an already labelled one is left unlabelled."""
+
+
 def _label_front(ax: plt.Axes, front: pd.DataFrame, cost: str, scale: float) -> None:
-    step = max(1, math.ceil(len(front) / MAX_FRONT_LABELS))
-    for k, (x, y, removed) in enumerate(zip(front[cost] * scale, front["ppl"], front["removed"])):
-        if k % step and k != len(front) - 1:
+    """Label front variants from the costliest (the baseline) down, skipping ones that would overlap."""
+    ax.autoscale_view()
+    placed: list[np.ndarray] = []
+    points = list(zip(front[cost] * scale, front["ppl"], front["removed"]))[::-1]
+    for k, (x, y, removed) in enumerate(points):
+        where = ax.transData.transform((x, y))  # pixels
+        if len(placed) >= MAX_FRONT_LABELS or any(np.hypot(*(where - p)) < MIN_LABEL_GAP_PX for p in placed):
             continue
+        placed.append(where)
         ax.annotate(removed or "none", (x, y), textcoords="offset points", xytext=(4, 4 if k % 2 else -10),
                     fontsize=7, color=FRONT)
 

@@ -17,8 +17,6 @@ from sweep import analysis
 
 CHEAP_PCT = 10.0
 """A removal is "cheap" when it raises perplexity by at most this many percent."""
-CRITICAL_FACTOR = 5.0
-"""A single layer is critical when its change is at least this many times the median single change (and > 0)."""
 STRONG_PAIRS = 2
 """How many of the strongest pair interactions (each sign) the notes name."""
 
@@ -55,16 +53,14 @@ def _variant(key: str) -> str:
 def critical_layers(frame: pd.DataFrame) -> str | None:
     """Which single layers cannot go: the largest changes, and how far they stand above the rest.
 
-    Critical = a change of at least ``CRITICAL_FACTOR`` × the median single change (at most 3 named); when no
-    layer stands out that much, the most harmful one is named anyway, with its distance to the runner-up.
+    Critical: see :func:`sweep.analysis.critical_layers` (the same layers the bar chart draws in red); when no
+    layer stands out, the most harmful one is named anyway, with its distance to the runner-up.
     """
     changes = analysis.single_changes(frame).sort_values(ascending=False)
     if len(changes) < 2:
         return None
     median = float(np.median(changes))
-    threshold = CRITICAL_FACTOR * max(median, 0.0)
-    critical = [layer for layer, change in changes.items() if change > 0 and change >= threshold][:3] or \
-        [changes.index[0]]
+    critical = analysis.critical_layers(frame)
     rest = changes.drop(critical)
     costs = " and ".join(_pct(changes[c]) for c in critical)
     if len(critical) == 1:
