@@ -67,21 +67,24 @@ def single_changes(frame: pd.DataFrame) -> pd.Series:
 
 
 CRITICAL_FACTOR = 5.0
-"""A single layer is critical when its change is at least this many times the median single change (and > 0)."""
+"""A single layer is critical when its change is at least this many times the median single change..."""
+CRITICAL_MIN_PCT = 10.0
+"""... and at least this many percent (when most removals are free, a +2 % layer is not critical)."""
 
 
 def critical_layers(frame: pd.DataFrame, most: int = 3) -> list[int]:
     """The layers whose single removal costs at least ``CRITICAL_FACTOR`` × the median single change.
 
     At most ``most``, largest change first; when none stands out that much, the most harmful layer alone.
+    The threshold is ``max(CRITICAL_FACTOR × median, CRITICAL_MIN_PCT)``.
     Example: changes {0: +2,900 %, 1: +20 %, 2: +25 %, 3: +150 %, 4: +18 %}: median 20 %, threshold 100 %,
     critical = [0, 3].
     """
     changes = single_changes(frame).sort_values(ascending=False, kind="mergesort")
     if changes.empty:
         return []
-    threshold = CRITICAL_FACTOR * max(float(np.median(changes)), 0.0)
-    critical = [int(layer) for layer, change in changes.items() if change > 0 and change >= threshold]
+    threshold = max(CRITICAL_FACTOR * float(np.median(changes)), CRITICAL_MIN_PCT)
+    critical = [int(layer) for layer, change in changes.items() if change >= threshold]
     return critical[:most] or [int(changes.index[0])]
 
 

@@ -71,3 +71,14 @@ def test_pareto_front_keeps_one_of_exact_ties():
 def test_no_baseline_means_no_changes():
     rows = pd.DataFrame({"removed": ["0", "0,1"], "n_removed": [1, 2], "status": ["ok", "ok"], "ppl": [3.0, 4.0]})
     assert analysis.single_changes(rows).empty and analysis.pair_interactions(rows).empty
+
+
+@pytest.mark.parametrize(("changes", "critical"), [
+    ({0: 2900.0, 1: 20.0, 2: 25.0, 3: 150.0, 4: 18.0}, [0, 3]),  # median 20: threshold 100
+    ({0: 3.0, 1: -1.0, 2: 0.0, 3: -2.0}, [0]),  # nothing stands out: the most harmful layer alone
+    ({0: 12.0, 1: -1.0, 2: -0.5, 3: 11.0, 4: -2.0}, [0, 3]),  # median < 0: the 10 % floor decides
+])
+def test_critical_layers_stand_out_from_the_median(changes, critical):
+    rows = [{"removed": "", "n_removed": 0, "status": "ok", "ppl": 10.0}]
+    rows += [{"removed": str(i), "n_removed": 1, "status": "ok", "ppl": 10.0 * (1 + c / 100)} for i, c in changes.items()]
+    assert analysis.critical_layers(pd.DataFrame(rows)) == critical
