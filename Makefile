@@ -6,6 +6,7 @@ MODEL   ?= gpt2
 DATA    ?=
 STRATEGY ?=
 DB      ?= results.db
+SETUP   ?=
 ARGS    ?=
 TORCH_VERSION ?= 2.13.0
 
@@ -34,8 +35,8 @@ sweep: install  ## measure every planned variant: make sweep MODEL=gpt2 [DATA=..
 plan: install  ## show the plan, how much is measured, and an estimate
 	$(BIN)/sweep plan $(RUN_FLAGS)
 
-report: install  ## write reports/<model>.md from the DB and print it
-	$(BIN)/sweep report --db $(DB) $(ARGS)
+report: install  ## reports/<model>.md + figures + reports/index.md from the DB: make report [DB=..] [SETUP=id] [ARGS="--format csv"]
+	$(BIN)/sweep report --db $(DB) $(if $(SETUP),--setup $(SETUP)) $(ARGS)
 
 test: install  ## run the test suite (offline, CPU)
 	$(BIN)/python -m pytest -q $(ARGS)

@@ -67,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", default="reports", help="directory for reports/<model>.md (default: reports)")
     report.add_argument("--model", default=None, help="only this model (default: every model in the DB)")
     report.add_argument("--setup", default=None, help="setup id when a model has several (default: newest)")
+    report.add_argument("--format", default="md", choices=("md", "csv", "json"),
+                        help="md: reports with figures and index.md; csv/json: the view's rows, one file per model "
+                             "in --out, or standard output with --out - (default: md)")
+    report.add_argument("--no-figures", action="store_true", help="(md) write the markdown without PNG figures")
 
     status = sub.add_parser("status", help="progress of running and past sweeps in a DB (safe while one runs)")
     status.add_argument("--db", default="results.db", help="results database (default: results.db)")
@@ -100,9 +104,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from sweep.report import report_text, write_reports
+    from sweep.report import export_rows, report_text, write_reports
 
-    paths = write_reports(args.db, args.out, model=args.model, setup=args.setup)
+    if args.format != "md":
+        paths = export_rows(args.db, args.out, args.format, model=args.model, setup=args.setup)
+        if paths:
+            print(f"wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
+        return 0
+    paths = write_reports(args.db, args.out, model=args.model, setup=args.setup, figures=not args.no_figures)
     print(report_text(paths))
     print(f"wrote {', '.join(str(p) for p in paths)}", file=sys.stderr)
     return 0

@@ -1,21 +1,38 @@
 """Markdown reports from results.db: one file per model, built from the database alone (no model loaded).
 
-Must not import torch and writes no SQL: rows come from :func:`sweep.store.read_view` (the
-``results_vs_baseline`` view) and :func:`sweep.store.setups_overview`.
+Must not import torch and writes no SQL: rows come from :func:`sweep.load_results` (the ``results_vs_baseline``
+view as a DataFrame, the same function users call) and setups from :func:`sweep.store.setups_overview`.
 
-A report holds, for one setup of one model: the baseline, a table of single-layer removals, a table of
-combinatorial removals (long tables keep the best and the worst rows), the best and worst variant per
-number of removed layers, and a footer saying how the numbers were produced.
+A report holds, for one setup of one model: the baseline, findings written from the numbers, a table and bar
+chart of single-layer removals, pair heatmaps, a table of combinatorial removals (long tables keep the best and
+the worst rows), the best / median / worst variant per number of removed layers, the Pareto fronts, and a
+footer saying how the numbers were produced. Figures are PNGs next to the report (:mod:`sweep.figures`).
+
+Sections are built by the functions in :data:`SECTIONS`, each ``(ReportContext) -> str | None``; None (no data
+for it) leaves the section out. Adding a section is one function plus one line in that list, e.g.::
+
+    def _similarity_section(ctx: ReportContext) -> str | None:
+        rows = store.read_similarity(ctx.db_path, setup=ctx.setup) if ctx.db_path else []
+        if not rows:
+            return None
+        return "## Layer similarity\n\n" + (ctx.figure("similarity", "layer similarity", plot_similarity) or "")
+
+    SECTIONS.insert(SECTIONS.index(_pairs_section) + 1, _similarity_section)   # or edit the list literal
 """
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sweep import store
+import pandas as pd
+
+import sweep
+from sweep import analysis, findings, store
 from sweep.errors import SweepError, UnknownNameError
 from sweep.plan import parse_key
 
@@ -324,10 +341,168 @@ def _footer(info: Row, rows: list[Row], model: str) -> str:
     return "\n".join(lines)
 
 
+# --- sections as registered builders --------------------------------------------------------------
+
+
+@dataclass
+class ReportContext:
+    """Everything a section builder may read: one setup of one model.
+
+    ``rows`` (list of dicts) and ``frame`` (DataFrame, as returned by :func:`sweep.load_results`) hold the same
+    rows of ``results_vs_baseline``. ``figure()`` draws a PNG next to the report when figures are enabled.
+    """
+
+    model: str
+    info: Row
+    rows: list[Row]
+    frame: pd.DataFrame
+    other_setups: tuple[str, ...] = ()
+    figures_dir: Path | None = None
+    """Directory of the report; figures are written there. None: no figures (e.g. ``render_markdown`` alone)."""
+    figure_stem: str = "report"
+    db_path: Path | None = None
+    """The results database, for builders that read tables of their own through ``sweep.store`` functions."""
+    figures_written: list[Path] = field(default_factory=list)
+
+    @property
+    def setup(self) -> str | None:
+        return self.info.get("setup")
+
+    @property
+    def baseline(self) -> Row | None:
+        return _baseline(self.rows)
+
+    def subtitle(self) -> str:
+        """``"org/m · setup 1a2b3c · wikitext-2-raw-v1, 512-token windows (stride 512) · float32 on cpu"``."""
+        info = self.info
+        window = f"{info.get('max_length') or MISSING}-token windows (stride {info.get('stride') or MISSING})"
+        tokens = f", first {info['max_tokens']:,} tokens" if info.get("max_tokens") else ""
+        return (f"{self.model} · setup {self.setup or MISSING} · {info.get('data') or MISSING}, {window}{tokens} · "
+                f"{info.get('dtype') or MISSING} on {info.get('device') or MISSING}")
+
+    def figure(self, name: str, alt: str, plot: Callable[[pd.DataFrame, str], Any] | None = None) -> str | None:
+        """Draw ``plot(frame, subtitle)`` to ``<figures_dir>/<stem>-<name>.png``; the markdown image line, or None.
+
+        ``plot`` returns a matplotlib Figure, or None without data; by default ``sweep.figures.FIGURES[name]``.
+        None when figures are off or there is no data (then no file is written).
+        """
+        if self.figures_dir is None:
+            return None
+        figures = _figures()
+        target = self.figures_dir / f"{self.figure_stem}-{name}.png"
+        path = figures.draw(plot or figures.FIGURES[name], self.frame, target, self.subtitle())
+        if path is None:
+            return None
+        self.figures_written.append(path)
+        return f"![{alt}]({path.name})"
+
+
+Section = Callable[[ReportContext], "str | None"]
+
+
+def _join(*parts: str | None) -> str:
+    return "\n\n".join(p for p in parts if p)
+
+
+def _baseline_part(ctx: ReportContext) -> str:
+    return _baseline_section(ctx.baseline)
+
+
+def _findings_section(ctx: ReportContext) -> str | None:
+    notes = findings.findings(ctx.frame)
+    if not notes:
+        return None
+    return _join("## Findings", "\n".join(f"- {note}" for note in notes))
+
+
+def _single_part(ctx: ReportContext) -> str:
+    return _join(_single_section(ctx.rows, ctx.baseline),
+                 ctx.figure("single", "perplexity change per removed layer"))
+
+
+INTERACTION_COLUMNS = ("layers removed", "ppl change (%)", "change i (%)", "change j (%)", "interaction (points)")
+SHOW_INTERACTIONS = 5
+"""The pair table shows this many of the strongest interactions of each sign."""
+
+
+def _pairs_section(ctx: ReportContext) -> str | None:
+    pairs = analysis.pair_interactions(ctx.frame).dropna(subset=["interaction"])
+    image = ctx.figure("pairs", "pair removals and their interaction")
+    if image is None and pairs.empty:
+        return None
+    explained = ("The interaction of a pair is change(i, j) − change(i) − change(j), in percentage points of "
+                 "perplexity change: positive (red) = removing both hurts more than the two single removals "
+                 "added up, negative (blue) = less." + (" Left: perplexity with both layers removed, relative "
+                                                       "to the baseline." if image else ""))
+    return _join("## Pair interactions", image, explained, _interaction_table(ctx, pairs))
+
+
+def _interaction_table(ctx: ReportContext, pairs: pd.DataFrame) -> str | None:
+    """The strongest interactions of each sign, strongest first."""
+    if pairs.empty:
+        return None
+    singles = analysis.single_changes(ctx.frame)
+    strongest = pd.concat([pairs[pairs.interaction > 0].nlargest(SHOW_INTERACTIONS, "interaction"),
+                           pairs[pairs.interaction < 0].nsmallest(SHOW_INTERACTIONS, "interaction")])
+    rows = [[key, format_pct(change), format_pct(singles[i]), format_pct(singles[j]), f"{inter:+,.1f}"]
+            for key, change, i, j, inter in zip(strongest["removed"], strongest["change"], strongest["i"],
+                                                 strongest["j"], strongest["interaction"])]
+    return f"Strongest interactions ({len(pairs):,} pairs measured):\n\n" + _table(INTERACTION_COLUMNS, rows)
+
+
+def _combinatorial_part(ctx: ReportContext) -> str:
+    return _combinatorial_section(ctx.rows, ctx.baseline, ctx.model, ctx.setup)
+
+
+def _per_n_part(ctx: ReportContext) -> str:
+    return _join(_per_n_section(ctx.rows),
+                 ctx.figure("per-n", "best, median and worst perplexity per number of layers removed"))
+
+
+def _pareto_section(ctx: ReportContext) -> str | None:
+    front = analysis.pareto_front(ctx.frame, "speed_ms")
+    image = ctx.figure("pareto", "Pareto front of perplexity against speed and parameters")
+    if len(front) < 2 and image is None:
+        return None
+    lines = ["## Pareto front", ""]
+    if image:
+        lines += [image, ""]
+    if len(front) >= 2:
+        by_key = {r["removed"]: r for r in ctx.rows}
+        lines += ["Variants that no other variant beats on both perplexity and prefill time, fastest first:", "",
+                  _table(VARIANT_COLUMNS, (_variant_cells(by_key[k]) for k in front["removed"]))]
+    return "\n".join(lines).rstrip()
+
+
+def _footer_part(ctx: ReportContext) -> str:
+    return _footer(ctx.info, ctx.rows, ctx.model)
+
+
+SECTIONS: list[Section] = [
+    _baseline_part,
+    _findings_section,
+    _single_part,
+    _pairs_section,
+    _combinatorial_part,
+    _per_n_part,
+    _pareto_section,
+    _footer_part,
+]
+"""Section builders in report order. Each returns markdown starting with ``## Title``, or None to leave it out."""
+
+
+def _figures():
+    """:mod:`sweep.figures`, imported on first use: matplotlib is slow to import and only needed for PNGs."""
+    from sweep import figures
+
+    return figures
+
+
 # --- public API --------------------------------------------------------------------------------
 
 
-def render_markdown(rows: list[Row], setup_info: Row | None = None, other_setups: Iterable[str] = ()) -> str:
+def render_markdown(rows: list[Row], setup_info: Row | None = None, other_setups: Iterable[str] = (),
+                    figures_dir: str | Path | None = None, figure_stem: str = "report") -> str:
     """Render the report of one model and one setup.
 
     Args:
@@ -336,26 +511,60 @@ def render_markdown(rows: list[Row], setup_info: Row | None = None, other_setups
         setup_info: The setup's row from :func:`sweep.store.setups_overview` (model, setup, data, max_length,
             stride, max_tokens, latency_seq, dtype, ...); gives the title and setup line when ``rows`` is empty.
         other_setups: Ids of the model's other setups, listed so the reader knows they exist.
+        figures_dir: Write the figures (PNG) here and embed them; None = no figures.
+        figure_stem: File name prefix of the figures (``<stem>-single.png``, ...).
 
     Returns:
         The markdown text, ending with a newline.
     """
     rows = list(rows)
     info = _setup_fields(rows, setup_info or {})
-    model = info.get("model") or "unknown model"
-    baseline = _baseline(rows)
-    sections = [f"# Layer removal: {model}", _describe_setup(info), _setup_choice(info.get("setup"), other_setups)]
-    if not rows:
+    ctx = ReportContext(model=info.get("model") or "unknown model", info=info, rows=rows, frame=_frame(rows),
+                        other_setups=tuple(other_setups), figure_stem=figure_stem,
+                        figures_dir=Path(figures_dir) if figures_dir is not None else None)
+    return render(ctx)
+
+
+def render(ctx: ReportContext) -> str:
+    """The markdown report of ``ctx``: title, setup line, then every section of :data:`SECTIONS` that has data."""
+    sections = [f"# Layer removal: {ctx.model}", _describe_setup(ctx.info),
+                _setup_choice(ctx.setup, ctx.other_setups)]
+    if not ctx.rows:
         sections.append("No results for this setup yet: run `sweep run` to measure the baseline and variants.")
     else:
-        sections += [
-            _baseline_section(baseline),
-            _single_section(rows, baseline),
-            _combinatorial_section(rows, baseline, model, info.get("setup")),
-            _per_n_section(rows),
-            _footer(info, rows, model),
-        ]
+        sections += [build(ctx) for build in SECTIONS]
     return "\n\n".join(s for s in sections if s) + "\n"
+
+
+VIEW_NUMBERS = ("n_removed", "n_layers", "ppl", "speed_ms", "params", "ppl_change_pct", "speed_change_pct")
+
+
+def _frame(rows: list[Row]) -> pd.DataFrame:
+    """Rows as a DataFrame with at least the columns the analysis reads (hand-made rows may lack some)."""
+    frame = pd.DataFrame(rows)
+    for column in ("removed", "status", *VIEW_NUMBERS):
+        if column not in frame:
+            frame[column] = pd.Series(dtype=object if column in ("removed", "status") else float)
+    return frame
+
+
+INTEGER_COLUMNS = frozenset(
+    {name for name, kind in store.RESULT_COLUMNS.items() if kind is int}
+    | {"model_layers", "max_length", "stride", "max_tokens"}
+)
+"""View columns holding integers (pandas turns an integer column with a missing value into floats)."""
+
+
+def records(frame: pd.DataFrame) -> list[Row]:
+    """DataFrame rows back as plain dicts: NaN -> None, integer columns as ``int`` (the view's own values)."""
+    def plain(column: str, value: Any) -> Any:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return None
+        if column in INTEGER_COLUMNS and isinstance(value, float):
+            return int(value)
+        return value.item() if hasattr(value, "item") else value
+
+    return [{c: plain(c, v) for c, v in row.items()} for row in frame.astype(object).to_dict("records")]
 
 
 def _setup_fields(rows: list[Row], setup_info: Row) -> Row:
@@ -409,39 +618,66 @@ def _select_setups(overview: list[Row], model: str | None, setup: str | None) ->
 
 
 def write_reports(db_path: str | Path, out_dir: str | Path = "reports", model: str | None = None,
-                  setup: str | None = None) -> list[Path]:
-    """Write ``<out_dir>/<model>.md`` for every model in the database (or only ``model``).
+                  setup: str | None = None, figures: bool = True, index: bool | None = None) -> list[Path]:
+    """Write ``<out_dir>/<model>.md`` (and its PNG figures) for every model in the database (or only ``model``).
 
-    Each report covers one setup: ``setup`` if given, otherwise the model's newest setup.
+    Each report covers one setup: ``setup`` if given, otherwise the model's newest setup. Rows come from
+    :func:`sweep.load_results`, the function users call from Python, so reports and notebooks agree.
 
     Args:
         db_path: The results database.
         out_dir: Directory receiving the reports (created if needed).
         model: Report only this model name.
         setup: Report this setup id (of ``model``, or of whichever model owns it).
+        figures: Draw the figures (``<model>-single.png``, ``-pairs``, ``-per-n``, ``-pareto``) next to each report.
+        index: Also write ``<out_dir>/index.md`` listing the reports; default: when every model is reported
+            (neither ``model`` nor ``setup`` given) and the database holds more than one.
 
     Returns:
-        The paths written, one per model, in model-name order.
+        The report paths written, one per model in model-name order (``index.md`` and figures not included).
 
     Raises:
         StoreError: no database at ``db_path``, or it is not a usable sweep database.
         UnknownNameError: ``model`` or ``setup`` is not in the database (the valid ones are listed).
         SweepError: the database has no models yet, or a report cannot be written.
     """
+    out_dir = Path(out_dir)
+    contexts = load_contexts(db_path, model, setup)
+    paths = []
+    for ctx in contexts:
+        ctx.figures_dir = out_dir if figures else None
+        text = render(ctx)  # figures are drawn while rendering, before the markdown that embeds them is written
+        paths.append(_write(out_dir / report_filename(ctx.model), text))
+    if index if index is not None else (model is None and setup is None and len(contexts) > 1):
+        _write(out_dir / INDEX_NAME, render_index(contexts))
+    return paths
+
+
+def load_contexts(db_path: str | Path, model: str | None = None, setup: str | None = None) -> list[ReportContext]:
+    """One :class:`ReportContext` per reported model (its chosen setup), in model-name order, without figures.
+
+    Raises:
+        StoreError, UnknownNameError, SweepError: as :func:`write_reports`.
+    """
     db = store.open_db(db_path, create=False)
     try:
         by_model = _select_setups(store.setups_overview(db), model, setup)
-        reports = {name: _render_model(db, name, setups, setup) for name, setups in sorted(by_model.items())}
+        return [_model_context(db, Path(db_path), name, setups, setup) for name, setups in sorted(by_model.items())]
     finally:
         db.close()
-    return [_write(Path(out_dir) / report_filename(name), text) for name, text in reports.items()]
 
 
-def _render_model(db: Any, model: str, setups: list[Row], setup: str | None) -> str:
-    rows = store.read_view(db, model=model)
+def _model_context(db: Any, db_path: Path, model: str, setups: list[Row], setup: str | None) -> ReportContext:
+    frame = sweep.load_results(db, model=model)  # same path as `import sweep; sweep.load_results(...)`
+    rows = records(frame)
     chosen = next(s for s in setups if s["setup"] == setup) if setup else _newest_setup(setups, rows)
+    chosen_frame = frame[frame["setup"] == chosen["setup"]].reset_index(drop=True)
     chosen_rows = [r for r in rows if r["setup"] == chosen["setup"]]
-    return render_markdown(chosen_rows, chosen, [s["setup"] for s in setups if s is not chosen])
+    return ReportContext(
+        model=model, info=_setup_fields(chosen_rows, chosen), rows=chosen_rows, frame=chosen_frame,
+        other_setups=tuple(s["setup"] for s in setups if s is not chosen),
+        figure_stem=report_filename(model).removesuffix(".md"), db_path=db_path,
+    )
 
 
 def _write(path: Path, text: str) -> Path:
@@ -456,3 +692,99 @@ def _write(path: Path, text: str) -> Path:
 def report_text(paths: Iterable[str | Path]) -> str:
     """The reports at ``paths`` concatenated, separated by a rule, for printing."""
     return "\n---\n\n".join(Path(p).read_text(encoding="utf-8") for p in paths)
+
+
+# --- index page --------------------------------------------------------------------------------
+
+
+INDEX_NAME = "index.md"
+INDEX_COLUMNS = ("model", "setup", "layers", "baseline ppl", "variants", "best variant per layers removed",
+                 "other setups")
+
+
+def _best_per_n_text(ctx: ReportContext) -> str:
+    """``"1: `2` (+10.0 %) · 2: `1,2` (+80.0 %)"`` from the measured variants; ``—`` when none."""
+    stats = analysis.per_n_stats(ctx.frame)
+    stats = stats[(stats["n_removed"] >= 1) & (stats["variants"] > 0)]
+    by_key = {r["removed"]: r for r in ctx.rows}
+    parts = [f"{n}: `{key}` ({format_pct(by_key[key].get('ppl_change_pct'))})"
+             if _finite(by_key[key].get("ppl_change_pct")) else f"{n}: `{key}` ({format_ppl(by_key[key]['ppl'])})"
+             for n, key in zip(stats["n_removed"], stats["best_removed"])]
+    return " · ".join(parts) or MISSING
+
+
+def _index_row(ctx: ReportContext) -> list[str]:
+    baseline = ctx.baseline
+    layers = ctx.info.get("model_layers") or (baseline or {}).get("n_layers")
+    measured = len(analysis.measured(ctx.frame))
+    return [
+        f"[{ctx.model}]({report_filename(ctx.model)})",
+        f"`{ctx.setup}`",
+        str(layers) if layers is not None else MISSING,
+        _ppl_cell(baseline) if baseline else MISSING,
+        f"{measured:,} of {len(ctx.rows):,} measured",
+        _best_per_n_text(ctx),
+        ", ".join(f"`{s}`" for s in ctx.other_setups) or MISSING,
+    ]
+
+
+def render_index(contexts: Iterable[ReportContext]) -> str:
+    """``index.md``: one row per report with its baseline and best variant per number of layers removed."""
+    contexts = list(contexts)
+    lines = [
+        "# Layer removal reports", "",
+        (f"{len(contexts)} model{'s' if len(contexts) != 1 else ''}, each reported for its newest setup (or the one "
+         "given with `--setup`). Best variant per number of layers removed: `removed layers` (perplexity change)."),
+        "",
+        _table(INDEX_COLUMNS, (_index_row(ctx) for ctx in contexts)),
+    ]
+    if any(ctx.other_setups for ctx in contexts):
+        lines += ["", "A model with other setups: `sweep report --setup <id>` reports one of them."]
+    return "\n".join(lines) + "\n"
+
+
+# --- csv / json export -------------------------------------------------------------------------
+
+
+FORMATS = ("md", "csv", "json")
+"""``sweep report --format``: markdown reports with figures, or the view's rows as CSV or JSON."""
+
+
+def export_rows(db_path: str | Path, out: str | Path, fmt: str, model: str | None = None,
+                setup: str | None = None) -> list[Path]:
+    """Export the rows of ``results_vs_baseline`` that the reports would show, as CSV or JSON.
+
+    One file per model (its chosen setup, as in :func:`write_reports`): ``<out>/<model>.csv`` or ``.json``.
+    With ``out == "-"`` every selected row goes to standard output as one CSV table or one JSON array.
+    JSON is an array of objects, one per row; non-finite perplexities are ``null`` (``status`` says why).
+
+    Returns:
+        The paths written (empty when printing to standard output).
+
+    Raises:
+        UnknownNameError: ``fmt`` is not csv or json, or an unknown model / setup.
+        StoreError, SweepError: as :func:`write_reports`.
+    """
+    if fmt not in ("csv", "json"):
+        raise UnknownNameError("export format", fmt, ["csv", "json"])
+    contexts = load_contexts(db_path, model, setup)
+    if str(out) == "-":
+        frame = pd.concat([_typed(ctx.frame) for ctx in contexts], ignore_index=True)
+        sys.stdout.write(_serialise(frame, fmt))
+        return []
+    paths = []
+    for ctx in contexts:
+        path = Path(out) / report_filename(ctx.model).replace(".md", f".{fmt}")
+        paths.append(_write(path, _serialise(_typed(ctx.frame), fmt)))
+    return paths
+
+
+def _typed(frame: pd.DataFrame) -> pd.DataFrame:
+    """Integer columns as nullable integers, so a CSV says ``3``, not ``3.0``, when a value is missing."""
+    return frame.astype({c: "Int64" for c in frame.columns if c in INTEGER_COLUMNS})
+
+
+def _serialise(frame: pd.DataFrame, fmt: str) -> str:
+    if fmt == "csv":
+        return frame.to_csv(index=False)
+    return frame.to_json(orient="records", indent=1) + "\n"

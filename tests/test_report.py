@@ -85,7 +85,7 @@ def _setup_ids(path: Path) -> dict[int, str]:
 
 
 def _tiny_report(results_db: Path, tmp_path: Path, **kwargs) -> str:
-    (path,) = write_reports(results_db, tmp_path / "reports", model=TINY, **kwargs)
+    (path,) = write_reports(results_db, tmp_path / "reports", model=TINY, figures=False, **kwargs)
     return path.read_text()
 
 
@@ -103,7 +103,7 @@ def _header(section: str) -> str:
 
 
 def test_writes_one_report_per_model_with_safe_names(results_db, tmp_path):
-    paths = write_reports(results_db, tmp_path / "reports")
+    paths = write_reports(results_db, tmp_path / "reports", figures=False)
     assert [p.name for p in paths] == ["org--tiny-4.md", "other--model-b.md"]
     assert all(p.parent == tmp_path / "reports" and p.exists() for p in paths)
     assert paths[0].read_text().startswith(f"# Layer removal: {TINY}\n")
@@ -212,7 +212,7 @@ def test_missing_database_raises_store_error(tmp_path):
 
 
 def test_missing_baseline_still_renders(results_db, tmp_path):
-    (path,) = write_reports(results_db, tmp_path, model=OTHER)
+    (path,) = write_reports(results_db, tmp_path, model=OTHER, figures=False)
     text = path.read_text()
     assert "No baseline" in text
     rows = _table_rows(_section(text, "Single layer removal"))
@@ -223,7 +223,7 @@ def test_setup_without_results_still_renders(tmp_path):
     db = store.open_db(tmp_path / "results.db")
     store.upsert_setup(db, store.upsert_model(db, "empty/model", None, "float32", 4, "X"), _setup_fields(128))
     db.close()
-    (path,) = write_reports(tmp_path / "results.db", tmp_path)
+    (path,) = write_reports(tmp_path / "results.db", tmp_path, figures=False)
     assert "No results for this setup yet" in path.read_text()
     assert render_markdown([]).startswith("# Layer removal:")
 
