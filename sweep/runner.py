@@ -100,6 +100,7 @@ def run_sweep(cfg: SweepConfig, log: Log = print, progress: bool = True) -> Summ
     variants = plan_variants(n_layers, plan_spec(cfg))  # bad plans fail before the model loads
     worker = load_worker(cfg)
     db, setup = open_setup(cfg, worker)
+    variants = with_signal_variants(cfg, worker, db, variants, log, progress)
     done = store.done_keys(db, setup)
     todo = [v for v in variants if variant_key(v) not in done]
     summary = Summary(planned=len(variants), already_done=len(variants) - len(todo), setup=setup)
@@ -310,3 +311,16 @@ def describe_status(db_path: str, log: Log = print) -> list[dict]:
             line += f"  {rate * 60:.1f} variants/min, about {format_duration(left)} left, last beat {age:.0f} s ago"
         log(line)
     return runs
+
+
+def with_signal_variants(cfg: SweepConfig, worker, db, variants: list[Removal], log: Log = print,
+                         progress: bool = True) -> list[Removal]:
+    """The plan plus the removals chosen by the signal strategies (angular, block-influence, greedy; issue #5).
+
+    Their signals are computed on the calibration text with the loaded model (or read from the DB), and the
+    chosen variants are then measured like any other, on the evaluation setup.
+    """
+    from sweep.similarity import signal_removals
+
+    extra = signal_removals(cfg, worker.model, db, log, progress)
+    return sorted(set(variants) | {tuple(sorted(r)) for r in extra}, key=lambda r: (len(r), r))
