@@ -324,3 +324,49 @@ def signal_removals(cfg: SweepConfig, model, db, log: Log = print, progress: boo
 
     cal = open_calibration(cfg, model, load_tokenizer(cfg), db)
     return [c.removed for c in signal_choices(cfg, cal, db, log, progress)]
+
+
+def run_similarity(cfg: SweepConfig, log: Log = print, progress: bool = True) -> LayerSignals:
+    """``sweep similarity``: load the model, compute (or reuse) its signals on the calibration text, store them.
+
+    Raises:
+        SweepError subclasses: bad model, data or DB.
+    """
+    from sweep.worker import load_tokenizer
+
+    store.check_writable(cfg.db)
+    tokenizer = load_tokenizer(cfg)
+    model = models.load_model(cfg.model, cfg.revision, cfg.dtype, cfg.device, cfg.random_init, cfg.trust_remote_code)
+    db = store.open_db(cfg.db)
+    cal = open_calibration(cfg, model, tokenizer, db)
+    signals = ensure_signals(cal, db, log, progress)
+    log(summary_text(signals, cfg.allow_last))
+    log(f"stored in {cfg.db} (table layer_similarity, calibration {cal.key['calib_fingerprint']}). "
+        f"Next: sweep run --strategy angular,block-influence,greedy,last-n --n {cfg.n}")
+    return signals
+
+
+def summary_text(signals: LayerSignals, allow_last: bool = False) -> str:
+    """Block Influence per layer and the block of minimal angular distance for each size, as plain text.
+
+    Example (4 layers)::
+
+        layer  BI        block-influence order: 2, 1, 0, 3
+        0      0.0170
+        ...
+        n  angular (last token)  d      angular (all tokens)  d
+        1  2                     0.061  2                     0.058
+    """
+    L = signals.n_layers
+    order = sorted(range(L), key=lambda i: strategies._finite_or_inf(signals.block_influence[i]))
+    lines = [f"{signals.n_sequences} calibration windows, {signals.n_tokens:,} tokens",
+             f"layer  BI        (block-influence removes in this order: {', '.join(map(str, order))})"]
+    lines += [f"{l:<6} {bi:.4f}" for l, bi in enumerate(signals.block_influence)]
+    lines.append("n    angular, last token        angular, all tokens")
+    for n in range(1, L + (1 if allow_last else 0)):
+        cells = []
+        for distances in (signals.angular_last, signals.angular_all):
+            removed, d = strategies.angular_choice(distances, n, L, allow_last)
+            cells.append(f"{variant_key(removed):<16} d={d:.4f}")
+        lines.append(f"{n:<4} " + "  ".join(cells))
+    return "\n".join(lines)
