@@ -297,6 +297,8 @@ def signal_choices(cfg: SweepConfig, cal: Calibration, db, log: Log = print,
     names = [s for s in strategy_names(cfg.strategy) if s in SIGNAL_STRATEGIES]
     sizes = parse_range(cfg.n, "--n")
     choices: list[strategies.Choice] = []
+    if "angular" in names and max(sizes) > cal.n_layers - (0 if cfg.allow_last else 1):
+        strategies.angular_choice({}, max(sizes), cal.n_layers, cfg.allow_last)  # raises the PlanError, before any work
     signals = ensure_signals(cal, db, log, progress) if {"angular", "block-influence"} & set(names) else None
     for name in names:
         if name == "angular":
