@@ -132,6 +132,12 @@ def _pyplot():
     return plt
 
 
+def matplotlib_colors():
+    import matplotlib.colors
+
+    return matplotlib.colors
+
+
 def strategy_curve(path_or_db, setup: str, out_dir: str | Path) -> list[Path]:
     """PNG of evaluation perplexity against the fraction of layers removed, one line per strategy.
 
@@ -147,14 +153,17 @@ def strategy_curve(path_or_db, setup: str, out_dir: str | Path) -> list[Path]:
     n_layers, model = rows[0]["model_layers"], rows[0]["model"]
     baseline = _baseline_ppl(db, setup)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    styles = {"oracle": dict(color="black", linestyle="--", marker="")}
+    # Distinct markers: strategies often choose the same variants, and their lines then overlap.
+    styles = {"last-n": dict(marker="s", markersize=8), "angular": dict(marker="o"),
+              "block-influence": dict(marker="^"), "greedy": dict(marker="v", markersize=5),
+              "oracle": dict(color="black", linestyle="--", marker="")}
     for name in STRATEGY_LINES:
         if name not in points:
             continue
         ns = sorted(points[name])
         xs = ([0.0] if baseline else []) + [n / n_layers for n in ns]
         ys = ([baseline] if baseline else []) + [points[name][n][1] for n in ns]
-        ax.plot(xs, ys, label=name, **styles.get(name, dict(marker="o")))
+        ax.plot(xs, ys, label=name, **styles[name])
     ax.set_yscale("log")
     ax.set_xlabel(f"fraction of layers removed (of {n_layers})")
     ax.set_ylabel("evaluation perplexity (log scale)")
@@ -224,7 +233,10 @@ def _draw_signals(model: str, rows: list[Row], out: Path) -> Path:
         if row["metric"] == "block-influence" and row["value"] is not None:
             influence[row["start"]] = row["value"]
     strip = np.ma.masked_invalid(np.array([influence], dtype=float))  # (1, L): a one-row heatmap
-    image = axes[2].imshow(strip, aspect="auto", cmap="magma", extent=(-0.5, n_layers - 0.5, 0, 1))
+    # Log colours when possible: the first layer's BI is often 10-100x the others' and would flatten them.
+    positive = strip.count() and float(strip.min()) > 0
+    norm = matplotlib_colors().LogNorm() if positive else None
+    image = axes[2].imshow(strip, aspect="auto", cmap="magma", norm=norm, extent=(-0.5, n_layers - 0.5, 0, 1))
     axes[2].set_yticks([])
     axes[2].set_xlabel("layer")
     axes[2].set_title("Block Influence 1 - cos(h_in, h_out) (ShortGPT)")
