@@ -252,6 +252,7 @@ def describe_plan(cfg: SweepConfig, log: Log = print) -> dict:
             "seconds_per_variant": per_variant}
     log(f"{cfg.model}: {n_layers} layers; strategy {cfg.strategy}: {n_variants:,} variants "
         f"(baseline included), {measured:,} already measured in {cfg.db}, {todo:,} to go")
+    _note_signal_variants(cfg, spec, log)
     if per_variant:
         log(f"estimate: {per_variant:.2f} s per variant from earlier records -> about {format_duration(per_variant * todo)}")
     else:
@@ -324,3 +325,14 @@ def with_signal_variants(cfg: SweepConfig, worker, db, variants: list[Removal], 
 
     extra = signal_removals(cfg, worker.model, db, log, progress)
     return sorted(set(variants) | {tuple(sorted(r)) for r in extra}, key=lambda r: (len(r), r))
+
+
+def _note_signal_variants(cfg: SweepConfig, spec: PlanSpec, log: Log) -> None:
+    """`sweep plan` cannot count what angular/block-influence/greedy will choose without the model: say so."""
+    from sweep.plan import SIGNAL_STRATEGIES, parse_range, strategy_names
+
+    signal = [s for s in strategy_names(spec.strategy) if s in SIGNAL_STRATEGIES]
+    if signal:
+        sizes = parse_range(spec.n, "--n")
+        log(f"  plus up to {len(signal) * len(sizes)} variants that {', '.join(signal)} choose on the calibration "
+            f"text ({cfg.calib_data}) when `sweep run` loads the model; not counted above")

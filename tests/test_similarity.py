@@ -214,6 +214,20 @@ def test_identity_block_has_zero_distance_and_every_strategy_removes_it_first(
     baseline, pruned = (next(r["ppl"] for r in _rows(cfg.db, "select * from results") if r["removed"] == key)
                         for key in ("", "1,2"))
     assert pruned == pytest.approx(baseline, rel=1e-6)  # removing identities changes nothing
+    # A second run reuses the stored signals and greedy path and measures nothing.
+    logs: list[str] = []
+    again = run_sweep(cfg, log=logs.append, progress=False)
+    assert again.measured == 0 and any("reusing" in line for line in logs)
+    assert not any(line.startswith("greedy:") for line in logs)
+
+
+def test_plan_says_signal_variants_are_not_counted(tiny_gpt2_dir, sample_text_file, tmp_path):
+    from sweep.runner import describe_plan
+
+    logs: list[str] = []
+    info = describe_plan(_cfg(tiny_gpt2_dir, tmp_path, data=str(sample_text_file), strategy="single,greedy",
+                              n="1-2"), log=logs.append)
+    assert info["variants"] == 5 and any("plus up to 2 variants that greedy choose" in line for line in logs)
 
 
 def test_greedy_path_on_4_layers_matches_brute_force_of_each_round(tiny_gpt2_dir, sample_text_file, tmp_path):
