@@ -292,3 +292,18 @@ def test_angular_on_every_layer_without_allow_last_is_refused_before_measuring(
                "--db", str(tmp_path / "r.db"), "--cache-dir", str(tmp_path / "c"), "--quiet"])
     assert rc == 2 and "--allow-last" in capsys.readouterr().err
     assert not _rows(tmp_path / "r.db", "select * from results")
+
+
+def test_similarity_on_the_shared_wikitext_validation_split_with_the_real_tokenizer(tmp_path):
+    from conftest import GPT2_TOKENIZER, SHARED, need_shared
+
+    validation = need_shared(SHARED / "data" / "wikitext-2-v1" / "validation.parquet")
+    need_shared(GPT2_TOKENIZER)
+    model_dir = tmp_path / "gpt2-tiny"
+    tiny_model("gpt2", n_layers=3, vocab=50257).save_pretrained(model_dir)
+    cfg = _cfg(model_dir, tmp_path, tokenizer=str(GPT2_TOKENIZER), calib_data=str(validation),
+               max_length=128, calib_max_tokens=600)
+    signals = similarity.run_similarity(cfg, log=lambda s: None, progress=False)
+    # 600 tokens in windows of 128: 4 full windows and one of 88 tokens (padded in its batch, then masked).
+    assert signals.n_tokens == 600 and signals.n_sequences == 5
+    assert all(0.0 <= d <= 1.0 for d in signals.angular_all.values())
