@@ -351,13 +351,14 @@ def run_similarity(cfg: SweepConfig, log: Log = print, progress: bool = True) ->
 def summary_text(signals: LayerSignals, allow_last: bool = False) -> str:
     """Block Influence per layer and the block of minimal angular distance for each size, as plain text.
 
-    Example (4 layers)::
+    Example (6 layers)::
 
-        layer  BI        block-influence order: 2, 1, 0, 3
-        0      0.0170
+        layer  BI        (block-influence removes in this order: 5, 4, 3, 2, 1, 0)
+        0      0.7062
         ...
-        n  angular (last token)  d      angular (all tokens)  d
-        1  2                     0.061  2                     0.058
+        n    angular, last token        angular, all tokens
+        1    4                d=0.0221  4                d=0.0219
+        2    3,4              d=0.0451  3,4              d=0.0448
     """
     L = signals.n_layers
     order = sorted(range(L), key=lambda i: strategies._finite_or_inf(signals.block_influence[i]))
