@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(export, MODEL_FIELDS)
     export.add_argument("--remove", required=True, help='layers to remove, e.g. "9,10,11"')
     export.add_argument("--out", required=True, help="output directory")
+
+    similarity = sub.add_parser("similarity", help="angular distances and Block Influence of every layer on "
+                                "calibration text, stored in the DB (for --strategy angular/block-influence)")
+    _add_preset_flag(similarity)
+    _add_config_flags(similarity)
+    similarity.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 
@@ -146,7 +152,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_similarity(args: argparse.Namespace) -> int:
+    from sweep.similarity import run_similarity
+
+    run_similarity(_config_from(args), progress=not args.quiet)
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "plan": cmd_plan, "report": cmd_report, "export": cmd_export, "status": cmd_status}
+COMMANDS["similarity"] = cmd_similarity
 
 
 def main(argv: list[str] | None = None) -> int:

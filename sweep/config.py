@@ -83,6 +83,20 @@ class SweepConfig:
     seed: int = 0
     """Seed for anything random (latency prompts)."""
 
+    # Similarity-guided and greedy planners (issue #5): calibration text distinct from the evaluation split.
+    calib_data: str = "Salesforce/wikitext"
+    """Calibration text for `sweep similarity` and the angular, block-influence and greedy strategies (like --data)."""
+    calib_data_config: str | None = "wikitext-2-raw-v1"
+    """Hub dataset configuration of the calibration text (only for hub datasets)."""
+    calib_split: str = "validation"
+    """Split of the calibration text; keep it distinct from the evaluation --split."""
+    calib_max_tokens: int | None = 32768
+    """Calibration tokens used (cut into --max-length windows); None = all."""
+    angular_tokens: str = "last"
+    """Which tokens the `angular` strategy averages d(l, n) over: last (Gromov et al., PruneMe) or all."""
+    allow_last: bool = False
+    """Let the `angular` strategy remove a block that includes the final layer."""
+
     def __post_init__(self) -> None:
         validate(self)
 
@@ -118,6 +132,18 @@ def validate(cfg: SweepConfig) -> None:
         )
     if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
         raise UnknownNameError("--device", cfg.device, ("auto", "cpu", "cuda", "cuda:N"))
+    _validate_similarity(cfg)
+
+
+ANGULAR_TOKENS = ("last", "all")
+
+
+def _validate_similarity(cfg: SweepConfig) -> None:
+    """Checks of the calibration / similarity fields (issue #5)."""
+    if cfg.angular_tokens not in ANGULAR_TOKENS:
+        raise UnknownNameError("--angular-tokens", cfg.angular_tokens, ANGULAR_TOKENS)
+    if cfg.calib_max_tokens is not None and cfg.calib_max_tokens < 2:
+        raise ConfigError(f"`--calib-max-tokens` must be at least 2, got {cfg.calib_max_tokens}")
 
 
 def flag(name: str) -> str:

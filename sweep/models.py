@@ -495,3 +495,39 @@ def final_norm_fn(model: nn.Module):
         return hidden
 
     return finish
+
+
+# ---------------------------------------------------------------------------------------------- residual stream
+
+
+def capture_residual_stream(model: nn.Module, input_ids: torch.Tensor,
+                            attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """The residual stream entering every decoder layer, plus the last layer's output, from one forward.
+
+    Returns L + 1 tensors of shape (B, T, H): entry l is the input of layer l, entry L the output of the last
+    layer BEFORE the final norm. (``output_hidden_states`` cannot be used: for GPT-2 and others its last entry
+    is taken after the final norm.) The final norm and LM head are skipped.
+    """
+    layers = decoder_layers(model)
+    streams: list[torch.Tensor | None] = [None] * (len(layers) + 1)
+
+    def make_pre_hook(i: int):
+        def hook(module, args, kwargs):
+            streams[i] = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    def last_hook(module, args, kwargs, output):
+        streams[-1] = output[0] if isinstance(output, tuple) else output
+        raise _StopForward  # the final norm and the head are not needed
+
+    handles = [layer.register_forward_pre_hook(make_pre_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    handles.append(layers[-1].register_forward_hook(last_hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return streams

@@ -144,6 +144,13 @@ def _explicit(n_layers: int, spec: PlanSpec) -> Iterator[Removal]:
     return iter(parse_remove(spec.remove, n_layers))
 
 
+def _from_signals(n_layers: int, spec: PlanSpec) -> Iterator[Removal]:
+    """angular, block-influence, greedy: their removals need a model and calibration text, so the runner adds
+    them (:func:`sweep.similarity.signal_removals`); here only ``--n`` is checked."""
+    _sizes_within(spec.n, n_layers)
+    return iter(())
+
+
 STRATEGIES: dict[str, Callable[[int, PlanSpec], Iterable[Removal]]] = {
     "single": _single,
     "combinations": _combinations,
@@ -151,7 +158,13 @@ STRATEGIES: dict[str, Callable[[int, PlanSpec], Iterable[Removal]]] = {
     "last-n": _last_n,
     "blocks": _blocks,
     "explicit": _explicit,
+    "angular": _from_signals,
+    "block-influence": _from_signals,
+    "greedy": _from_signals,
 }
+
+SIGNAL_STRATEGIES = ("angular", "block-influence", "greedy")
+"""Strategies whose removals are chosen from calibration signals of the loaded model (issue #5)."""
 
 
 def strategy_names(text: str) -> list[str]:

@@ -100,6 +100,7 @@ def run_sweep(cfg: SweepConfig, log: Log = print, progress: bool = True) -> Summ
     variants = plan_variants(n_layers, plan_spec(cfg))  # bad plans fail before the model loads
     worker = load_worker(cfg)
     db, setup = open_setup(cfg, worker)
+    variants = with_signal_variants(cfg, worker, db, variants, log, progress)
     done = store.done_keys(db, setup)
     todo = [v for v in variants if variant_key(v) not in done]
     summary = Summary(planned=len(variants), already_done=len(variants) - len(todo), setup=setup)
@@ -251,6 +252,7 @@ def describe_plan(cfg: SweepConfig, log: Log = print) -> dict:
             "seconds_per_variant": per_variant}
     log(f"{cfg.model}: {n_layers} layers; strategy {cfg.strategy}: {n_variants:,} variants "
         f"(baseline included), {measured:,} already measured in {cfg.db}, {todo:,} to go")
+    _note_signal_variants(cfg, spec, log)
     if per_variant:
         log(f"estimate: {per_variant:.2f} s per variant from earlier records -> about {format_duration(per_variant * todo)}")
     else:
@@ -310,3 +312,27 @@ def describe_status(db_path: str, log: Log = print) -> list[dict]:
             line += f"  {rate * 60:.1f} variants/min, about {format_duration(left)} left, last beat {age:.0f} s ago"
         log(line)
     return runs
+
+
+def with_signal_variants(cfg: SweepConfig, worker, db, variants: list[Removal], log: Log = print,
+                         progress: bool = True) -> list[Removal]:
+    """The plan plus the removals chosen by the signal strategies (angular, block-influence, greedy; issue #5).
+
+    Their signals are computed on the calibration text with the loaded model (or read from the DB), and the
+    chosen variants are then measured like any other, on the evaluation setup.
+    """
+    from sweep.similarity import signal_removals
+
+    extra = signal_removals(cfg, worker.model, db, log, progress)
+    return sorted(set(variants) | {tuple(sorted(r)) for r in extra}, key=lambda r: (len(r), r))
+
+
+def _note_signal_variants(cfg: SweepConfig, spec: PlanSpec, log: Log) -> None:
+    """`sweep plan` cannot count what angular/block-influence/greedy will choose without the model: say so."""
+    from sweep.plan import SIGNAL_STRATEGIES, parse_range, strategy_names
+
+    signal = [s for s in strategy_names(spec.strategy) if s in SIGNAL_STRATEGIES]
+    if signal:
+        sizes = parse_range(spec.n, "--n")
+        log(f"  plus up to {len(signal) * len(sizes)} variants that {', '.join(signal)} choose on the calibration "
+            f"text ({cfg.calib_data}) when `sweep run` loads the model; not counted above")

@@ -406,3 +406,115 @@ def runs_overview(path_or_db: str | Path | sqlite_utils.Database, limit: int = 2
         if run["status"] == "running" and not _run_alive(run):
             run["status"] = "abandoned"
     return runs
+
+
+# ---------------------------------------------------------------------------------------------- layer similarity
+# Issue #5: calibration signals (angular distance, Block Influence), the greedy (SLEB) path, and which strategy
+# chose which variant. Tables are created on first use with IF NOT EXISTS, so older DBs upgrade in place and
+# SCHEMA_VERSION is unchanged. A "calibration key" is (model_id, weights, calib_fingerprint): the model row,
+# its weights fingerprint (as in setups) and the hash of calibration tokens + window settings.
+
+SIMILARITY_SQL = """
+CREATE TABLE IF NOT EXISTS layer_similarity (
+    model_id INTEGER REFERENCES models(id), weights TEXT, calib_fingerprint TEXT, calib TEXT,
+    metric TEXT,        -- angular-last | angular-all | block-influence
+    start INTEGER,      -- layer l
+    size INTEGER,       -- block size n (1 for block-influence)
+    value REAL, n_sequences INTEGER, n_tokens INTEGER, computed_at TEXT,
+    PRIMARY KEY (model_id, weights, calib_fingerprint, metric, start, size));
+CREATE TABLE IF NOT EXISTS greedy_steps (
+    model_id INTEGER REFERENCES models(id), weights TEXT, calib_fingerprint TEXT,
+    step INTEGER, layer INTEGER, removed TEXT, calib_ppl REAL, computed_at TEXT,
+    PRIMARY KEY (model_id, weights, calib_fingerprint, step));
+CREATE TABLE IF NOT EXISTS strategy_choices (
+    model_id INTEGER REFERENCES models(id), weights TEXT, calib_fingerprint TEXT,
+    strategy TEXT, signal TEXT, n INTEGER, removed TEXT, score REAL, chosen_at TEXT,
+    PRIMARY KEY (model_id, weights, calib_fingerprint, strategy, signal, n));
+"""
+
+CALIB_KEY = ("model_id", "weights", "calib_fingerprint")
+
+
+def _create_similarity_schema(db: sqlite_utils.Database) -> None:
+    with db.conn:
+        db.conn.executescript(SIMILARITY_SQL)
+
+
+def _key_values(key: dict[str, Any]) -> list[Any]:
+    return [key[name] for name in CALIB_KEY]
+
+
+def record_layer_similarity(db: sqlite_utils.Database, key: dict[str, Any], calib: str,
+                            rows: Iterable[dict[str, Any]]) -> None:
+    """Store one calibration pass's signals (rows with metric, start, size, value, n_sequences, n_tokens)."""
+    _create_similarity_schema(db)
+    stamp = now()
+    values = [[*_key_values(key), calib, r["metric"], r["start"], r["size"],
+               None if not math.isfinite(r["value"]) else r["value"], r["n_sequences"], r["n_tokens"], stamp]
+              for r in rows]
+    with db.conn:
+        db.conn.executemany("INSERT OR REPLACE INTO layer_similarity VALUES (?,?,?,?,?,?,?,?,?,?,?)", values)
+
+
+def _select(db: sqlite_utils.Database, table: str, sql: str, params: list[Any]) -> list[dict[str, Any]]:
+    if table not in db.table_names():
+        return []
+    cursor = db.execute(sql, params)
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, r)) for r in cursor.fetchall()]
+
+
+def read_layer_similarity(db: sqlite_utils.Database, key: dict[str, Any]) -> list[dict[str, Any]]:
+    """The stored signals of one calibration key (empty when not computed)."""
+    return _select(db, "layer_similarity", "SELECT * FROM layer_similarity WHERE model_id = ? AND weights = ? "
+                   "AND calib_fingerprint = ? ORDER BY metric, size, start", _key_values(key))
+
+
+def similarity_overview(path_or_db: str | Path | sqlite_utils.Database,
+                        model: str | None = None) -> list[dict[str, Any]]:
+    """Every stored signal row with its model name (for reports), newest calibration pass first."""
+    db = path_or_db if isinstance(path_or_db, sqlite_utils.Database) else open_db(path_or_db, create=False)
+    where, params = ("WHERE m.name = ?", [model]) if model is not None else ("", [])
+    return _select(db, "layer_similarity",
+                   "SELECT m.name AS model, m.n_layers AS model_layers, ls.* FROM layer_similarity ls "
+                   f"JOIN models m ON m.id = ls.model_id {where} "
+                   "ORDER BY ls.computed_at DESC, m.name, ls.metric, ls.size, ls.start", params)
+
+
+def record_greedy_step(db: sqlite_utils.Database, key: dict[str, Any], step: int, layer: int, removed: str,
+                       calib_ppl: float) -> None:
+    """Store one round of the greedy search at once (an interrupted search resumes from the last round)."""
+    _create_similarity_schema(db)
+    ppl = calib_ppl if calib_ppl is not None and math.isfinite(calib_ppl) else None
+    with db.conn:
+        db.execute("INSERT OR REPLACE INTO greedy_steps VALUES (?,?,?,?,?,?,?,?)",
+                   [*_key_values(key), step, layer, removed, ppl, now()])
+
+
+def read_greedy_steps(db: sqlite_utils.Database, key: dict[str, Any]) -> list[dict[str, Any]]:
+    """The stored greedy path of a calibration key, by step."""
+    return _select(db, "greedy_steps", "SELECT * FROM greedy_steps WHERE model_id = ? AND weights = ? "
+                   "AND calib_fingerprint = ? ORDER BY step", _key_values(key))
+
+
+def record_strategy_choices(db: sqlite_utils.Database, key: dict[str, Any],
+                            choices: Iterable[dict[str, Any]]) -> None:
+    """Which variant each signal strategy chose for each n (rows with strategy, signal, n, removed, score)."""
+    _create_similarity_schema(db)
+    stamp = now()
+    values = [[*_key_values(key), c["strategy"], c["signal"], c["n"], c["removed"],
+               c["score"] if c["score"] is not None and math.isfinite(c["score"]) else None, stamp] for c in choices]
+    with db.conn:
+        db.conn.executemany("INSERT OR REPLACE INTO strategy_choices VALUES (?,?,?,?,?,?,?,?,?)", values)
+
+
+def read_strategy_choices(path_or_db: str | Path | sqlite_utils.Database, setup: str) -> list[dict[str, Any]]:
+    """The newest choice per (strategy, n) for the model and weights of ``setup``."""
+    db = path_or_db if isinstance(path_or_db, sqlite_utils.Database) else open_db(path_or_db, create=False)
+    rows = _select(db, "strategy_choices",
+                   "SELECT c.* FROM strategy_choices c JOIN setups s ON s.model_id = c.model_id "
+                   "AND s.weights = c.weights WHERE s.id = ? ORDER BY c.chosen_at DESC, c.strategy, c.n", [setup])
+    newest: dict[tuple[str, int], dict[str, Any]] = {}
+    for row in rows:
+        newest.setdefault((row["strategy"], row["n"]), row)
+    return sorted(newest.values(), key=lambda r: (r["strategy"], r["n"]))

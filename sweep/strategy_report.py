@@ -1,0 +1,250 @@
+"""Report pieces for the similarity-guided and greedy strategies (issue #5). Reads via ``store``; no torch.
+
+- :func:`similarity_heatmaps`: d(l, n) (start layer x block size, last token and all tokens) and Block
+  Influence per layer, one PNG per model.
+- :func:`strategy_curve`: evaluation perplexity against the fraction of layers removed, one line per strategy
+  (last-n, angular, block-influence, greedy, and the oracle = best measured variant per n).
+- :func:`strategy_table`: markdown "strategy x number of layers removed" with the gap to the oracle.
+
+The oracle for n removed layers exists only when the setup has every one of the C(L, n) variants of that size
+(from ``exhaustive`` or ``combinations --k n``); a best-of-some would not be the best possible choice.
+"""
+from __future__ import annotations
+
+import math
+import re
+from math import comb
+from pathlib import Path
+from typing import Any
+
+from sweep import store
+
+STRATEGY_LINES = ("last-n", "angular", "block-influence", "greedy", "oracle")
+"""Order of lines and table rows."""
+
+Row = dict[str, Any]
+
+
+def _open(path_or_db):
+    return path_or_db if not isinstance(path_or_db, (str, Path)) else store.open_db(path_or_db, create=False)
+
+
+def _safe_name(model: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", model.replace("/", "__")).strip("_") or "model"
+
+
+def _ok_ppl(row: Row | None) -> float | None:
+    if row is None or row.get("status") != "ok" or row.get("ppl") is None or not math.isfinite(row["ppl"]):
+        return None
+    return row["ppl"]
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+def strategy_points(path_or_db, setup: str) -> dict[str, dict[int, tuple[str, float]]]:
+    """strategy -> n removed -> (removed key, evaluation perplexity), from measured rows of ``setup``.
+
+    Only variants measured with status ok appear. ``oracle`` is the best variant of size n when all C(L, n)
+    variants of that size are measured; ``last-n`` is read from the results whether or not it was planned.
+
+    Example: 4 layers, results for every variant of size 1 and the choices angular n=1 -> "2":
+    ``{"oracle": {1: ("3", 41.2)}, "angular": {1: ("2", 45.0)}, "last-n": {1: ("3", 41.2)}, ...}``.
+    """
+    db = _open(path_or_db)
+    rows = store.read_view(db, setup=setup)
+    if not rows:
+        return {}
+    n_layers = rows[0]["model_layers"]
+    by_key = {r["removed"]: r for r in rows}
+    points: dict[str, dict[int, tuple[str, float]]] = {name: {} for name in STRATEGY_LINES}
+    for n in range(1, n_layers + 1):
+        key = ",".join(str(i) for i in range(n_layers - n, n_layers))
+        if (ppl := _ok_ppl(by_key.get(key))) is not None:
+            points["last-n"][n] = (key, ppl)
+    for choice in store.read_strategy_choices(db, setup):
+        if (ppl := _ok_ppl(by_key.get(choice["removed"]))) is not None:
+            points.setdefault(choice["strategy"], {})[choice["n"]] = (choice["removed"], ppl)
+    for n in range(1, n_layers + 1):
+        size_n = [r for r in rows if r["n_removed"] == n and r["status"] in ("ok", "diverged")]
+        finite = [r for r in size_n if _ok_ppl(r) is not None]
+        if len(size_n) == comb(n_layers, n) and finite:
+            best = min(finite, key=lambda r: r["ppl"])
+            points["oracle"][n] = (best["removed"], best["ppl"])
+    return {name: p for name, p in points.items() if p}
+
+
+def _baseline_ppl(db, setup: str) -> float | None:
+    return next((_ok_ppl(r) for r in store.read_view(db, setup=setup) if r["removed"] == ""), None)
+
+
+# ---------------------------------------------------------------------------------------------- table
+
+
+def strategy_table(path_or_db, setup: str) -> str | None:
+    """Markdown table: one row per strategy, one column per number of removed layers, perplexity and gap to the
+    oracle (``+3.1%``); None when the setup has no signal-strategy variant measured.
+
+    Example::
+
+        | strategy | 1 removed | 2 removed |
+        | --- | --- | --- |
+        | last-n | 41.2 (+0.0%) | 57.0 (+4.2%) |
+        | angular | 45.0 (+9.2%) | 54.7 (+0.0%) |
+        | oracle | 41.2 (3) | 54.7 (1,2) |
+    """
+    db = _open(path_or_db)
+    points = strategy_points(db, setup)
+    if not {"angular", "block-influence", "greedy"} & set(points):
+        return None
+    sizes = sorted({n for name, p in points.items() if name in ("angular", "block-influence", "greedy") for n in p})
+    oracle = points.get("oracle", {})
+    lines = ["| strategy | " + " | ".join(f"{n} removed" for n in sizes) + " |",
+             "| --- | " + " | ".join("---" for _ in sizes) + " |"]
+    for name in STRATEGY_LINES:
+        if name not in points:
+            continue
+        cells = []
+        for n in sizes:
+            if n not in points[name]:
+                cells.append("—")
+            elif name == "oracle":
+                cells.append(f"{points[name][n][1]:.2f} ({points[name][n][0]})")
+            else:
+                key, ppl = points[name][n]
+                gap = f", {100 * (ppl / oracle[n][1] - 1):+.1f}% vs oracle" if n in oracle else ""
+                cells.append(f"{ppl:.2f} ({key}{gap})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    note = ("" if oracle else "\n\nNo oracle: measure every variant of a size (`--strategy exhaustive`, or "
+            "`combinations --k N`) to see how far each strategy is from the best possible choice.")
+    return "\n".join(lines) + note
+
+
+# ---------------------------------------------------------------------------------------------- figures
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def matplotlib_colors():
+    import matplotlib.colors
+
+    return matplotlib.colors
+
+
+def strategy_curve(path_or_db, setup: str, out_dir: str | Path) -> list[Path]:
+    """PNG of evaluation perplexity against the fraction of layers removed, one line per strategy.
+
+    Returns:
+        [path] of the written PNG, or [] when no strategy has a measured variant.
+    """
+    db = _open(path_or_db)
+    points = strategy_points(db, setup)
+    rows = store.read_view(db, setup=setup)
+    if not points or not rows:
+        return []
+    plt = _pyplot()
+    n_layers, model = rows[0]["model_layers"], rows[0]["model"]
+    baseline = _baseline_ppl(db, setup)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    # Distinct markers: strategies often choose the same variants, and their lines then overlap.
+    styles = {"last-n": dict(marker="s", markersize=8), "angular": dict(marker="o"),
+              "block-influence": dict(marker="^"), "greedy": dict(marker="v", markersize=5),
+              "oracle": dict(color="black", linestyle="--", marker="")}
+    for name in STRATEGY_LINES:
+        if name not in points:
+            continue
+        ns = sorted(points[name])
+        xs = ([0.0] if baseline else []) + [n / n_layers for n in ns]
+        ys = ([baseline] if baseline else []) + [points[name][n][1] for n in ns]
+        ax.plot(xs, ys, label=name, **styles[name])
+    ax.set_yscale("log")
+    ax.set_xlabel(f"fraction of layers removed (of {n_layers})")
+    ax.set_ylabel("evaluation perplexity (log scale)")
+    ax.set_title(f"{model}: layers chosen by each strategy")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{_safe_name(model)}-{setup}-strategies.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def _newest_signals(rows: list[Row]) -> dict[str, list[Row]]:
+    """model -> the signal rows of its newest calibration pass (rows come newest first)."""
+    chosen: dict[str, tuple] = {}
+    grouped: dict[str, list[Row]] = {}
+    for row in rows:
+        key = (row["weights"], row["calib_fingerprint"], row["model_id"])
+        chosen.setdefault(row["model"], key)
+        if chosen[row["model"]] == key:
+            grouped.setdefault(row["model"], []).append(row)
+    return grouped
+
+
+def _distance_grid(rows: list[Row], metric: str, n_layers: int):
+    """(n_layers, n_layers + 1) grid, row n-1 = block size n, column l = start; NaN where undefined."""
+    grid = [[math.nan] * n_layers for _ in range(n_layers)]
+    for row in rows:
+        if row["metric"] == metric and row["value"] is not None:
+            grid[row["size"] - 1][row["start"]] = row["value"]
+    return grid
+
+
+def similarity_heatmaps(path_or_db, out_dir: str | Path, model: str | None = None) -> list[Path]:
+    """One PNG per model: heatmaps of d(l, n) (last token, all tokens) and Block Influence per layer.
+
+    Returns:
+        paths of the written PNGs ([] when the DB has no signals).
+    """
+    db = _open(path_or_db)
+    grouped = _newest_signals(store.similarity_overview(db, model))
+    paths = []
+    for name, rows in grouped.items():
+        paths.append(_draw_signals(name, rows, Path(out_dir)))
+    return paths
+
+
+def _draw_signals(model: str, rows: list[Row], out: Path) -> Path:
+    import numpy as np
+
+    plt = _pyplot()
+    n_layers = rows[0]["model_layers"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), gridspec_kw={"width_ratios": [1, 1, 1]})
+    for ax, metric, title in ((axes[0], "angular-last", "last token"), (axes[1], "angular-all", "all tokens")):
+        grid = np.ma.masked_invalid(np.array(_distance_grid(rows, metric, n_layers), dtype=float))
+        image = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis",
+                          extent=(-0.5, n_layers - 0.5, 0.5, n_layers + 0.5))
+        ax.set_xlabel("start layer l")
+        ax.set_ylabel("block size n")
+        ax.set_title(f"angular distance d(l, n), {title}")
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    influence = [math.nan] * n_layers
+    for row in rows:
+        if row["metric"] == "block-influence" and row["value"] is not None:
+            influence[row["start"]] = row["value"]
+    strip = np.ma.masked_invalid(np.array([influence], dtype=float))  # (1, L): a one-row heatmap
+    # Log colours when possible: the first layer's BI is often 10-100x the others' and would flatten them.
+    positive = strip.count() and float(strip.min()) > 0
+    norm = matplotlib_colors().LogNorm() if positive else None
+    image = axes[2].imshow(strip, aspect="auto", cmap="magma", norm=norm, extent=(-0.5, n_layers - 0.5, 0, 1))
+    axes[2].set_yticks([])
+    axes[2].set_xlabel("layer")
+    axes[2].set_title("Block Influence 1 - cos(h_in, h_out) (ShortGPT)")
+    fig.colorbar(image, ax=axes[2], fraction=0.046)
+    fig.suptitle(f"{model}: calibration {rows[0]['calib']} ({rows[0]['n_tokens']:,} tokens)")
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{_safe_name(model)}-similarity.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

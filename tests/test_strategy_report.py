@@ -1,0 +1,111 @@
+"""Strategy report pieces on a hand-built DB: oracle, gap to it, figures. No model, no torch."""
+from __future__ import annotations
+
+import itertools
+import re
+
+import pytest
+
+from sweep import store, strategy_report
+from sweep.plan import variant_key
+
+L = 4
+
+
+def ppl_of(removed) -> float:
+    """A made-up perplexity: removing later layers hurts less, with an interaction between 1 and 2."""
+    return 10.0 * (1 + sum(0.1 * (L - i) for i in removed)) + (3.0 if {1, 2} <= set(removed) else 0.0)
+
+
+def make_db(tmp_path, sizes=range(0, L + 1), choices=()):
+    db = store.open_db(tmp_path / "r.db")
+    model_id = store.upsert_model(db, "org/tiny", None, "float32", L, "GPT2LMHeadModel")
+    setup = store.upsert_setup(db, model_id, {"data": "d", "weights": "w", "max_length": 8})
+    for n in sizes:
+        for removed in itertools.combinations(range(L), n):
+            store.record_result(db, {"setup_id": setup, "removed": variant_key(removed), "n_removed": n,
+                                     "n_layers": L - n, "ppl": ppl_of(removed), "status": "ok"})
+    key = {"model_id": model_id, "weights": "w", "calib_fingerprint": "c"}
+    store.record_strategy_choices(db, key, [{"strategy": s, "signal": "x", "n": n, "removed": r, "score": 0.0}
+                                            for s, n, r in choices])
+    return db, setup, key
+
+
+CHOICES = [("angular", 1, "2"), ("angular", 2, "1,2"), ("greedy", 1, "3"), ("greedy", 2, "2,3")]
+
+
+def test_oracle_is_the_best_variant_of_each_complete_size(tmp_path):
+    db, setup, _ = make_db(tmp_path, choices=CHOICES)
+    points = strategy_report.strategy_points(db, setup)
+    for n in range(1, L + 1):
+        best = min(itertools.combinations(range(L), n), key=ppl_of)
+        assert points["oracle"][n] == (variant_key(best), ppl_of(best))
+    assert points["angular"] == {1: ("2", ppl_of((2,))), 2: ("1,2", ppl_of((1, 2)))}
+    assert points["last-n"][2] == ("2,3", ppl_of((2, 3)))
+
+
+def test_no_oracle_for_a_size_that_is_not_fully_measured(tmp_path):
+    db, setup, _ = make_db(tmp_path, sizes=[0, 1], choices=CHOICES)
+    extra = {"setup_id": setup, "removed": "1,2", "n_removed": 2, "n_layers": 2, "ppl": 99.0, "status": "ok"}
+    store.record_result(db, extra)
+    points = strategy_report.strategy_points(db, setup)
+    assert set(points["oracle"]) == {1}
+    assert points["angular"][2] == ("1,2", 99.0)
+
+
+def test_table_gives_the_gap_to_the_oracle(tmp_path):
+    db, setup, _ = make_db(tmp_path, choices=CHOICES)
+    table = strategy_report.strategy_table(db, setup)
+    oracle_2 = min(ppl_of(r) for r in itertools.combinations(range(L), 2))
+    angular_row = next(line for line in table.splitlines() if line.startswith("| angular"))
+    gap = 100 * (ppl_of((1, 2)) / oracle_2 - 1)
+    assert f"{gap:+.1f}% vs oracle" in angular_row
+    assert re.search(r"\| greedy \| [\d.]+ \(3, \+0\.0% vs oracle\)", table)  # removing 3 is the best single
+    assert table.splitlines()[0] == "| strategy | 1 removed | 2 removed |"
+
+
+def test_table_is_none_without_signal_strategies(tmp_path):
+    db, setup, _ = make_db(tmp_path)
+    assert strategy_report.strategy_table(db, setup) is None
+
+
+def test_table_without_oracle_says_how_to_get_one(tmp_path):
+    db, setup, _ = make_db(tmp_path, sizes=[0], choices=[("greedy", 1, "3")])
+    store.record_result(db, {"setup_id": setup, "removed": "3", "n_removed": 1, "n_layers": 3, "ppl": 5.0,
+                             "status": "ok"})
+    assert "No oracle" in strategy_report.strategy_table(db, setup)
+    for removed in ("0", "1", "2"):  # now every single removal is measured: an oracle exists
+        store.record_result(db, {"setup_id": setup, "removed": removed, "n_removed": 1, "n_layers": 3,
+                                 "ppl": 6.0, "status": "ok"})
+    assert "No oracle" not in strategy_report.strategy_table(db, setup)
+
+
+def test_curve_and_heatmaps_are_written_as_png(tmp_path):
+    db, setup, key = make_db(tmp_path, choices=CHOICES)
+    rows = [{"metric": m, "start": l, "size": n, "value": 0.1 * (l + n), "n_sequences": 2, "n_tokens": 10}
+            for m in ("angular-last", "angular-all") for n in range(1, L + 1) for l in range(L - n + 1)]
+    rows += [{"metric": "block-influence", "start": l, "size": 1, "value": 0.01 * (l + 1), "n_sequences": 2,
+              "n_tokens": 10} for l in range(L)]
+    store.record_layer_similarity(db, key, "calib.txt", rows)
+    paths = strategy_report.strategy_curve(db, setup, tmp_path / "out")
+    paths += strategy_report.similarity_heatmaps(db, tmp_path / "out")
+    assert [p.name for p in paths] == [f"org__tiny-{setup}-strategies.png", "org__tiny-similarity.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
+
+
+def test_no_signals_no_heatmap(tmp_path):
+    db, _, _ = make_db(tmp_path)
+    assert strategy_report.similarity_heatmaps(db, tmp_path / "out") == []
+
+
+def test_old_db_without_the_new_tables_reads_as_empty(tmp_path):
+    db, setup, _ = make_db(tmp_path)
+    assert "strategy_choices" in db.table_names()
+    db.execute("DROP TABLE strategy_choices")
+    assert store.read_strategy_choices(db, setup) == []
+    assert store.similarity_overview(db) == []
+
+
+@pytest.mark.parametrize("model,name", [("gpt2", "gpt2"), ("/a/b c", "a__b_c")])
+def test_model_names_become_safe_file_names(model, name):
+    assert strategy_report._safe_name(model) == name
