@@ -6,18 +6,19 @@ view as a DataFrame, the same function users call) and setups from :func:`sweep.
 A report holds, for one setup of one model: the baseline, findings written from the numbers, a table and bar
 chart of single-layer removals, pair heatmaps, a table of combinatorial removals (long tables keep the best and
 the worst rows), the best / median / worst variant per number of removed layers, the Pareto fronts, and a
-footer saying how the numbers were produced. Figures are PNGs next to the report (:mod:`sweep.figures`).
+footer saying how the numbers were produced; with similarity signals or signal-guided strategies in the DB,
+heatmaps of d(l, n) and Block Influence and each strategy against the oracle. Figures are PNGs next to the report (:mod:`sweep.figures`).
 
 Sections are built by the functions in :data:`SECTIONS`, each ``(ReportContext) -> str | None``; None (no data
 for it) leaves the section out. Adding a section is one function plus one line in that list, e.g.::
 
-    def _similarity_section(ctx: ReportContext) -> str | None:
-        rows = store.read_similarity(ctx.db_path, setup=ctx.setup) if ctx.db_path else []
-        if not rows:
-            return None
-        return "## Layer similarity\n\n" + (ctx.figure("similarity", "layer similarity", plot_similarity) or "")
+    def _heal_section(ctx: ReportContext) -> str | None:
+        table = tasks_report.task_table(ctx.db_path, ctx.setup) if ctx.db_path else None
+        return None if table is None else "## Healing\n\n" + table
 
-    SECTIONS.insert(SECTIONS.index(_pairs_section) + 1, _similarity_section)   # or edit the list literal
+    SECTIONS.insert(SECTIONS.index(_pareto_section) + 1, _heal_section)   # or edit the list literal
+
+The similarity heatmaps and the strategy comparison (issue #5) come from :mod:`sweep.strategy_report`.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from typing import Any
 import pandas as pd
 
 import sweep
-from sweep import analysis, findings, store
+from sweep import analysis, findings, store, strategy_report
 from sweep.errors import SweepError, UnknownNameError
 from sweep.plan import parse_key
 
@@ -474,6 +475,39 @@ def _pareto_section(ctx: ReportContext) -> str | None:
     return "\n".join(lines).rstrip()
 
 
+def _image_lines(ctx: ReportContext, paths: list[Path], alt: str) -> list[str]:
+    ctx.figures_written.extend(paths)
+    return [f"![{alt}]({path.name})" for path in paths]
+
+
+def _similarity_section(ctx: ReportContext) -> str | None:
+    """Heatmaps of the angular distance d(l, n) and Block Influence (`sweep similarity`), when the DB has them."""
+    if ctx.db_path is None or ctx.figures_dir is None:
+        return None
+    paths = strategy_report.similarity_heatmaps(ctx.db_path, ctx.figures_dir, model=ctx.model)
+    if not paths:
+        return None
+    return _join("## Layer similarity",
+                 "Angular distance d(l, n) = arccos(cos(h_l, h_{l+n})) / π between the residual stream entering "
+                 "layer l and entering layer l + n (Gromov et al. 2024), and Block Influence 1 − cos(h_in, h_out) "
+                 "per layer (ShortGPT), on the calibration text. Low values mark layers that change the stream "
+                 "least.", *_image_lines(ctx, paths, "angular distance and block influence"))
+
+
+def _strategies_section(ctx: ReportContext) -> str | None:
+    """Each strategy's chosen variants against the oracle (best measured variant per number removed)."""
+    if ctx.db_path is None or ctx.setup is None:
+        return None
+    table = strategy_report.strategy_table(ctx.db_path, ctx.setup)
+    if table is None:
+        return None
+    images = []
+    if ctx.figures_dir is not None:
+        images = _image_lines(ctx, strategy_report.strategy_curve(ctx.db_path, ctx.setup, ctx.figures_dir),
+                              "perplexity against the fraction of layers removed, per strategy")
+    return _join("## Strategies", *images, table)
+
+
 def _footer_part(ctx: ReportContext) -> str:
     return _footer(ctx.info, ctx.rows, ctx.model)
 
@@ -486,6 +520,8 @@ SECTIONS: list[Section] = [
     _combinatorial_part,
     _per_n_part,
     _pareto_section,
+    _similarity_section,
+    _strategies_section,
     _footer_part,
 ]
 """Section builders in report order. Each returns markdown starting with ``## Title``, or None to leave it out."""

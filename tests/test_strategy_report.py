@@ -109,3 +109,29 @@ def test_old_db_without_the_new_tables_reads_as_empty(tmp_path):
 @pytest.mark.parametrize("model,name", [("gpt2", "gpt2"), ("/a/b c", "a__b_c")])
 def test_model_names_become_safe_file_names(model, name):
     assert strategy_report._safe_name(model) == name
+
+
+def test_model_report_has_similarity_and_strategy_sections(tmp_path):
+    from sweep.report import write_reports
+
+    db, setup, key = make_db(tmp_path, choices=CHOICES)
+    rows = [{"metric": m, "start": l, "size": n, "value": 0.1 * (l + n), "n_sequences": 2, "n_tokens": 10}
+            for m in ("angular-last", "angular-all", "block-influence") for n in (1,) for l in range(L)]
+    store.record_layer_similarity(db, key, "calib.txt", rows)
+    out = tmp_path / "reports"
+    [path] = write_reports(tmp_path / "r.db", out)
+    text = path.read_text()
+    assert "## Layer similarity" in text and "## Strategies" in text
+    assert f"![perplexity against the fraction of layers removed, per strategy](org__tiny-{setup}-strategies.png)" \
+        in text and (out / f"org__tiny-{setup}-strategies.png").exists()
+    assert "(org__tiny-similarity.png)" in text and (out / "org__tiny-similarity.png").exists()
+    assert text.index("## Strategies") < text.index("| angular |")
+
+
+def test_model_report_without_strategies_has_no_such_sections(tmp_path):
+    from sweep.report import write_reports
+
+    make_db(tmp_path)
+    [path] = write_reports(tmp_path / "r.db", tmp_path / "reports")
+    text = path.read_text()
+    assert "## Strategies" not in text and "## Layer similarity" not in text
