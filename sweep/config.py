@@ -107,7 +107,7 @@ class SweepConfig:
     heal_steps: int = 200
     """Optimizer steps of the LoRA heal."""
     heal_lr: float = 2e-4
-    """Peak learning rate of the LoRA heal (AdamW, linear warm-up over the first 10 % of steps, then constant)."""
+    """Peak learning rate of the LoRA heal (AdamW; linear warm-up over the first tenth of the steps, then constant)."""
     heal_batch_size: int = 4
     """Sequences per healing step."""
     heal_seq: int = 256

@@ -145,8 +145,13 @@ def select_variants(cfg: SweepConfig, n_layers: int, db) -> list[Removal]:
     """The variants `sweep tasks` evaluates, baseline first: --remove, else --best K, else --pareto, else --strategy.
 
     Raises:
+        ConfigError: more than one of --remove, --best, --pareto.
         SweepError: --best/--pareto with no perplexity results of this model in --db.
     """
+    given = [name for name, value in (("--remove", cfg.remove), ("--best", cfg.best), ("--pareto", cfg.pareto))
+             if value]
+    if len(given) > 1:
+        raise ConfigError(f"choose variants with one of --remove, --best, --pareto (got {' and '.join(given)})")
     if cfg.remove:
         chosen = parse_remove(cfg.remove, n_layers)
     elif cfg.best or cfg.pareto:

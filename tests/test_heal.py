@@ -158,3 +158,21 @@ def test_fresh_lora_adapters_leave_the_pruned_model_unchanged_and_merging_keeps_
         merged = wrapped.merge_and_unload()
         assert torch.allclose(merged(input_ids=ids).logits, adapted, atol=1e-5)
     assert len(models.decoder_layers(model)) == 4  # the removed layer is back, untouched by LoRA
+
+
+@pytest.mark.parametrize("remove", [None, "1;2", ""])
+def test_cli_heal_needs_exactly_one_group_of_layers(tmp_path, capsys, tiny_gpt2_dir, remove):
+    from sweep.cli import main
+
+    argv = ["heal", "--model", str(tiny_gpt2_dir), "--db", str(tmp_path / "r.db")]
+    code = main(argv + (["--remove", remove] if remove is not None else []))
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("sweep: error: ") and "--remove" in err and "Traceback" not in err
+    assert not (tmp_path / "r.db").exists()
+
+
+def test_cli_bad_lora_value_names_the_flag(tmp_path, capsys, tiny_gpt2_dir):
+    from sweep.cli import main
+
+    code = main(["heal", "--model", str(tiny_gpt2_dir), "--remove", "1", "--lora-dropout", "1.5"])
+    assert code == 2 and "`--lora-dropout`" in capsys.readouterr().err

@@ -208,3 +208,38 @@ def test_best_without_perplexities_says_to_run_first(tmp_path, tiny_gpt2_dir, ta
     cfg = tasks_config(tiny_gpt2_dir, task_dir, tmp_path / "r.db", remove=None, pareto=True)
     with pytest.raises(SweepError, match="sweep run"):
         select_variants(cfg, 4, store.open_db(tmp_path / "r.db"))
+
+
+def test_only_one_way_of_choosing_variants(tmp_path, tiny_gpt2_dir, task_dir):
+    from sweep.tasks import select_variants
+
+    cfg = tasks_config(tiny_gpt2_dir, task_dir, tmp_path / "r.db", remove="1", best=2)
+    with pytest.raises(ConfigError, match="--remove and --best"):
+        select_variants(cfg, 4, store.open_db(tmp_path / "r.db"))
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def test_cli_tasks_stores_rows_and_resumes(tmp_path, capsys, tiny_gpt2_dir, task_dir):
+    from sweep.cli import main
+
+    db = tmp_path / "results.db"
+    argv = ["tasks", "--model", str(tiny_gpt2_dir), "--tasks", "toy_arith", "--task-include", str(task_dir),
+            "--limit", "4", "--remove", "3", "--db", str(db), "--device", "cpu", "--quiet"]
+    assert main(argv) == 0
+    assert "2 variants evaluated" in capsys.readouterr().out
+    assert {r["removed"] for r in store.read_task_results(db)} == {"", "3"}
+    assert main(argv) == 0
+    assert "0 variants evaluated, 2 already in" in capsys.readouterr().out
+
+
+def test_cli_tasks_unknown_task_is_one_error_line(tmp_path, capsys, tiny_gpt2_dir, task_dir):
+    from sweep.cli import main
+
+    code = main(["tasks", "--model", str(tiny_gpt2_dir), "--tasks", "toy_arith,toy_arth", "--task-include",
+                 str(task_dir), "--db", str(tmp_path / "r.db"), "--remove", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith("sweep: error: unknown lm-eval task 'toy_arth'") and "toy_arith" in err
+    assert not (tmp_path / "r.db").exists()
