@@ -577,16 +577,19 @@ def read_task_results(path_or_db: str | Path | sqlite_utils.Database,
     if model is not None:
         sql += " WHERE m.name = ?"
         params.append(model)
-    return _query(db, sql + " ORDER BY m.name, s.created_at, s.task, t.n_removed, t.removed, t.heal_id", params)
+    return _query(db, sql + " ORDER BY m.name, s.created_at, s.rowid, t.n_removed, t.removed, t.heal_id", params)
 
 
 def read_heals(path_or_db: str | Path | sqlite_utils.Database, model: str | None = None) -> list[dict[str, Any]]:
-    """Heal rows with their model name and the unhealed variant's stored perplexity (``ppl_pruned``)."""
+    """Heal rows with their model name and layer count, the unhealed variant's stored perplexity (``ppl_pruned``)
+    and the baseline's (``ppl_base``) in the same setup."""
     db = path_or_db if isinstance(path_or_db, sqlite_utils.Database) else open_db(path_or_db, create=False)
     if "heals" not in db.table_names():
         return []
-    sql = ("SELECT m.name AS model, h.*, r.ppl AS ppl_pruned FROM heals h JOIN models m ON m.id = h.model_id "
-           "LEFT JOIN results r ON r.setup_id = h.setup_id AND r.removed = h.removed")
+    sql = ("SELECT m.name AS model, m.n_layers AS model_layers, h.*, r.ppl AS ppl_pruned, b.ppl AS ppl_base "
+           "FROM heals h JOIN models m ON m.id = h.model_id "
+           "LEFT JOIN results r ON r.setup_id = h.setup_id AND r.removed = h.removed "
+           "LEFT JOIN results b ON b.setup_id = h.setup_id AND b.removed = '' AND b.status = 'ok'")
     params: list[Any] = []
     if model is not None:
         sql += " WHERE m.name = ?"
