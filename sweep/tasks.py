@@ -9,10 +9,12 @@ smoothly (Gromov et al. 2024, https://arxiv.org/abs/2403.17887), which is why th
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import hashlib
 import json
+import logging
 import math
 import socket
 import time
@@ -198,7 +200,7 @@ def evaluate_tasks(model, tokenizer, removed: Removal, names: Sequence[str], cfg
 
     from sweep import models
 
-    with models.pruned(model, removed):
+    with models.pruned(model, removed), _quiet_lm_eval():
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
         out = simple_evaluate(model=lm, tasks=list(names), num_fewshot=cfg.num_fewshot, limit=cfg.limit,
                               task_manager=manager, log_samples=False, random_seed=cfg.seed,
@@ -211,6 +213,18 @@ def evaluate_tasks(model, tokenizer, removed: Removal, names: Sequence[str], cfg
         entry["_n_samples"] = (samples.get(name) or {}).get("effective")
         results[name] = entry
     return results
+
+
+@contextlib.contextmanager
+def _quiet_lm_eval():
+    """lm-eval logs warnings meant for its own CLI on every call (e.g. that a model object was passed); keep errors."""
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def task_rows(removed: Removal, n_layers: int, names: Sequence[str], setups: dict[str, str],
