@@ -92,7 +92,7 @@ def heal_sequences(cfg: SweepConfig, tokenizer) -> tuple[torch.Tensor, torch.Ten
         DataError: the text is too short for two sequences.
     """
     name = data.describe(cfg.heal_data, cfg.heal_data_config, cfg.heal_split)
-    text = data.load_text(cfg.heal_data, cfg.heal_data_config, cfg.heal_split, cfg.text_column)
+    text = _load_heal_text(cfg, cfg.heal_split)
     train_tokens = data.tokenize(text, tokenizer, name, cfg.cache_dir)
     train = sequences(train_tokens.ids, cfg.heal_seq)
     held_name = data.describe(cfg.heal_data, cfg.heal_data_config, cfg.heal_eval_split)
@@ -102,11 +102,19 @@ def heal_sequences(cfg: SweepConfig, tokenizer) -> tuple[torch.Tensor, torch.Ten
                             f"sequences of --heal-seq {cfg.heal_seq}")
         n_held = max(1, len(train) // 10)
         return train[:-n_held], train[-n_held:], train_tokens, f"{name} (last {n_held} sequences)"
-    held_text = data.load_text(cfg.heal_data, cfg.heal_data_config, cfg.heal_eval_split, cfg.text_column)
+    held_text = _load_heal_text(cfg, cfg.heal_eval_split)
     held = sequences(data.tokenize(held_text, tokenizer, held_name, cfg.cache_dir).ids, cfg.heal_seq)
     if not len(train) or not len(held):
         raise DataError(f"--heal-data {cfg.heal_data}: fewer tokens than one sequence of --heal-seq {cfg.heal_seq}")
     return train, held, train_tokens, held_name
+
+
+def _load_heal_text(cfg: SweepConfig, split: str) -> str:
+    """The healing text of one split; data errors name --heal-data (they are worded for --data)."""
+    try:
+        return data.load_text(cfg.heal_data, cfg.heal_data_config, split, cfg.text_column)
+    except DataError as exc:
+        raise DataError(str(exc).replace("--data ", "--heal-data ", 1)) from None
 
 
 def fixed_batches(seqs: torch.Tensor, batch_size: int, n_batches: int) -> list[torch.Tensor]:
@@ -229,6 +237,7 @@ def heal_and_measure(worker, removed: Removal, cfg: SweepConfig, targets: Sequen
         with models.pruned(model, removed):
             columns.update(heal_loss_before=mean_loss(model, heal_batches),
                            eval_loss_before=mean_loss(model, held_batches))
+            torch.manual_seed(cfg.seed)  # LoRA's A matrices and dropout draw from the global generator
             peft_model = lora_model(model, cfg, targets)
             columns["trainable_params"] = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
             train_lora(peft_model, train, held_batches, cfg, progress)

@@ -215,6 +215,15 @@ def evaluate_tasks(model, tokenizer, removed: Removal, names: Sequence[str], cfg
     return results
 
 
+def _why_no_value(name: str, value: float | None, metrics: dict) -> str:
+    if not metrics:
+        return (f"lm-eval reported no metric under {name!r} (a tag runs several tasks without an aggregate: "
+                "name its tasks, or a group, in --tasks)")
+    if value is not None:
+        return f"{name}: headline metric is {value}"
+    return f"no accuracy-like metric ({', '.join(HEADLINE_METRICS)}) among {sorted(metrics)}"
+
+
 @contextlib.contextmanager
 def _quiet_lm_eval():
     """lm-eval logs warnings meant for its own CLI on every call (e.g. that a model object was passed); keep errors."""
@@ -241,8 +250,8 @@ def task_rows(removed: Removal, n_layers: int, names: Sequence[str], setups: dic
             rows.append({**row, "status": "failed", "error": error})
             continue
         metric, value, stderr, metrics = headline(results[name])
-        status, why = ("ok", None) if value is not None and math.isfinite(value) else \
-            ("failed", f"no accuracy-like metric among {sorted(metrics) or 'none'}")
+        status, why = ("ok", None) if value is not None and math.isfinite(value) else ("failed", _why_no_value(
+            name, value, metrics))
         rows.append({**row, "metric": metric, "value": value, "stderr": stderr,
                      "metrics": json.dumps(metrics, sort_keys=True), "n_samples": results[name].get("_n_samples"),
                      "status": status, "error": why})

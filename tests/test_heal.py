@@ -176,3 +176,25 @@ def test_cli_bad_lora_value_names_the_flag(tmp_path, capsys, tiny_gpt2_dir):
 
     code = main(["heal", "--model", str(tiny_gpt2_dir), "--remove", "1", "--lora-dropout", "1.5"])
     assert code == 2 and "`--lora-dropout`" in capsys.readouterr().err
+
+
+def test_missing_healing_data_names_heal_data(tmp_path, tiny_gpt2_dir, texts):
+    from sweep.errors import DataError
+    from sweep.heal import heal_sequences
+    from sweep.worker import load_tokenizer
+
+    cfg = heal_config(tiny_gpt2_dir, texts, tmp_path / "r.db", tmp_path / "cache", heal_data=str(tmp_path / "no.txt"))
+    with pytest.raises(DataError, match="^--heal-data "):
+        heal_sequences(cfg, load_tokenizer(cfg))
+
+
+def test_a_local_healing_file_holds_out_its_last_tenth(tmp_path, tiny_gpt2_dir, texts):
+    from sweep.heal import heal_sequences
+    from sweep.worker import load_tokenizer
+
+    cfg = heal_config(tiny_gpt2_dir, texts, tmp_path / "r.db", tmp_path / "cache")
+    tokenizer = load_tokenizer(cfg)
+    train, held, _, held_name = heal_sequences(cfg, tokenizer)
+    everything = sequences(tokenizer(texts[1].read_text())["input_ids"], cfg.heal_seq)
+    assert torch.equal(torch.cat([train, held]), everything)
+    assert len(held) == len(everything) // 10 and "last" in held_name
