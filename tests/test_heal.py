@@ -1,6 +1,7 @@
 """`sweep heal`: LoRA healing of a pruned tiny model, offline on CPU."""
 from __future__ import annotations
 
+import importlib.util
 import sqlite3
 from pathlib import Path
 
@@ -60,9 +61,16 @@ def heal_config(model_dir: Path, texts, db: Path, cache: Path, **extra):
 
 @pytest.fixture(scope="module")
 def healed(tmp_path_factory, trained_dir, texts):
-    """One heal of the variant without layer 2, exported; returns (config, heal row, export dir)."""
+    """One heal of the variant without layer 2, exported, with --heal-tasks when lm-eval is installed;
+    returns (config, heal row, export dir)."""
     tmp = tmp_path_factory.mktemp("heal")
     cfg = heal_config(trained_dir, texts, tmp / "results.db", tmp / "cache")
+    if importlib.util.find_spec("lm_eval") is not None:
+        from toy_tasks import arithmetic_docs, write_task
+
+        task_dir = write_task(tmp / "tasks", "toy_arith", arithmetic_docs())
+        cfg = heal_config(trained_dir, texts, tmp / "results.db", tmp / "cache", heal_tasks=True, tasks="toy_arith",
+                          task_include=str(task_dir))
     row = heal_variant(cfg, (2,), export=str(tmp / "export"), log=lambda s: None, progress=False)
     return cfg, row, tmp / "export"
 
@@ -85,6 +93,15 @@ def test_healed_row_links_to_its_unhealed_variant(healed):
     assert stored["ppl_pruned"] == unhealed["ppl"] == pytest.approx(stored["ppl_unhealed"])
     assert (stored["lora_r"], stored["lora_alpha"], stored["steps"], stored["method"]) == (8, 16, 30, "lora")
     assert stored["lora_targets"] == "c_attn,c_proj,c_fc"
+
+
+def test_heal_tasks_store_base_pruned_and_healed_rows_linked_by_heal_id(healed):
+    pytest.importorskip("lm_eval")
+    cfg, row, _ = healed
+    rows = {(r["removed"], r["heal_id"]): r for r in store.read_task_results(cfg.db)}
+    assert set(rows) == {("", ""), ("2", ""), ("2", row["id"])}
+    assert all(r["status"] == "ok" and r["task"] == "toy_arith" for r in rows.values())
+    assert len({r["setup"] for r in rows.values()}) == 1  # healed rows share the task setup of the unhealed ones
 
 
 def test_export_reloads_generates_and_has_the_healed_perplexity(healed):
@@ -110,7 +127,10 @@ def _fields(cfg) -> dict:
 
 
 def test_the_same_heal_twice_is_not_redone(healed):
+    from dataclasses import replace
+
     cfg, row, _ = healed
+    cfg = replace(cfg, heal_tasks=False)  # --heal-tasks or --export would need the healed model again
     again = heal_variant(cfg, (2,), log=lambda s: None, progress=False)
     assert again["id"] == row["id"] and again["measured_at"] == store.read_heals(cfg.db)[0]["measured_at"]
     conn = sqlite3.connect(cfg.db)

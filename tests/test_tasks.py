@@ -1,7 +1,6 @@
 """`sweep tasks`: lm-eval on a tiny model against a local multiple-choice task the test writes, offline."""
 from __future__ import annotations
 
-import json
 import math
 import sqlite3
 from pathlib import Path
@@ -14,36 +13,7 @@ from sweep import store  # noqa: E402
 from sweep.config import build_config  # noqa: E402
 from sweep.errors import ConfigError, MissingExtraError  # noqa: E402
 from sweep.tasks import best_per_size, check_task_names, pareto_front, run_tasks, task_manager  # noqa: E402
-
-N_DOCS = 12
-
-
-def write_task(root: Path, name: str, rows: list[dict] | None, data_file: str = "data.jsonl") -> Path:
-    """A multiple-choice lm-eval task whose dataset is a local JSON-lines file (no hub)."""
-    root.mkdir(parents=True, exist_ok=True)
-    if rows is not None:
-        (root / data_file).write_text("\n".join(json.dumps(r) for r in rows))
-    (root / f"{name}.yaml").write_text(f"""task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {root / data_file}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: label
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-""")
-    return root
-
-
-def arithmetic_docs(n: int = N_DOCS) -> list[dict]:
-    return [{"question": f"{a} plus {b} is", "choices": [str(a + b), str(a + b + 1), str(a * b + 7)],
-             "label": (a + b) % 3} for a, b in ((i % 5, i // 5 + 1) for i in range(n))]
+from toy_tasks import N_DOCS, arithmetic_docs, write_task  # noqa: E402
 
 
 @pytest.fixture(scope="module")
