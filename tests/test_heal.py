@@ -116,7 +116,7 @@ def test_export_reloads_generates_and_has_the_healed_perplexity(healed):
     model = AutoModelForCausalLM.from_pretrained(export).eval()
     assert model.config.num_hidden_layers == 3
     prompt = torch.tensor([[10, 20, 30, 40]])
-    out = model.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    out = model.generate(prompt, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 9)
     # The exported model (physically pruned, LoRA merged) measured as a plain model gives the healed perplexity.
     reloaded = load_worker(build_config(**{**_fields(cfg), "model": str(export)})).evaluate([])
