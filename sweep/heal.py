@@ -12,7 +12,6 @@ one `sweep heal` heals one variant.
 """
 from __future__ import annotations
 
-import math
 import socket
 import time
 from collections.abc import Callable, Sequence

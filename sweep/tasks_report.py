@@ -7,6 +7,7 @@ of task accuracy and perplexity against the fraction of layers removed. Data com
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -83,6 +84,13 @@ def _task_lines(rows: Sequence[Row]) -> list[str]:
     return lines
 
 
+def _ppl_change(value: float | None, base: float | None) -> str:
+    """``12.00 (+20.0 %)``: a perplexity and its change against the base."""
+    if value is None:
+        return "—"
+    return f"{value:.2f}" + (f" ({100 * (value / base - 1):+.1f} %)" if base else "")
+
+
 def _perplexity_lines(heals: Sequence[Row]) -> list[str]:
     """One perplexity row per healed variant (newest heal): base, pruned and healed, change in %."""
     newest: dict[str, Row] = {}
@@ -90,16 +98,10 @@ def _perplexity_lines(heals: Sequence[Row]) -> list[str]:
         newest[h["removed"]] = h
     lines = []
     for h in sorted(newest.values(), key=lambda h: (h["n_removed"], h["removed"])):
-        def ppl(value: float | None) -> str:
-            if value is None:
-                return "—"
-            change = f" ({100 * (value / h['ppl_base'] - 1):+.1f} %)" if h.get("ppl_base") else ""
-            return f"{value:.2f}{change}"
-
         base = f"{h['ppl_base']:.2f}" if h.get("ppl_base") else "—"
         lines.append(f"| {_variant_label(h['removed'], h['n_removed'], h['model_layers'])} | perplexity "
                      f"(heal {h['id']}: LoRA r={h['lora_r']}, {h['steps']} steps) | {base} | "
-                     f"{ppl(h['ppl_unhealed'])} | {ppl(h['ppl'])} |")
+                     f"{_ppl_change(h['ppl_unhealed'], h.get('ppl_base'))} | {_ppl_change(h['ppl'], h.get('ppl_base'))} |")
     return lines
 
 
@@ -133,7 +135,7 @@ def steepest_drop(curve: Sequence[tuple[float, float]]) -> tuple[float, float, f
 
     Example: [(0, 80), (0.25, 76), (0.5, 30), (0.75, 28)] -> (0.25, 0.5, 46).
     """
-    drops = [(a[0], b[0], a[1] - b[1]) for a, b in zip(curve, curve[1:])]
+    drops = [(a[0], b[0], a[1] - b[1]) for a, b in itertools.pairwise(curve)]
     return max(drops, key=lambda d: d[2]) if drops and max(d[2] for d in drops) > 0 else None
 
 

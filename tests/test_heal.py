@@ -10,11 +10,12 @@ import torch
 
 pytest.importorskip("peft")
 
-from sweep import models, store  # noqa: E402
-from sweep.config import build_config  # noqa: E402
-from sweep.errors import MissingExtraError  # noqa: E402
-from sweep.heal import heal_variant, sequences  # noqa: E402
-from tiny import FAMILIES, tiny_model  # noqa: E402
+from tiny import FAMILIES, tiny_model
+
+from sweep import models, store
+from sweep.config import build_config
+from sweep.errors import MissingExtraError
+from sweep.heal import heal_variant, sequences
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,9 +56,10 @@ def trained_dir(tmp_path_factory, byte_tokenizer_dir, texts) -> Path:
 
 
 def heal_config(model_dir: Path, texts, db: Path, cache: Path, **extra):
-    values = dict(model=str(model_dir), data=str(texts[0]), heal_data=str(texts[1]), db=str(db), cache_dir=str(cache),
-                  max_tokens=512, max_length=64, latency="off", device="cpu", heal_steps=30, heal_seq=64,
-                  heal_batch_size=8, heal_lr=1e-2, heal_eval_every=10, heal_eval_batches=2, lora_r=8, lora_alpha=16)
+    values = {"model": str(model_dir), "data": str(texts[0]), "heal_data": str(texts[1]), "db": str(db),
+              "cache_dir": str(cache), "max_tokens": 512, "max_length": 64, "latency": "off", "device": "cpu",
+              "heal_steps": 30, "heal_seq": 64, "heal_batch_size": 8, "heal_lr": 1e-2, "heal_eval_every": 10,
+              "heal_eval_batches": 2, "lora_r": 8, "lora_alpha": 16}
     values.update(extra)
     return build_config(**values)
 
@@ -90,6 +92,7 @@ def test_healed_row_links_to_its_unhealed_variant(healed):
     heals = store.read_heals(cfg.db)
     assert len(heals) == 1
     stored = heals[0]
+    assert stored["id"] == row["id"]
     assert (stored["removed"], stored["n_removed"], stored["n_layers"]) == ("2", 1, 3)
     unhealed = store.find_result(store.open_db(cfg.db), stored["setup_id"], "2")
     assert unhealed is not None and unhealed["status"] == "ok"  # the link points at a real results row

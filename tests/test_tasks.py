@@ -9,11 +9,12 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
-from sweep import store  # noqa: E402
-from sweep.config import build_config  # noqa: E402
-from sweep.errors import ConfigError, MissingExtraError  # noqa: E402
-from sweep.tasks import best_per_size, check_task_names, pareto_front, run_tasks, task_manager  # noqa: E402
-from toy_tasks import N_DOCS, arithmetic_docs, write_task  # noqa: E402
+from toy_tasks import N_DOCS, arithmetic_docs, write_task
+
+from sweep import store
+from sweep.config import build_config
+from sweep.errors import ConfigError, MissingExtraError
+from sweep.tasks import best_per_size, check_task_names, pareto_front, run_tasks, task_manager
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +23,8 @@ def task_dir(tmp_path_factory) -> Path:
 
 
 def tasks_config(model_dir: Path, task_dir: Path, db: Path, **extra):
-    values = dict(model=str(model_dir), tasks="toy_arith", task_include=str(task_dir), db=str(db), limit=N_DOCS,
-                  batch_size=4, device="cpu", remove="1;0,2")
+    values = {"model": str(model_dir), "tasks": "toy_arith", "task_include": str(task_dir), "db": str(db),
+              "limit": N_DOCS, "batch_size": 4, "device": "cpu", "remove": "1;0,2"}
     values.update(extra)
     return build_config(**values)
 
