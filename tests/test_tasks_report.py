@@ -88,3 +88,19 @@ def test_best_by_fraction_and_steepest_drop():
     assert best_by_fraction([(0.25, 9.0), (0.25, 7.0)], higher_is_better=False) == [(0.25, 7.0)]
     assert steepest_drop([(0, 80), (0.25, 76), (0.5, 30), (0.75, 28)]) == (0.25, 0.5, 46)
     assert steepest_drop([(0, 1), (0.5, 2)]) is None
+
+
+def test_an_older_db_gains_the_task_and_heal_tables_in_place(tmp_path):
+    path = tmp_path / "old.db"
+    db = store.open_db(path)
+    model_id = store.upsert_model(db, "toy", None, "float32", LAYERS, "GPT2LMHeadModel")
+    setup = store.upsert_setup(db, model_id, {"data": "t"})
+    store.record_result(db, {"setup_id": setup, "removed": "", "n_removed": 0, "ppl": 10.0, "status": "ok"})
+    with db.conn:
+        for table in ("task_results", "task_setups", "heals"):
+            db[table].drop()  # as written by a sweep from before issue #7
+    db.conn.close()
+    assert store.read_task_results(path) == [] and store.read_heals(path) == []
+    reopened = store.open_db(path)
+    assert {"task_setups", "task_results", "heals"} <= set(reopened.table_names())
+    assert [r["ppl"] for r in store.read_view(reopened)] == [10.0]
