@@ -7,13 +7,19 @@ from dataclasses import fields
 from pathlib import Path
 
 from sweep import __version__
-from sweep.config import SweepConfig, build_config, field_docs, flag
+from sweep.config import COMMAND_ONLY_FIELDS, TASK_FIELDS, SweepConfig, build_config, field_docs, flag
 from sweep.errors import SweepError
 
 EXIT_USAGE = 2
 
 MODEL_FIELDS = ("model", "revision", "dtype", "device", "tokenizer", "random_init", "trust_remote_code")
 """Fields `sweep export` needs (it evaluates nothing)."""
+
+TASKS_COMMAND_FIELDS = MODEL_FIELDS + ("db", "batch_size", "seed", "strategy", "k", "n", "remove", "force") + TASK_FIELDS
+"""Fields of `sweep tasks`: the model, the variant choice and the lm-eval settings (no perplexity text)."""
+HEAL_COMMAND_FIELDS = tuple(f.name for f in fields(SweepConfig)
+                            if f.name not in ("strategy", "k", "n", "force", "best", "pareto"))
+"""Fields of `sweep heal`: everything of `sweep run` that defines its setup (so rows link), plus LoRA and tasks."""
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
@@ -22,6 +28,8 @@ def _add_config_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | 
     for f in fields(SweepConfig):
         if names is not None and f.name not in names:
             continue
+        if names is None and f.name in COMMAND_ONLY_FIELDS:
+            continue  # settings of `sweep tasks` / `sweep heal` only: not flags of run and plan
         option = f"--{flag(f.name)}"
         if f.type.startswith("bool"):
             parser.add_argument(option, action="store_const", const=True, default=None, help=docs.get(f.name))
@@ -86,7 +94,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_preset_flag(similarity)
     _add_config_flags(similarity)
     similarity.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_tasks_and_heal_parsers(sub)
     return parser
+
+
+def _add_tasks_and_heal_parsers(sub) -> None:
+    """`sweep tasks` and `sweep heal` (issue #7)."""
+    tasks = sub.add_parser("tasks", help="accuracy of chosen variants on lm-eval tasks, stored in table task_results")
+    _add_preset_flag(tasks)
+    _add_config_flags(tasks, TASKS_COMMAND_FIELDS)
+    tasks.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    heal = sub.add_parser("heal", help="LoRA-heal one pruned variant, re-measure it, store it in table heals")
+    _add_preset_flag(heal)
+    _add_config_flags(heal, HEAL_COMMAND_FIELDS)
+    heal.add_argument("--export", metavar="DIR", default=None,
+                      help="save the healed (LoRA-merged, physically pruned) model to DIR; reloads with from_pretrained")
+    heal.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _config_from(args: argparse.Namespace, names: tuple[str, ...] | None = None) -> SweepConfig:
@@ -159,8 +183,29 @@ def cmd_similarity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from sweep.tasks import run_tasks
+
+    run_tasks(_config_from(args, TASKS_COMMAND_FIELDS), progress=not args.quiet)
+    return 0
+
+
+def cmd_heal(args: argparse.Namespace) -> int:
+    from sweep import models
+    from sweep.heal import heal_variant
+    from sweep.plan import parse_remove
+
+    cfg = _config_from(args, HEAL_COMMAND_FIELDS)
+    n_layers = models.n_layers_of(models.load_config(cfg.model, cfg.revision, cfg.trust_remote_code))
+    removals = parse_remove(cfg.remove, n_layers) if cfg.remove else []
+    if len(removals) != 1 or not removals[0]:
+        raise SweepError('`--remove` for heal takes one group of layers to remove, e.g. --remove "9,10,11"')
+    row = heal_variant(cfg, removals[0], export=args.export, progress=not args.quiet)
+    return 0 if row["status"] == "ok" else 1
+
+
 COMMANDS = {"run": cmd_run, "plan": cmd_plan, "report": cmd_report, "export": cmd_export, "status": cmd_status}
-COMMANDS["similarity"] = cmd_similarity
+COMMANDS.update(similarity=cmd_similarity, tasks=cmd_tasks, heal=cmd_heal)
 
 
 def main(argv: list[str] | None = None) -> int:

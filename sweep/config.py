@@ -96,6 +96,51 @@ class SweepConfig:
     """Which tokens the `angular` strategy averages d(l, n) over: last (Gromov et al., PruneMe) or all."""
     allow_last: bool = False
     """Let the `angular` strategy remove a block that includes the final layer."""
+    # ---- downstream tasks (`sweep tasks`) and LoRA healing (`sweep heal`), issue #7; not flags of run/plan
+    tasks: str = "boolq,lambada_openai,lambada_standard,arc_easy"
+    """Comma-separated lm-evaluation-harness task names for `sweep tasks` (any lm-eval task, e.g. mmlu)."""
+    task_include: str | None = None
+    """Directory of extra lm-eval task YAML files (custom or local tasks), added to lm-eval's own."""
+    num_fewshot: int = 0
+    """Few-shot examples in each task prompt."""
+    limit: int | None = None
+    """Evaluate only the first N examples of each task (quick runs; part of the task setup id)."""
+    best: int | None = None
+    """`sweep tasks`: the K lowest-perplexity variants per number of removed layers, read from --db."""
+    pareto: bool = False
+    """`sweep tasks`: the variants on the parameters/perplexity Pareto front, read from --db."""
+    lora_r: int = 16
+    """LoRA rank of `sweep heal`."""
+    lora_alpha: int = 32
+    """LoRA scaling alpha (the update is scaled by alpha / r)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA input during healing."""
+    lora_targets: str | None = None
+    """Comma-separated module names LoRA adapts; default every attention and MLP projection of the family."""
+    heal_steps: int = 200
+    """Optimizer steps of the LoRA heal."""
+    heal_lr: float = 2e-4
+    """Peak learning rate of the LoRA heal (AdamW; linear warm-up over the first tenth of the steps, then constant)."""
+    heal_batch_size: int = 4
+    """Sequences per healing step."""
+    heal_seq: int = 256
+    """Tokens per healing sequence."""
+    heal_data: str = "Salesforce/wikitext"
+    """Healing text: hub dataset id or local .parquet/.txt/.jsonl file (as --data)."""
+    heal_data_config: str | None = "wikitext-2-raw-v1"
+    """Hub configuration of --heal-data."""
+    heal_split: str = "train"
+    """Split of --heal-data trained on."""
+    heal_eval_split: str = "validation"
+    """Split of --heal-data whose loss is logged before, during and after healing (held out)."""
+    heal_eval_batches: int = 8
+    """Held-out batches (of --heal-batch-size sequences) in each evaluation loss."""
+    heal_eval_every: int = 50
+    """Steps between held-out evaluation losses during healing."""
+    heal_tasks: bool = False
+    """`sweep heal`: also evaluate --tasks on the base, pruned and healed model."""
+    qlora: bool = False
+    """Heal with QLoRA (4-bit base weights; needs CUDA and bitsandbytes)."""
 
     def __post_init__(self) -> None:
         validate(self)
@@ -144,6 +189,40 @@ def _validate_similarity(cfg: SweepConfig) -> None:
         raise UnknownNameError("--angular-tokens", cfg.angular_tokens, ANGULAR_TOKENS)
     if cfg.calib_max_tokens is not None and cfg.calib_max_tokens < 2:
         raise ConfigError(f"`--calib-max-tokens` must be at least 2, got {cfg.calib_max_tokens}")
+    validate_tasks_and_heal(cfg)
+
+
+TASK_FIELDS = ("tasks", "task_include", "num_fewshot", "limit", "best", "pareto")
+"""Fields only `sweep tasks` (and `sweep heal --heal-tasks`) read."""
+HEAL_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "heal_steps", "heal_lr", "heal_batch_size",
+               "heal_seq", "heal_data", "heal_data_config", "heal_split", "heal_eval_split", "heal_eval_batches",
+               "heal_eval_every", "heal_tasks", "qlora")
+"""Fields only `sweep heal` reads."""
+COMMAND_ONLY_FIELDS = TASK_FIELDS + HEAL_FIELDS
+"""Fields that `sweep run` and `sweep plan` do not offer as flags (they change none of their numbers)."""
+
+
+def validate_tasks_and_heal(cfg: "SweepConfig") -> None:
+    """Checks of the `sweep tasks` / `sweep heal` fields; errors name the flag.
+
+    Raises:
+        ConfigError: naming the offending ``--flag``.
+    """
+    for name in ("lora_r", "lora_alpha", "heal_steps", "heal_batch_size", "heal_seq", "heal_eval_batches",
+                 "heal_eval_every"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"`--{flag(name)}` must be a positive integer, got {getattr(cfg, name)}")
+    for name in ("limit", "best"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise ConfigError(f"`--{flag(name)}` must be a positive integer, got {getattr(cfg, name)}")
+    if cfg.num_fewshot < 0:
+        raise ConfigError(f"`--num-fewshot` must be 0 or more, got {cfg.num_fewshot}")
+    if not 0.0 <= cfg.lora_dropout < 1.0:
+        raise ConfigError(f"`--lora-dropout` must be in [0, 1), got {cfg.lora_dropout}")
+    if not cfg.heal_lr > 0.0:
+        raise ConfigError(f"`--heal-lr` must be positive, got {cfg.heal_lr}")
+    if not [t for t in cfg.tasks.split(",") if t.strip()]:
+        raise ConfigError("`--tasks` names no task; give e.g. --tasks boolq,arc_easy")
 
 
 def flag(name: str) -> str:
@@ -225,6 +304,8 @@ def _coerce(name: str, value: Any, type_text: str) -> Any:
             return bool(value)
         if type_text.startswith("str"):
             return str(value)
+        if type_text.startswith("float"):  # float fields: --lora-dropout, --heal-lr
+            return float(value)
     except (TypeError, ValueError):
         raise ConfigError(f"`--{flag(name)}` expects {type_text.split(' ')[0]}, got {value!r}") from None
     return value

@@ -45,3 +45,7 @@ class StoreError(SweepError):
 
 class ExportError(SweepError):
     """A pruned model cannot be exported faithfully."""
+
+
+class MissingExtraError(SweepError):
+    """An optional dependency (pip extra such as sweep[tasks] or sweep[heal]) is not installed."""

@@ -531,3 +531,78 @@ def capture_residual_stream(model: nn.Module, input_ids: torch.Tensor,
         for handle in handles:
             handle.remove()
     return streams
+
+
+# ---------------------------------------------------------------------------------------------- LoRA healing
+
+_LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_TARGETS: dict[str, tuple[str, ...]] = {
+    "gpt2": ("c_attn", "c_proj", "c_fc"),  # Conv1D; c_proj is both the attention output and the MLP output
+    "gpt_neo": ("q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"),
+    "gptj": ("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"),
+    "opt": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+    "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+    **{t: _LLAMA_PROJECTIONS for t in (
+        "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
+        "gemma3_text", "olmo", "olmo2", "granite", "smollm3", "cohere",
+    )},
+}
+"""model_type -> module names of every attention and MLP projection (LoRA targets, as in the QLoRA paper)."""
+
+
+def _projection_names(layer: nn.Module) -> list[str]:
+    """Leaf names of the linear maps (nn.Linear or transformers' Conv1D) inside one decoder layer."""
+    names = []
+    for path, module in layer.named_modules():
+        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+            leaf = path.rsplit(".", 1)[-1]
+            if leaf not in names:
+                names.append(leaf)
+    return names
+
+
+def lora_target_modules(model: nn.Module) -> list[str]:
+    """Names of the attention and MLP projections of ``model``'s decoder layers (LoRA's target modules).
+
+    Known families use :data:`LORA_TARGETS` (keeping only names present in the model); other families fall back
+    to every linear map inside a decoder layer, e.g. ``['c_attn', 'c_proj', 'c_fc']`` for GPT-2.
+
+    Raises:
+        ArchitectureError: no linear map found inside the decoder layers.
+    """
+    layers = decoder_layers(model)
+    present = _projection_names(layers[0]) if len(layers) else []
+    known = [n for n in LORA_TARGETS.get(getattr(model.config, "model_type", ""), ()) if n in present]
+    targets = known or present
+    if not targets:
+        raise ArchitectureError(f"no linear projections found inside the decoder layers of {type(model).__name__}; "
+                                "pass --lora-targets")
+    return targets
+
+
+def load_model_4bit(name: str, revision: str | None = None, device: str = "cuda",
+                    trust_remote_code: bool = False) -> nn.Module:
+    """Load a causal LM with 4-bit NF4 base weights (QLoRA, Dettmers et al. 2023) on a CUDA device.
+
+    Raises:
+        ModelLoadError: not on CUDA, bitsandbytes missing, or the model cannot be loaded.
+    """
+    torch_device = resolve_device(device)
+    if torch_device.type != "cuda":
+        raise ModelLoadError("--qlora needs a CUDA GPU (4-bit weights via bitsandbytes); heal without --qlora on CPU")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelLoadError("--qlora needs bitsandbytes: pip install bitsandbytes (or heal without --qlora)") from None
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, revision=revision, quantization_config=quant,
+                                                     device_map={"": torch_device.index or 0},
+                                                     trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise _load_error(name, "model", exc) from None
+    adapter_for(model)
+    return model.eval()

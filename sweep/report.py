@@ -33,7 +33,7 @@ from typing import Any
 import pandas as pd
 
 import sweep
-from sweep import analysis, findings, store, strategy_report
+from sweep import analysis, findings, store, strategy_report, tasks_report
 from sweep.errors import SweepError, UnknownNameError
 from sweep.plan import parse_key
 
@@ -508,6 +508,22 @@ def _strategies_section(ctx: ReportContext) -> str | None:
     return _join("## Strategies", *images, table)
 
 
+def _tasks_section(ctx: ReportContext) -> str | None:
+    """Downstream accuracy (`sweep tasks`) and LoRA healing (`sweep heal`) of this model, when the DB has them."""
+    if ctx.db_path is None:
+        return None
+    table = tasks_report.task_table(ctx.db_path, ctx.model)
+    if table is None:
+        return None
+    images = []
+    if ctx.figures_dir is not None:
+        path = tasks_report.plot_tasks(ctx.db_path, ctx.model, ctx.figures_dir)
+        images = _image_lines(ctx, [path] if path else [], "task accuracy and perplexity against layers removed")
+    return _join("## Downstream tasks and healing", *images,
+                 "Accuracy in % ± standard error (lm-evaluation-harness); changes against the unpruned model in "
+                 "points.", table.rstrip())
+
+
 def _footer_part(ctx: ReportContext) -> str:
     return _footer(ctx.info, ctx.rows, ctx.model)
 
@@ -522,6 +538,7 @@ SECTIONS: list[Section] = [
     _pareto_section,
     _similarity_section,
     _strategies_section,
+    _tasks_section,
     _footer_part,
 ]
 """Section builders in report order. Each returns markdown starting with ``## Title``, or None to leave it out."""

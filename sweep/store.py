@@ -205,6 +205,7 @@ def _create_schema(db: sqlite_utils.Database) -> None:
                 pk="id",
             )
         db.execute(VIEW_SQL)
+        _create_tasks_and_heal_schema(db)
 
 
 def upsert_model(db: sqlite_utils.Database, name: str, revision: str | None, dtype: str, n_layers: int,
@@ -518,3 +519,191 @@ def read_strategy_choices(path_or_db: str | Path | sqlite_utils.Database, setup:
     for row in rows:
         newest.setdefault((row["strategy"], row["n"]), row)
     return sorted(newest.values(), key=lambda r: (r["strategy"], r["n"]))
+
+
+# ---------------------------------------------------------------------------------------------- tasks and heals
+# Downstream task accuracy (`sweep tasks`, lm-evaluation-harness) and LoRA-healed variants (`sweep heal`).
+# Created with IF NOT EXISTS semantics inside the version-1 schema, so older databases gain them in place.
+#
+#   task_setups(id, model_id, task, task_version, num_fewshot, task_limit, lm_eval_version, weights, dtype,
+#               device, engine_version, created_at)        -- one per task and settings, like setups
+#   task_results(setup_id, removed, heal_id, ..., metric, value, stderr, metrics, status, error,
+#                PRIMARY KEY(setup_id, removed, heal_id)) -- heal_id '' = the variant as pruned, unhealed
+#   heals(id, model_id, setup_id, removed, <training settings>, <losses>, ppl, ..., status, error)
+#                                                           -- (setup_id, removed) links to the unhealed row in results
+
+TASK_RESULT_COLUMNS: dict[str, type] = {
+    "setup_id": str,  # task_setups.id
+    "removed": str,  # variant key, as in results
+    "heal_id": str,  # heals.id, or "" for the pruned variant without healing
+    "n_removed": int,
+    "n_layers": int,  # layers kept
+    "metric": str,  # the headline metric: acc (acc_norm, perplexity, ... in `metrics`)
+    "value": float,
+    "stderr": float,
+    "metrics": str,  # JSON of every metric lm-eval reported for the task
+    "n_samples": int,
+    "status": str,
+    "error": str,
+    "eval_seconds": float,
+    "device": str,
+    "host": str,
+    "measured_at": str,
+}
+
+HEAL_COLUMNS: dict[str, type] = {
+    "id": str,
+    "model_id": int,
+    "setup_id": str,  # perplexity setup of the unhealed variant (results.setup_id)
+    "removed": str,  # the unhealed variant (results.removed)
+    "n_removed": int,
+    "n_layers": int,
+    "method": str,  # lora or qlora
+    "lora_r": int,
+    "lora_alpha": int,
+    "lora_dropout": float,
+    "lora_targets": str,
+    "steps": int,
+    "lr": float,
+    "batch_size": int,
+    "seq": int,
+    "data": str,
+    "data_fingerprint": str,
+    "eval_data": str,
+    "seed": int,
+    "trainable_params": int,
+    "heal_loss_before": float,  # mean loss on a fixed sample of the healing data
+    "heal_loss_after": float,
+    "eval_loss_before": float,  # mean loss on held-out text
+    "eval_loss_after": float,
+    "ppl_unhealed": float,  # same evaluation protocol as results.ppl
+    "nll_sum": float,
+    "n_tokens": int,
+    "ppl": float,
+    "bpb": float,
+    "status": str,
+    "error": str,
+    "train_seconds": float,
+    "export_dir": str,
+    "settings": str,  # JSON of every training setting (what the id hashes)
+    "device": str,
+    "host": str,
+    "measured_at": str,
+}
+
+
+def _create_tasks_and_heal_schema(db: sqlite_utils.Database) -> None:
+    """Tables of `sweep tasks` and `sweep heal`; only missing ones are created (old DBs upgrade in place)."""
+    names = db.table_names()
+    if "task_setups" not in names:
+        db["task_setups"].create(
+            {"id": str, "model_id": int, "task": str, "task_version": str, "num_fewshot": int, "task_limit": int,
+             "lm_eval_version": str, "weights": str, "dtype": str, "device": str, "engine_version": str,
+             "created_at": str},
+            pk="id", foreign_keys=[("model_id", "models", "id")],
+        )
+    if "task_results" not in names:
+        db["task_results"].create(TASK_RESULT_COLUMNS, pk=("setup_id", "removed", "heal_id"),
+                                  foreign_keys=[("setup_id", "task_setups", "id")])
+    if "heals" not in names:
+        db["heals"].create(HEAL_COLUMNS, pk="id", foreign_keys=[("model_id", "models", "id")])
+
+
+def upsert_task_setup(db: sqlite_utils.Database, model_id: int, fields: dict[str, Any]) -> str:
+    """Record the settings of one task evaluation (task, few-shot, limit, lm-eval version, weights); return its id."""
+    sid = setup_id(model_id, {"kind": "task", **fields})
+    with db.conn:
+        db["task_setups"].insert({"id": sid, "model_id": model_id, **fields, "created_at": now()}, ignore=True)
+    return sid
+
+
+def done_task_keys(db: sqlite_utils.Database, task_setup: str, heal_id: str = "") -> set[str]:
+    """Variant keys with a finished task result (``ok``) for ``task_setup``; failed rows are retried."""
+    rows = db.execute("SELECT removed FROM task_results WHERE setup_id = ? AND heal_id = ? AND status = 'ok'",
+                      [task_setup, heal_id])
+    return {r[0] for r in rows}
+
+
+def record_task_result(db: sqlite_utils.Database, row: dict[str, Any]) -> None:
+    """Write one (task, variant) result and commit at once."""
+    unknown = set(row) - set(TASK_RESULT_COLUMNS)
+    if unknown:
+        raise StoreError(f"unknown task result columns: {sorted(unknown)}")
+    row = {"heal_id": "", **row, "measured_at": row.get("measured_at") or now()}
+    with db.conn:
+        db["task_results"].upsert(row, pk=("setup_id", "removed", "heal_id"))
+
+
+def heal_id(setup: str, removed: str, settings: dict[str, Any]) -> str:
+    """Stable id of a heal: the unhealed variant plus every training setting."""
+    blob = json.dumps({"setup": setup, "removed": removed, **settings}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def record_heal(db: sqlite_utils.Database, row: dict[str, Any]) -> None:
+    """Write (or update) a healed variant's row and commit at once. NaN losses are stored as NULL."""
+    unknown = set(row) - set(HEAL_COLUMNS)
+    if unknown:
+        raise StoreError(f"unknown heal columns: {sorted(unknown)}")
+    row = {**row, "measured_at": row.get("measured_at") or now()}
+    row = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+    with db.conn:
+        db["heals"].upsert(row, pk="id")
+
+
+def find_heal(db: sqlite_utils.Database, hid: str) -> dict[str, Any] | None:
+    """The heal row with id ``hid``, or None."""
+    if "heals" not in db.table_names():
+        return None
+    rows = list(db["heals"].rows_where("id = ?", [hid]))
+    return rows[0] if rows else None
+
+
+def find_result(db: sqlite_utils.Database, setup: str, removed: str) -> dict[str, Any] | None:
+    """The perplexity result row of one variant in a setup, or None."""
+    rows = list(db["results"].rows_where("setup_id = ? AND removed = ?", [setup, removed]))
+    return rows[0] if rows else None
+
+
+def _query(db: sqlite_utils.Database, sql: str, params: list[Any]) -> list[dict[str, Any]]:
+    cursor = db.execute(sql, params)
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, r)) for r in cursor.fetchall()]
+
+
+def read_task_results(path_or_db: str | Path | sqlite_utils.Database,
+                      model: str | None = None) -> list[dict[str, Any]]:
+    """Task results with their model, task settings and (for healed rows) the heal, oldest setups first.
+
+    Columns: model, model_layers, task, num_fewshot, task_limit, setup, removed, heal_id, n_removed, n_layers,
+    metric, value, stderr, n_samples, status, error, measured_at.
+    """
+    db = path_or_db if isinstance(path_or_db, sqlite_utils.Database) else open_db(path_or_db, create=False)
+    if "task_results" not in db.table_names():
+        return []
+    sql = ("SELECT m.name AS model, m.n_layers AS model_layers, s.task, s.num_fewshot, s.task_limit, "
+           "t.setup_id AS setup, t.removed, t.heal_id, t.n_removed, t.n_layers, t.metric, t.value, t.stderr, "
+           "t.n_samples, t.status, t.error, t.measured_at "
+           "FROM task_results t JOIN task_setups s ON s.id = t.setup_id JOIN models m ON m.id = s.model_id")
+    params: list[Any] = []
+    if model is not None:
+        sql += " WHERE m.name = ?"
+        params.append(model)
+    return _query(db, sql + " ORDER BY m.name, s.created_at, s.rowid, t.n_removed, t.removed, t.heal_id", params)
+
+
+def read_heals(path_or_db: str | Path | sqlite_utils.Database, model: str | None = None) -> list[dict[str, Any]]:
+    """Heal rows with their model name and layer count, the unhealed variant's stored perplexity (``ppl_pruned``)
+    and the baseline's (``ppl_base``) in the same setup."""
+    db = path_or_db if isinstance(path_or_db, sqlite_utils.Database) else open_db(path_or_db, create=False)
+    if "heals" not in db.table_names():
+        return []
+    sql = ("SELECT m.name AS model, m.n_layers AS model_layers, h.*, r.ppl AS ppl_pruned, b.ppl AS ppl_base "
+           "FROM heals h JOIN models m ON m.id = h.model_id "
+           "LEFT JOIN results r ON r.setup_id = h.setup_id AND r.removed = h.removed "
+           "LEFT JOIN results b ON b.setup_id = h.setup_id AND b.removed = '' AND b.status = 'ok'")
+    params: list[Any] = []
+    if model is not None:
+        sql += " WHERE m.name = ?"
+        params.append(model)
+    return _query(db, sql + " ORDER BY m.name, h.n_removed, h.removed, h.measured_at", params)

@@ -1,0 +1,218 @@
+"""Report pieces of issue #7, without torch: the downstream-task table and the accuracy/perplexity plot.
+
+    | variant | task | base | pruned | pruned + healed |
+
+as in published depth-pruning tables (accuracy in % ± stderr, change against the base in points), and a figure
+of task accuracy and perplexity against the fraction of layers removed. Data come from ``store`` read functions.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from sweep import store
+
+Row = dict[str, Any]
+
+
+def newest_task_rows(db, model: str) -> list[Row]:
+    """Task rows (status ok) of the newest settings of each task for ``model`` (one setup per task)."""
+    rows = [r for r in store.read_task_results(db, model=model) if r["status"] == "ok"]
+    newest: dict[str, str] = {}
+    for row in rows:  # read_task_results orders setups oldest first: the last one seen per task is the newest
+        newest[row["task"]] = row["setup"]
+    return [r for r in rows if newest[r["task"]] == r["setup"]]
+
+
+def _pct(row: Row | None) -> str:
+    if row is None or row["value"] is None:
+        return "—"
+    err = f" ± {100 * row['stderr']:.1f}" if row.get("stderr") is not None and math.isfinite(row["stderr"]) else ""
+    return f"{100 * row['value']:.1f}{err}"
+
+
+def _with_change(row: Row | None, base: Row | None) -> str:
+    """``55.0 ± 1.6 (-6.2)``: the accuracy and its change against the base, in percentage points."""
+    text = _pct(row)
+    if row is not None and base is not None and row["value"] is not None and base["value"] is not None:
+        text += f" ({100 * (row['value'] - base['value']):+.1f})"
+    return text
+
+
+def _variant_label(removed: str, n_removed: int, model_layers: int | None) -> str:
+    of = f" of {model_layers}" if model_layers else ""
+    return f"−[{removed}] ({n_removed}{of})"
+
+
+def task_table(path_or_db, model: str) -> str | None:
+    """Markdown table ``variant | task | base | pruned | pruned + healed`` of ``model``, or None without task data.
+
+    Accuracy (lm-eval's headline metric, usually ``acc``) in % ± stderr; changes against the unpruned model in
+    points. Healed columns use the newest heal of the variant; healed perplexity rows come from table heals.
+    """
+    db = path_or_db if not isinstance(path_or_db, (str, Path)) else store.open_db(path_or_db, create=False)
+    rows = newest_task_rows(db, model)
+    heals = store.read_heals(db, model=model)
+    if not rows and not heals:
+        return None
+    lines = ["| variant | task | base | pruned | pruned + healed |", "| --- | --- | --- | --- | --- |"]
+    lines += _task_lines(rows)
+    lines += _perplexity_lines(heals)
+    return "\n".join(lines) + "\n"
+
+
+def _task_lines(rows: Sequence[Row]) -> list[str]:
+    base = {r["task"]: r for r in rows if r["removed"] == "" and r["heal_id"] == ""}
+    pruned = {(r["task"], r["removed"]): r for r in rows if r["removed"] != "" and r["heal_id"] == ""}
+    healed: dict[tuple[str, str], Row] = {}
+    for r in sorted((r for r in rows if r["heal_id"]), key=lambda r: r["measured_at"] or ""):
+        healed[(r["task"], r["removed"])] = r  # the newest heal wins
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    variants = sorted({(r["n_removed"], r["removed"], r["model_layers"]) for r in pruned.values()},
+                      key=lambda v: (v[0], [int(x) for x in v[1].split(",")]))
+    lines = []
+    for n_removed, removed, model_layers in variants:
+        for task in tasks:
+            if (task, removed) not in pruned:
+                continue
+            b = base.get(task)
+            lines.append(f"| {_variant_label(removed, n_removed, model_layers)} | {task} | {_pct(b)} | "
+                         f"{_with_change(pruned[(task, removed)], b)} | {_with_change(healed.get((task, removed)), b)} |")
+    return lines
+
+
+def _ppl_change(value: float | None, base: float | None) -> str:
+    """``12.00 (+20.0 %)``: a perplexity and its change against the base."""
+    if value is None:
+        return "—"
+    return f"{value:.2f}" + (f" ({100 * (value / base - 1):+.1f} %)" if base else "")
+
+
+def _perplexity_lines(heals: Sequence[Row]) -> list[str]:
+    """One perplexity row per healed variant (newest heal): base, pruned and healed, change in %."""
+    newest: dict[str, Row] = {}
+    for h in sorted((h for h in heals if h["status"] == "ok"), key=lambda h: h["measured_at"] or ""):
+        newest[h["removed"]] = h
+    lines = []
+    for h in sorted(newest.values(), key=lambda h: (h["n_removed"], h["removed"])):
+        base = f"{h['ppl_base']:.2f}" if h.get("ppl_base") else "—"
+        lines.append(f"| {_variant_label(h['removed'], h['n_removed'], h['model_layers'])} | perplexity "
+                     f"(heal {h['id']}: LoRA r={h['lora_r']}, {h['steps']} steps) | {base} | "
+                     f"{_ppl_change(h['ppl_unhealed'], h.get('ppl_base'))} | {_ppl_change(h['ppl'], h.get('ppl_base'))} |")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------- figure
+
+
+def _newest_ppl_rows(db, model: str) -> list[Row]:
+    """Perplexity rows (ok) of the newest setup of ``model`` that has results."""
+    setups = [s for s in store.setups_overview(db) if s["model"] == model and s["n_results"]]
+    if not setups:
+        return []
+    return [r for r in store.read_view(db, model=model, setup=setups[0]["setup"]) if r["status"] == "ok"]
+
+
+def best_by_fraction(points: Sequence[tuple[float, float]], higher_is_better: bool = True) -> list[tuple[float, float]]:
+    """The best value at each x, sorted by x: the curve through the best variant of each size.
+
+    Example: [(0.25, 0.6), (0.25, 0.7), (0, 0.8)] -> [(0, 0.8), (0.25, 0.7)].
+    """
+    best: dict[float, float] = {}
+    for x, y in points:
+        if y is None or not math.isfinite(y):
+            continue
+        if x not in best or (y > best[x] if higher_is_better else y < best[x]):
+            best[x] = y
+    return sorted(best.items())
+
+
+def steepest_drop(curve: Sequence[tuple[float, float]]) -> tuple[float, float, float] | None:
+    """(x before, x after, drop) of the largest fall between consecutive points of a curve, or None.
+
+    Example: [(0, 80), (0.25, 76), (0.5, 30), (0.75, 28)] -> (0.25, 0.5, 46).
+    """
+    drops = [(a[0], b[0], a[1] - b[1]) for a, b in itertools.pairwise(curve)]
+    return max(drops, key=lambda d: d[2]) if drops and max(d[2] for d in drops) > 0 else None
+
+
+def plot_tasks(path_or_db, model: str, out_dir: str | Path) -> Path | None:
+    """Task accuracy (top) and perplexity (bottom) against the fraction of layers removed; PNG path or None.
+
+    Filled markers: pruned variants; lines: the best variant of each size; hollow markers: healed variants.
+    The dotted vertical line of each task spans its steepest drop, where accuracy collapses.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    db = path_or_db if not isinstance(path_or_db, (str, Path)) else store.open_db(path_or_db, create=False)
+    rows, ppl_rows, heals = newest_task_rows(db, model), _newest_ppl_rows(db, model), store.read_heals(db, model=model)
+    if not rows:
+        return None
+    fig, (acc_ax, ppl_ax) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, height_ratios=(3, 2))
+    _draw_accuracy(acc_ax, rows)
+    _draw_perplexity(ppl_ax, ppl_rows, heals)
+    ppl_ax.set_xlabel("fraction of decoder layers removed")
+    ppl_ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(xmax=1.0))
+    acc_ax.set_title(f"{model}: downstream accuracy and perplexity vs depth pruning")
+    fig.tight_layout()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{_safe_name(model)}-tasks.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _fraction(row: Row) -> float:
+    return row["n_removed"] / row["model_layers"] if row.get("model_layers") else float(row["n_removed"])
+
+
+def _draw_accuracy(ax, rows: Sequence[Row]) -> None:
+    colors = iter(["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C7", "C8", "C9"] * 10)
+    for task in dict.fromkeys(r["task"] for r in rows):
+        color = next(colors)
+        plain = [(_fraction(r), 100 * r["value"]) for r in rows if r["task"] == task and not r["heal_id"]]
+        healed = [(_fraction(r), 100 * r["value"]) for r in rows if r["task"] == task and r["heal_id"]]
+        curve = best_by_fraction(plain)
+        ax.scatter(*zip(*plain), color=color, s=14, alpha=0.5)
+        ax.plot(*zip(*curve), color=color, marker="o", label=task)
+        if healed:
+            ax.scatter(*zip(*healed), facecolors="none", edgecolors=color, s=60, linewidths=1.5)
+        drop = steepest_drop(curve)
+        if drop:
+            ax.axvline((drop[0] + drop[1]) / 2, color=color, linestyle=":", linewidth=1)
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, title="task (hollow: healed; dotted: steepest drop)", title_fontsize=8)
+
+
+def _draw_perplexity(ax, ppl_rows: Sequence[Row], heals: Sequence[Row]) -> None:
+    points = [(r["n_removed"] / r["model_layers"], r["ppl"]) for r in ppl_rows if r.get("model_layers")]
+    if points:
+        ax.scatter(*zip(*points), color="0.5", s=10, alpha=0.5)
+        ax.plot(*zip(*best_by_fraction(points, higher_is_better=False)), color="black", marker="o",
+                label="perplexity (best variant per size)")
+    healed = [(_fraction(h), h["ppl"]) for h in heals if h["status"] == "ok" and h["ppl"]]
+    if healed:
+        ax.scatter(*zip(*healed), facecolors="none", edgecolors="black", s=60, linewidths=1.5, label="healed")
+    if points or healed:
+        from matplotlib.ticker import FuncFormatter
+
+        ax.set_yscale("log")
+        plain = FuncFormatter(lambda value, _: f"{value:g}")  # 40, not 4x10^1
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
+        ax.legend(fontsize=8)
+    ax.set_ylabel("perplexity (log)")
+    ax.grid(alpha=0.3, which="both")
+
+
+def _safe_name(model: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(model).name or model)
