@@ -243,3 +243,25 @@ def time_decode(model: nn.Module, prompt: torch.Tensor, n_new: int, device: torc
             state["token"] = step.logits[:, -1].argmax(-1, keepdim=True)
 
     return time_once(steps, device) / n_new
+
+
+# ---------------------------------------------------------------------------------------------- batching
+
+MEMORY_HEADROOM = 0.85
+"""Fraction of free GPU memory a batch may plan to use (the allocator fragments; other tenants grow)."""
+MAX_AUTO_BATCH = 64
+"""Upper bound of an automatic batch: beyond it GPUs gain little and a failure loses more work."""
+
+
+def batch_size_for(free_bytes: int, per_window_bytes: int, n_windows: int, cap: int = MAX_AUTO_BATCH) -> int:
+    """Largest batch of windows whose planned memory fits in ``MEMORY_HEADROOM`` of the free memory.
+
+    ``per_window_bytes`` is what one window costs at peak: its transient activations (measured) plus its share of
+    the trie cache, (depth + 1) x T x H residual streams. Example: 40 GiB free, 1.5 GiB per window, 62 windows
+    -> floor(0.85 * 40 / 1.5) = 22. Never below 1 (an OOM then becomes a failed row, not a crash), never above
+    ``cap`` or the number of windows.
+    """
+    if per_window_bytes <= 0:
+        return max(1, min(cap, n_windows))
+    fits = int(MEMORY_HEADROOM * free_bytes // per_window_bytes)
+    return max(1, min(fits, cap, max(n_windows, 1)))

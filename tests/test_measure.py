@@ -217,3 +217,14 @@ def test_head_loss_falls_back_to_eager_when_compile_fails(gpt2_and_ids, monkeypa
     with pytest.warns(UserWarning, match="no compiler here"), torch.no_grad():
         got = loss(hidden, ids[:, :20].view(2, 10))
     assert not loss.compiled and got.shape == (2, 10)
+
+
+@pytest.mark.parametrize("free_gib,per_window_gib,n_windows", [(40, 1.5, 62), (1, 3, 10), (80, 0.01, 300), (8, 1, 3)])
+def test_batch_size_for_fits_free_memory(free_gib, per_window_gib, n_windows):
+    gib = 2**30
+    batch = measure.batch_size_for(int(free_gib * gib), int(per_window_gib * gib), n_windows)
+    assert 1 <= batch <= min(measure.MAX_AUTO_BATCH, n_windows)
+    fits = batch * per_window_gib <= measure.MEMORY_HEADROOM * free_gib
+    assert fits or batch == 1  # a batch of 1 is always tried: its OOM is a failed row
+    if batch < min(measure.MAX_AUTO_BATCH, n_windows):  # not capped: one more window would not fit
+        assert (batch + 1) * per_window_gib > measure.MEMORY_HEADROOM * free_gib
