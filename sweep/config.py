@@ -14,6 +14,7 @@ from sweep.errors import ConfigError, UnknownNameError
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LATENCY_MODES = ("shared", "per-variant", "off")
 ENGINES = ("trie", "per-variant")
+BACKENDS = ("loky", "dask")
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,13 @@ class SweepConfig:
     seed: int = 0
     """Seed for anything random (latency prompts)."""
 
+    workers: int | None = None
+    """Worker processes, each pinned to one device; default: number of visible GPUs, 1 on CPU (in-process)."""
+    backend: str = "loky"
+    """Where workers run: loky (local processes) or dask (an existing Dask cluster, see --scheduler)."""
+    scheduler: str | None = None
+    """Dask scheduler address for --backend dask, e.g. tcp://10.0.0.5:8786."""
+
     def __post_init__(self) -> None:
         validate(self)
 
@@ -118,6 +126,19 @@ def validate(cfg: SweepConfig) -> None:
         )
     if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
         raise UnknownNameError("--device", cfg.device, ("auto", "cpu", "cuda", "cuda:N"))
+    _validate_parallel(cfg)
+
+
+def _validate_parallel(cfg: SweepConfig) -> None:
+    """--workers, --backend, --scheduler."""
+    if cfg.workers is not None and cfg.workers < 1:
+        raise ConfigError(f"`--workers` must be a positive integer, got {cfg.workers}")
+    if cfg.backend not in BACKENDS:
+        raise UnknownNameError("--backend", cfg.backend, BACKENDS)
+    if cfg.backend == "dask" and not cfg.scheduler:
+        raise ConfigError("`--backend dask` needs `--scheduler tcp://HOST:PORT` (the address `dask scheduler` prints)")
+    if cfg.scheduler and cfg.backend != "dask":
+        raise ConfigError("`--scheduler` is only used with `--backend dask`")
 
 
 def flag(name: str) -> str:

@@ -45,3 +45,7 @@ class StoreError(SweepError):
 
 class ExportError(SweepError):
     """A pruned model cannot be exported faithfully."""
+
+
+class ClusterError(SweepError):
+    """Worker processes or the Dask cluster cannot be started or reached."""
