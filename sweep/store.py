@@ -433,6 +433,11 @@ def filesystem_type(path: str | Path) -> str | None:
         lines = Path("/proc/self/mountinfo").read_text().splitlines()
     except OSError:  # not Linux
         return None
+    return fstype_from_mountinfo(lines, target)
+
+
+def fstype_from_mountinfo(lines: list[str], target: Path) -> str | None:
+    """The filesystem type of the longest mount point containing ``target`` (an absolute path)."""
     best, fstype = -1, None
     for line in lines:
         before, _, after = line.partition(" - ")
