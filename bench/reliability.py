@@ -213,11 +213,11 @@ def worker_kill(work: Path, always: bool = False) -> Figures:
     failed = sorted(k for k, s in status.items() if s == "failed")
     figures.notes.append(f"exit {first.returncode}; {len(status)}/{N_VARIANTS} rows, failed: {failed or 'none'}")
     if always:
-        figures.notes.append(f"victim failed: {status.get(victim) == 'failed'}; a re-run without the fault:")
         again = run(args, _env())
         figures.runs += 1
-        figures.notes.append(f"exit {again.returncode}, "
-                             f"{sum(s == 'ok' for s in dict(_query(db, 'SELECT removed, status FROM results')).values())} ok")
+        ok = sum(s == "ok" for s in dict(_query(db, "SELECT removed, status FROM results")).values())
+        figures.notes.append(f"victim {victim} failed: {status.get(victim) == 'failed'}; "
+                             f"a re-run without the fault: exit {again.returncode}, {ok} ok")
     return audit(db, figures, set())
 
 

@@ -9,6 +9,7 @@ Schema (version 1)::
     runs(id, setup_id, status, pid, host, command, planned, to_measure, measured, started_at, heartbeat_at, ended_at)
     results(setup_id, removed, ..., status, error, PRIMARY KEY(setup_id, removed))
     VIEW results_vs_baseline                              -- each variant against the baseline of its setup
+    measurements(id, setup_id, removed, status, run_id, pid, host, measured_at)  -- audit log, one per commit
 
 A result row is committed the moment it is measured, so an interrupted sweep loses at most the
 variant in flight. Failures are rows too (``status`` = ``failed`` or ``diverged`` with ``error``), as in
