@@ -232,6 +232,17 @@ def sticky_error(work: Path) -> Figures:
     return audit(db, figures, set())
 
 
+def worker_faults(work: Path) -> Figures:
+    """One two-worker sweep with a worker killed once and a sticky error once (the CI test's short version)."""
+    model_dir, text = make_fixture(work)
+    db = work / "worker-faults.db"
+    done = run(sweep_args(model_dir, text, db, work / "cache", "--workers", "2"),
+               _env("kill-once=2,3;sticky-once=1,4;delay=0.01"))
+    figures = Figures("worker killed once + sticky error once", runs=1, kills=2)
+    figures.notes.append(f"exit {done.returncode}")
+    return audit(db, figures, set())
+
+
 def oom_and_nan(work: Path) -> Figures:
     """Injected OOM (every batch size -> failed; first batch only -> ok after the retry) and NaN (-> diverged)."""
     model_dir, text = make_fixture(work)

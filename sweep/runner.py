@@ -154,7 +154,7 @@ def _measure_all(cfg, worker, db, setup, todo: list[Removal], summary: Summary, 
         chunk = order[first : first + min(size, PER_VARIANT_GROUP if per_variant_latency else size)]
         if per_variant_latency:
             latency.update(_latency_for(cfg, worker, db, setup, chunk, log, False))
-        rows = worker.evaluate_many(chunk)
+        rows = _evaluate_in_process(worker, chunk, stop, log)
         _record_chunk(cfg, worker, db, setup, chunk, rows, latency, summary, run_id)
         beat()
         bar.update(len(chunk))
@@ -182,6 +182,22 @@ def _record_chunk(cfg, worker, db, setup, chunk: list[Removal], rows: list[dict]
         summary.failed += row["status"] != "ok"
     store.record_results(db, records, run_id)
     summary.measured += len(chunk)
+
+
+def _evaluate_in_process(worker, chunk: list[Removal], stop: StopFlag, log: Log) -> list[dict]:
+    """Rows of a chunk; a sticky CUDA error (the process's CUDA context is lost) fails the chunk and stops."""
+    from sweep.worker import is_sticky_error
+
+    try:
+        return worker.evaluate_many(chunk)
+    except RuntimeError as exc:
+        if not is_sticky_error(exc):
+            raise
+        error = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+        log(f"\n{error}\nthis process can no longer use the GPU; the same command resumes in a new process "
+            "(the failed variants are retried); --workers 2 or more recycles worker processes automatically")
+        stop.stop = True
+        return [worker.failed_row(r, error) for r in chunk]
 
 
 def _measure_parallel(cfg, worker, db, setup, todo: list[Removal], summary: Summary, stop: StopFlag, log: Log,

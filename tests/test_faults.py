@@ -45,17 +45,11 @@ def test_sigint_mid_sweep_then_resume(work):
     assert "resume exit 0" in figures.notes
 
 
-def test_killed_worker_is_requeued_once_and_the_others_continue(work):
-    figures = reliability.worker_kill(work)
+def test_killed_worker_and_sticky_error_are_requeued_once_and_the_others_continue(work):
+    figures = reliability.worker_faults(work)
     assert_clean(figures)
-    assert set(statuses(work / "worker-kill-once.db").values()) == {"ok"}
-    assert len(statuses(work / "worker-kill-once.db")) == reliability.N_VARIANTS
-
-
-def test_sticky_error_recycles_the_workers_and_requeues(work):
-    figures = reliability.sticky_error(work)
-    assert_clean(figures)
-    assert set(statuses(work / "sticky.db").values()) == {"ok"} and figures.variants == reliability.N_VARIANTS
+    assert "exit 0" in figures.notes
+    assert set(statuses(work / "worker-faults.db").values()) == {"ok"} and figures.variants == reliability.N_VARIANTS
 
 
 def test_injected_oom_and_nan_are_rows_with_a_status(work):

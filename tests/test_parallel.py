@@ -202,3 +202,15 @@ def test_resume_closes_runs_of_dead_processes_even_with_nothing_to_do(tiny_gpt2_
                                                                   store.now(), store.now()])
     assert run_sweep(cfg, log=lambda s: None, progress=False).measured == 0
     assert db.execute("SELECT COUNT(*) FROM runs WHERE status = 'running'").fetchone()[0] == 0
+
+
+def test_sticky_error_in_process_fails_the_chunk_and_stops(tiny_gpt2_dir, sample_text_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("SWEEP_FAULTS", "sticky=1")
+    cfg = quick_cfg(tiny_gpt2_dir, sample_text_file, tmp_path / "r.db", tmp_path, strategy="single",
+                    engine="per-variant", workers=1)
+    summary = run_sweep(cfg, log=lambda s: None, progress=False)
+    rows = results(tmp_path / "r.db")
+    assert summary.interrupted and rows["1"][0] == "failed" and "2" not in rows
+    monkeypatch.delenv("SWEEP_FAULTS")
+    assert run_sweep(cfg, log=lambda s: None, progress=False).measured == 3  # "1" (retried), "2", "3"
+    assert {status for status, _, _ in results(tmp_path / "r.db").values()} == {"ok"}
