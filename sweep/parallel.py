@@ -15,7 +15,10 @@ Failures:
   the chunks it had in flight are re-queued once, the others continue; a chunk in flight at a second death
   becomes ``failed`` rows carrying the error (retried by the next ``sweep run``).
 - a sticky CUDA error (``worker.is_sticky_error``) poisons the process: the task returns the error instead of
-  rows, the coordinator recycles the pool (new processes) and re-queues the chunk once, as for a death.
+  rows, the coordinator recycles the pool (new processes) and re-queues the chunk once; a second sticky error
+  on the same chunk makes it ``failed``. Deaths and sticky errors are counted apart.
+- with loky, one death aborts the whole pool: chunks of healthy workers in flight at that moment cannot be told
+  apart from the culprit's and are re-queued too (one strike each); only a chunk in flight at two deaths fails.
 
 Which chunks were in flight is known from start markers the tasks write into a scratch directory of the
 coordinator; workers on other hosts cannot write there, and then every unfinished chunk counts as in flight.
@@ -40,7 +43,7 @@ Removal = Sequence[int]
 FailedRows = Callable[[Sequence[Removal], str], list[dict]]
 
 MAX_DEATHS = 2
-"""A chunk in flight at this many worker deaths (or sticky errors) is recorded as failed instead of re-queued."""
+"""A chunk in flight at this many worker deaths (or hit by this many sticky errors) is recorded as failed."""
 
 
 def visible_gpus() -> int:
@@ -218,7 +221,10 @@ def run_chunks(cfg: SweepConfig, chunks: list[list[Removal]], n_workers: int, fa
 
     After ``should_stop()`` turns true no new chunk starts; chunks in flight finish and are yielded.
     """
+    # Counted apart: a death aborts the whole loky pool, so the chunks of healthy workers in flight at that
+    # moment are suspects too; a sticky error names its chunk. Two of either kind fail a chunk.
     deaths: Counter[int] = Counter()
+    sticky: Counter[int] = Counter()
     pending = list(range(len(chunks)))
     threads = max(1, (os.cpu_count() or 1) // n_workers)
     with tempfile.TemporaryDirectory(prefix="sweep-") as scratch, backend(cfg, n_workers) as recycle:
@@ -242,14 +248,14 @@ def run_chunks(cfg: SweepConfig, chunks: list[list[Removal]], n_workers: int, fa
                         warnings.simplefilter("ignore", UserWarning)
                         outputs.close()  # joblib aborts the call: loky terminates its worker processes
                     recycle()
-                    yield from _blame(chunks, [result.index], deaths, result.error, failed_rows, log)
+                    yield from _blame(chunks, [result.index], sticky, result.error, failed_rows, log)
                     break
             except _death_errors() as exc:
                 in_flight = _in_flight(markers, [i for i in pending if i not in finished])
                 error = f"worker process died ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
                 log(f"{error}; re-queuing {len(in_flight)} chunk(s) it had in flight")
                 yield from _blame(chunks, in_flight, deaths, error, failed_rows, log)
-            gave_up = {i for i in deaths if deaths[i] >= MAX_DEATHS}
+            gave_up = {i for counter in (deaths, sticky) for i in counter if counter[i] >= MAX_DEATHS}
             pending = [i for i in pending if i not in finished and i not in gave_up]
 
 
@@ -269,10 +275,10 @@ def _tasks(cfg, chunks, pending, markers, slots_dir, n_slots, threads, should_st
         yield delayed(measure_chunk)(cfg, index, chunks[index], markers, slots_dir, n_slots, threads)
 
 
-def _blame(chunks, indices, deaths: Counter, error: str, failed_rows: FailedRows, log):
-    """Count a death against each chunk in flight; yield failed rows for those at ``MAX_DEATHS``."""
+def _blame(chunks, indices, failures: Counter, error: str, failed_rows: FailedRows, log):
+    """Count a failure against each chunk in flight; yield failed rows for those at ``MAX_DEATHS``."""
     for index in indices:
-        deaths[index] += 1
-        if deaths[index] >= MAX_DEATHS:
+        failures[index] += 1
+        if failures[index] >= MAX_DEATHS:
             log(f"chunk of {len(chunks[index])} variant(s) was in flight at {MAX_DEATHS} failures: recorded as failed")
             yield chunks[index], failed_rows(chunks[index], error)
