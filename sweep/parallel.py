@@ -18,7 +18,8 @@ Failures:
   rows, the coordinator recycles the pool (new processes) and re-queues the chunk once; a second sticky error
   on the same chunk makes it ``failed``. Deaths and sticky errors are counted apart.
 - with loky, one death aborts the whole pool: chunks of healthy workers in flight at that moment cannot be told
-  apart from the culprit's and are re-queued too (one strike each); only a chunk in flight at two deaths fails.
+  apart from the culprit's, so every chunk in flight is a suspect. Suspects are re-run alone, one at a time,
+  before the rest: a suspect that dies again alone is the culprit (``failed``), the others finish normally.
 
 Which chunks were in flight is known from start markers the tasks write into a scratch directory of the
 coordinator; workers on other hosts cannot write there, and then every unfinished chunk counts as in flight.
@@ -235,8 +236,10 @@ def run_chunks(cfg: SweepConfig, chunks: list[list[Removal]], n_workers: int, fa
             markers = Path(scratch, f"attempt-{attempt}")
             markers.mkdir()
             finished: set[int] = set()
+            # Suspects of a death run alone, one at a time: a second death then names its culprit exactly.
+            batch = [i for i in pending if deaths[i]][:1] or pending
             try:
-                tasks = _tasks(cfg, chunks, pending, str(markers), slots_dir, n_slots, threads, should_stop)
+                tasks = _tasks(cfg, chunks, batch, str(markers), slots_dir, n_slots, threads, should_stop)
                 outputs = _parallel(-1 if cfg.backend == "dask" else n_workers)(tasks)
                 for result in outputs:
                     if result.error is None:
@@ -251,7 +254,7 @@ def run_chunks(cfg: SweepConfig, chunks: list[list[Removal]], n_workers: int, fa
                     yield from _blame(chunks, [result.index], sticky, result.error, failed_rows, log)
                     break
             except _death_errors() as exc:
-                in_flight = _in_flight(markers, [i for i in pending if i not in finished])
+                in_flight = _in_flight(markers, [i for i in batch if i not in finished])
                 error = f"worker process died ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
                 log(f"{error}; re-queuing {len(in_flight)} chunk(s) it had in flight")
                 yield from _blame(chunks, in_flight, deaths, error, failed_rows, log)
