@@ -214,3 +214,28 @@ def test_sticky_error_in_process_fails_the_chunk_and_stops(tiny_gpt2_dir, sample
     monkeypatch.delenv("SWEEP_FAULTS")
     assert run_sweep(cfg, log=lambda s: None, progress=False).measured == 3  # "1" (retried), "2", "3"
     assert {status for status, _, _ in results(tmp_path / "r.db").values()} == {"ok"}
+
+
+def test_suspects_of_a_death_rerun_alone_so_only_the_culprit_fails(monkeypatch):
+    from joblib.externals.loky.process_executor import TerminatedWorkerError
+
+    calls = []
+
+    def fake_parallel(n_jobs):
+        def run(tasks):  # every task starts at once; a batch holding chunk 1 loses its worker
+            tasks = list(tasks)  # joblib delayed: (function, args, kwargs); args = (cfg, index, chunk, markers, ...)
+            calls.append([args[1] for _, args, _ in tasks])
+            for _, args, _ in tasks:
+                Path(args[3], f"{args[1]}.start").touch()
+            if 1 in calls[-1]:
+                raise TerminatedWorkerError("A worker process managed by the executor was unexpectedly terminated")
+            return iter([parallel.ChunkResult(args[1], [{"status": "ok"}] * len(args[2])) for _, args, _ in tasks])
+        return run
+
+    monkeypatch.setattr(parallel, "_parallel", fake_parallel)
+    chunks = [[[0]], [[1]], [[2]], [[3]]]
+    failed = lambda chunk, error: [{"status": "failed", "error": error}] * len(chunk)
+    out = list(parallel.run_chunks(SweepConfig(workers=4), chunks, 4, failed, log=lambda s: None))
+    assert calls == [[0, 1, 2, 3], [0], [1], [2], [3]]
+    statuses = {variant_key(chunk[0]): rows[0]["status"] for chunk, rows in out}
+    assert statuses == {"0": "ok", "1": "failed", "2": "ok", "3": "ok"}
