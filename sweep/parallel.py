@@ -43,6 +43,9 @@ from sweep.errors import ClusterError
 Removal = Sequence[int]
 FailedRows = Callable[[Sequence[Removal], str], list[dict]]
 
+SCHEDULER_TIMEOUT = "20s"
+"""How long to keep trying to reach the Dask scheduler before giving up with an error."""
+
 MAX_DEATHS = 2
 """A chunk in flight at this many worker deaths (or hit by this many sticky errors) is recorded as failed."""
 
@@ -201,7 +204,7 @@ def backend(cfg: SweepConfig, n_workers: int) -> Iterator[Callable[[], None]]:
     from distributed import Client
 
     try:
-        client = Client(cfg.scheduler, timeout="20s")
+        client = Client(cfg.scheduler, timeout=SCHEDULER_TIMEOUT)
     except (OSError, TimeoutError) as exc:
         raise ClusterError(f"cannot reach the Dask scheduler at --scheduler {cfg.scheduler}: {exc}") from None
     with client, joblib.parallel_config(backend="dask"):

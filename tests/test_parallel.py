@@ -62,8 +62,11 @@ def test_dask_local_cluster_gives_the_in_process_rows(tiny_gpt2_dir, sample_text
     assert all(dask[k][1] == pytest.approx(one[k][1], rel=1e-5) for k in one)
 
 
-def test_unreachable_scheduler_is_a_clear_error(tiny_gpt2_dir, sample_text_file, tmp_path):
+def test_unreachable_scheduler_is_a_clear_error(tiny_gpt2_dir, sample_text_file, tmp_path, monkeypatch):
     from sweep.errors import ClusterError
+
+    pytest.importorskip("distributed")
+    monkeypatch.setattr(parallel, "SCHEDULER_TIMEOUT", "1s")
 
     cfg = quick_cfg(tiny_gpt2_dir, sample_text_file, tmp_path / "r.db", tmp_path, strategy="single",
                     backend="dask", scheduler="tcp://127.0.0.1:1")
