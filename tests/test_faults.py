@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import reliability  # noqa: E402
+import reliability
 
 
 @pytest.fixture(scope="module")

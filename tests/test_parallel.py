@@ -15,8 +15,8 @@ from sweep.runner import run_sweep
 
 
 def quick_cfg(model_dir, data, db, tmp_path, **overrides) -> SweepConfig:
-    values = dict(model=str(model_dir), data=str(data), db=str(db), cache_dir=str(tmp_path / "cache"),
-                  max_length=32, max_tokens=256, latency="off", strategy="exhaustive", device="cpu")
+    values = {"model": str(model_dir), "data": str(data), "db": str(db), "cache_dir": str(tmp_path / "cache"),
+              "max_length": 32, "max_tokens": 256, "latency": "off", "strategy": "exhaustive", "device": "cpu"}
     values.update(overrides)
     return SweepConfig(**values)
 
@@ -121,8 +121,8 @@ def test_workers_default_to_one_on_cpu():
 
 
 @pytest.mark.parametrize("values, error", [
-    (dict(workers=0), "--workers"), (dict(backend="ray"), "valid: dask, loky"),
-    (dict(backend="dask"), "--scheduler"), (dict(scheduler="tcp://h:1"), "only used with `--backend dask`"),
+    ({"workers": 0}, "--workers"), ({"backend": "ray"}, "valid: dask, loky"),
+    ({"backend": "dask"}, "--scheduler"), ({"scheduler": "tcp://h:1"}, "only used with `--backend dask`"),
 ])
 def test_bad_parallel_settings_name_the_flag(values, error):
     with pytest.raises((ConfigError, UnknownNameError), match=error):
