@@ -14,7 +14,7 @@ TORCH_VERSION ?= 2.13.0
 PRESET  := $(if $(wildcard configs/$(MODEL).yaml),--config configs/$(MODEL).yaml,--model $(MODEL))
 RUN_FLAGS := $(PRESET) --db $(DB) $(if $(DATA),--data $(DATA)) $(if $(STRATEGY),--strategy $(STRATEGY)) $(ARGS)
 
-.PHONY: help install sweep plan report test demo bench clean
+.PHONY: help install sweep plan report test demo bench clean reliability
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -48,6 +48,9 @@ demo: install  ## offline end to end: train a tiny model on stdlib source, sweep
 
 bench: install  ## guide recipe vs sweep engines on ../shared data; figures saved under bench/results/
 	$(BIN)/python bench/bench.py $(ARGS)
+
+reliability: install  ## fault-injection campaign (kill -9, Ctrl-C, worker deaths, OOM, NaN, bad DBs); writes docs/reliability.md
+	$(BIN)/python bench/reliability.py $(ARGS)
 
 clean:  ## remove caches and demo outputs (keeps results.db)
 	rm -rf .cache demo.db demo.db-wal demo.db-shm reports/demo*

@@ -14,6 +14,7 @@ from sweep.errors import ConfigError, UnknownNameError
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LATENCY_MODES = ("shared", "per-variant", "off")
 ENGINES = ("trie", "per-variant")
+BACKENDS = ("loky", "dask")
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,12 @@ class SweepConfig:
     """`sweep heal`: also evaluate --tasks on the base, pruned and healed model."""
     qlora: bool = False
     """Heal with QLoRA (4-bit base weights; needs CUDA and bitsandbytes)."""
+    workers: int | None = None
+    """Worker processes, each pinned to one device; default: number of visible GPUs, 1 on CPU (in-process)."""
+    backend: str = "loky"
+    """Where workers run: loky (local processes) or dask (an existing Dask cluster, see --scheduler)."""
+    scheduler: str | None = None
+    """Dask scheduler address for --backend dask, e.g. tcp://10.0.0.5:8786."""
 
     def __post_init__(self) -> None:
         validate(self)
@@ -178,6 +185,8 @@ def validate(cfg: SweepConfig) -> None:
     if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
         raise UnknownNameError("--device", cfg.device, ("auto", "cpu", "cuda", "cuda:N"))
     _validate_similarity(cfg)
+    validate_tasks_and_heal(cfg)
+    _validate_parallel(cfg)
 
 
 ANGULAR_TOKENS = ("last", "all")
@@ -189,7 +198,6 @@ def _validate_similarity(cfg: SweepConfig) -> None:
         raise UnknownNameError("--angular-tokens", cfg.angular_tokens, ANGULAR_TOKENS)
     if cfg.calib_max_tokens is not None and cfg.calib_max_tokens < 2:
         raise ConfigError(f"`--calib-max-tokens` must be at least 2, got {cfg.calib_max_tokens}")
-    validate_tasks_and_heal(cfg)
 
 
 TASK_FIELDS = ("tasks", "task_include", "num_fewshot", "limit", "best", "pareto")
@@ -223,6 +231,18 @@ def validate_tasks_and_heal(cfg: "SweepConfig") -> None:
         raise ConfigError(f"`--heal-lr` must be positive, got {cfg.heal_lr}")
     if not [t for t in cfg.tasks.split(",") if t.strip()]:
         raise ConfigError("`--tasks` names no task; give e.g. --tasks boolq,arc_easy")
+
+
+def _validate_parallel(cfg: SweepConfig) -> None:
+    """--workers, --backend, --scheduler."""
+    if cfg.workers is not None and cfg.workers < 1:
+        raise ConfigError(f"`--workers` must be a positive integer, got {cfg.workers}")
+    if cfg.backend not in BACKENDS:
+        raise UnknownNameError("--backend", cfg.backend, BACKENDS)
+    if cfg.backend == "dask" and not cfg.scheduler:
+        raise ConfigError("`--backend dask` needs `--scheduler tcp://HOST:PORT` (the address `dask scheduler` prints)")
+    if cfg.scheduler and cfg.backend != "dask":
+        raise ConfigError("`--scheduler` is only used with `--backend dask`")
 
 
 def flag(name: str) -> str:

@@ -49,3 +49,7 @@ class ExportError(SweepError):
 
 class MissingExtraError(SweepError):
     """An optional dependency (pip extra such as sweep[tasks] or sweep[heal]) is not installed."""
+
+
+class ClusterError(SweepError):
+    """Worker processes or the Dask cluster cannot be started or reached."""

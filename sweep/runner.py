@@ -101,6 +101,7 @@ def run_sweep(cfg: SweepConfig, log: Log = print, progress: bool = True) -> Summ
     worker = load_worker(cfg)
     db, setup = open_setup(cfg, worker)
     variants = with_signal_variants(cfg, worker, db, variants, log, progress)
+    store.reap_dead_runs(db, setup)  # a crashed earlier run is closed even when nothing is left to measure
     done = store.done_keys(db, setup)
     todo = [v for v in variants if variant_key(v) not in done]
     summary = Summary(planned=len(variants), already_done=len(variants) - len(todo), setup=setup)
@@ -114,7 +115,7 @@ def run_sweep(cfg: SweepConfig, log: Log = print, progress: bool = True) -> Summ
             _announce_estimate(cfg, worker, todo, log)
             with StopFlag(log) as stop:
                 _measure_all(cfg, worker, db, setup, todo, summary, stop, log, progress,
-                             beat=lambda: store.heartbeat(db, run_id, summary.measured))
+                             beat=lambda: store.heartbeat(db, run_id, summary.measured), run_id=run_id)
             status = "interrupted" if summary.interrupted else "done"
         finally:
             store.finish_run(db, run_id, status, summary.measured)
@@ -137,8 +138,13 @@ CHUNK_SECONDS = 30.0
 
 
 def _measure_all(cfg, worker, db, setup, todo: list[Removal], summary: Summary, stop: StopFlag, log: Log,
-                 progress: bool, beat: Callable[[], None] = lambda: None) -> None:
+                 progress: bool, beat: Callable[[], None] = lambda: None, run_id: int | None = None) -> None:
     """Evaluate ``todo`` in chunks (sub-tries), committing each chunk's rows as soon as it is measured."""
+    from sweep import parallel
+
+    n_workers = parallel.resolve_workers(cfg)
+    if n_workers > 1 or cfg.backend == "dask":
+        return _measure_parallel(cfg, worker, db, setup, todo, summary, stop, log, progress, beat, run_id, n_workers)
     per_variant_latency = cfg.latency == "per-variant"
     latency = {} if per_variant_latency else _latency_for(cfg, worker, db, setup, todo, log, progress,
                                                           should_stop=lambda: stop.stop)
@@ -149,17 +155,8 @@ def _measure_all(cfg, worker, db, setup, todo: list[Removal], summary: Summary, 
         chunk = order[first : first + min(size, PER_VARIANT_GROUP if per_variant_latency else size)]
         if per_variant_latency:
             latency.update(_latency_for(cfg, worker, db, setup, chunk, log, False))
-        rows = worker.evaluate_many(chunk)
-        for removed, row in zip(chunk, rows):
-            signature = _signature(cfg, worker, removed)
-            timing = dict(latency.get(signature, {}))
-            if "latency_error" in timing:  # perplexity stands; say why the speed columns are empty
-                row = {**row, "error": "; ".join(x for x in (row.get("error"), "latency failed: "
-                                                             + timing.pop("latency_error")) if x)}
-            store.record_result(db, {**row, **timing, "setup_id": setup,
-                                     "latency_signature": signature if cfg.latency != "off" else None})
-            summary.failed += row["status"] != "ok"
-        summary.measured += len(chunk)
+        rows = _evaluate_in_process(worker, chunk, stop, log)
+        _record_chunk(cfg, worker, db, setup, chunk, rows, latency, summary, run_id)
         beat()
         bar.update(len(chunk))
         if first == 0 and len(todo) > len(chunk):
@@ -169,6 +166,74 @@ def _measure_all(cfg, worker, db, setup, todo: list[Removal], summary: Summary, 
             size = _next_chunk_size(rows, size)
     summary.interrupted = first < len(order)
     bar.close()
+
+
+def _record_chunk(cfg, worker, db, setup, chunk: list[Removal], rows: list[dict], latency: dict, summary: Summary,
+                  run_id: int | None) -> None:
+    """Add latency columns to a chunk's rows and commit them together (one transaction, measurement log too)."""
+    records = []
+    for removed, row in zip(chunk, rows):
+        signature = _signature(cfg, worker, removed)
+        timing = dict(latency.get(signature, {}))
+        if "latency_error" in timing:  # perplexity stands; say why the speed columns are empty
+            row = {**row, "error": "; ".join(x for x in (row.get("error"), "latency failed: "
+                                                         + timing.pop("latency_error")) if x)}
+        records.append({**row, **timing, "setup_id": setup,
+                        "latency_signature": signature if cfg.latency != "off" else None})
+        summary.failed += row["status"] != "ok"
+    store.record_results(db, records, run_id)
+    summary.measured += len(chunk)
+
+
+def _evaluate_in_process(worker, chunk: list[Removal], stop: StopFlag, log: Log) -> list[dict]:
+    """Rows of a chunk; a sticky CUDA error (the process's CUDA context is lost) fails the chunk and stops."""
+    from sweep.worker import is_sticky_error
+
+    try:
+        return worker.evaluate_many(chunk)
+    except RuntimeError as exc:
+        if not is_sticky_error(exc):
+            raise
+        error = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+        log(f"\n{error}\nthis process can no longer use the GPU; the same command resumes in a new process "
+            "(the failed variants are retried); --workers 2 or more recycles worker processes automatically")
+        stop.stop = True
+        return [worker.failed_row(r, error) for r in chunk]
+
+
+def _measure_parallel(cfg, worker, db, setup, todo: list[Removal], summary: Summary, stop: StopFlag, log: Log,
+                      progress: bool, beat: Callable[[], None], run_id: int | None, n_workers: int) -> None:
+    """Measure ``todo`` on worker processes; this process (the coordinator) alone writes the DB.
+
+    Latency is measured here first, for every signature of the plan, while no perplexity work competes for
+    the device; then this process's copy of the model leaves the GPU and the workers take over.
+    """
+    from sweep import parallel
+
+    latency = _latency_for(cfg, worker, db, setup, todo, log, progress, should_stop=lambda: stop.stop)
+    if stop.stop:
+        summary.interrupted = True
+        return
+    prefix_sharing = cfg.engine == "trie" and worker.trie_ok
+    order = _trie_order(todo, worker.n_layers) if prefix_sharing else list(todo)
+    per_variant = worker.estimate_seconds(order) / len(order) if prefix_sharing else 1.0
+    worker.release_device()
+    chunks = parallel.chunked(order, parallel.chunk_size(len(order), n_workers, per_variant, prefix_sharing,
+                                                         CHUNK_SECONDS))
+    where = f"Dask cluster {cfg.scheduler}" if cfg.backend == "dask" else f"{n_workers} worker processes"
+    log(f"{len(order):,} variants in {len(chunks):,} chunks on {where}")
+    bar = tqdm(total=len(todo), desc="variants", unit="variant", disable=not progress, dynamic_ncols=True)
+    for chunk, rows in parallel.run_chunks(cfg, chunks, n_workers, _failed_rows(worker),
+                                           should_stop=lambda: stop.stop, log=tqdm.write if progress else log):
+        _record_chunk(cfg, worker, db, setup, chunk, rows, latency, summary, run_id)
+        beat()
+        bar.update(len(chunk))
+    bar.close()
+    summary.interrupted = summary.measured < len(todo)
+
+
+def _failed_rows(worker):
+    return lambda chunk, error: [{**worker.failed_row(r, error), "eval_seconds": None} for r in chunk]
 
 
 def _trie_order(todo: list[Removal], n_layers: int) -> list[Removal]:

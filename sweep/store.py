@@ -9,6 +9,7 @@ Schema (version 1)::
     runs(id, setup_id, status, pid, host, command, planned, to_measure, measured, started_at, heartbeat_at, ended_at)
     results(setup_id, removed, ..., status, error, PRIMARY KEY(setup_id, removed))
     VIEW results_vs_baseline                              -- each variant against the baseline of its setup
+    measurements(id, setup_id, removed, status, run_id, pid, host, measured_at)  -- audit log, one per commit
 
 A result row is committed the moment it is measured, so an interrupted sweep loses at most the
 variant in flight. Failures are rows too (``status`` = ``failed`` or ``diverged`` with ``error``), as in
@@ -128,12 +129,14 @@ def check_writable(path: str | Path) -> None:
     if path.exists():
         if not os.access(path, os.W_OK):
             raise StoreError(f"--db {path} is not writable")
+        check_local_and_writable(path)
         return
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise StoreError(f"--db {path}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise StoreError(f"--db {path}: directory {parent} is not writable")
+    check_local_and_writable(path)
 
 
 def open_db(path: str | Path, create: bool = True) -> sqlite_utils.Database:
@@ -206,6 +209,7 @@ def _create_schema(db: sqlite_utils.Database) -> None:
             )
         db.execute(VIEW_SQL)
         _create_tasks_and_heal_schema(db)
+    _create_measurement_log(db)
 
 
 def upsert_model(db: sqlite_utils.Database, name: str, revision: str | None, dtype: str, n_layers: int,
@@ -707,3 +711,142 @@ def read_heals(path_or_db: str | Path | sqlite_utils.Database, model: str | None
         sql += " WHERE m.name = ?"
         params.append(model)
     return _query(db, sql + " ORDER BY m.name, h.n_removed, h.removed, h.measured_at", params)
+
+
+# ---------------------------------------------------------------------------------------------- safety
+# Store safety for long multi-process sweeps (issue #4): where the file lives, atomic chunk writes, a log of
+# every committed measurement (so "nothing measured twice" can be checked), and runs left by dead processes.
+
+NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse.sshfs", "sshfs", "9p", "lustre", "gpfs",
+                       "ceph", "fuse.glusterfs", "glusterfs", "afs", "beegfs", "fuse.s3fs", "fuse.gcsfuse")
+"""Filesystems whose POSIX locks SQLite cannot rely on (https://www.sqlite.org/wal.html#noshm): WAL breaks there."""
+
+
+def filesystem_type(path: str | Path) -> str | None:
+    """Type of the filesystem holding ``path`` (``ext4``, ``nfs4``...), from /proc/self/mountinfo; None if unknown.
+
+    Example: a mountinfo line ``36 35 0:32 / /data rw,relatime shared:1 - nfs4 srv:/x rw`` -> ``nfs4`` for
+    any path under /data (the longest matching mount point wins).
+    """
+    target = Path(path).resolve()
+    while not target.exists() and target != target.parent:
+        target = target.parent
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:  # not Linux
+        return None
+    return fstype_from_mountinfo(lines, target)
+
+
+def fstype_from_mountinfo(lines: list[str], target: Path) -> str | None:
+    """The filesystem type of the longest mount point containing ``target`` (an absolute path)."""
+    best, fstype = -1, None
+    for line in lines:
+        before, _, after = line.partition(" - ")
+        fields_before, fields_after = before.split(), after.split()
+        if len(fields_before) < 5 or not fields_after:
+            continue
+        mount_point = fields_before[4].replace("\\040", " ")
+        if (str(target) == mount_point or str(target).startswith(mount_point.rstrip("/") + "/")) \
+                and len(mount_point) > best:
+            best, fstype = len(mount_point), fields_after[0]
+    return fstype
+
+
+def _read_only_filesystem(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def check_local_and_writable(path: str | Path) -> None:
+    """Refuse paths SQLite cannot safely write: network filesystems, read-only mounts, files chmod'ed read-only.
+
+    A file without any write permission bit is refused even for root (who could write it anyway): someone
+    made it read-only on purpose.
+
+    Raises:
+        StoreError: naming the reason and what to do.
+    """
+    path = Path(path)
+    where = path if path.exists() else (path.parent if str(path.parent) else Path("."))
+    fstype = filesystem_type(where)
+    if fstype in NETWORK_FILESYSTEMS:
+        raise StoreError(f"--db {path} is on a network filesystem ({fstype}): SQLite's locks are unreliable there "
+                         f"and results could be corrupted; use a local disk and copy the file afterwards")
+    if _read_only_filesystem(where):
+        raise StoreError(f"--db {path} is on a read-only filesystem")
+    if path.exists() and not path.stat().st_mode & 0o222:
+        raise StoreError(f"--db {path} is not writable (read-only file; chmod u+w to allow sweeps to add rows)")
+
+
+def _create_measurement_log(db: sqlite_utils.Database) -> None:
+    """``measurements``: one row per committed measurement of a variant (a re-measurement shows as a second row)."""
+    with db.conn:
+        db.execute("CREATE TABLE IF NOT EXISTS measurements (id INTEGER PRIMARY KEY, setup_id TEXT, removed TEXT, "
+                   "status TEXT, run_id INTEGER, pid INTEGER, host TEXT, measured_at TEXT)")
+        db.execute("CREATE INDEX IF NOT EXISTS measurements_variant ON measurements (setup_id, removed)")
+
+
+def record_results(db: sqlite_utils.Database, rows: list[dict[str, Any]], run_id: int | None = None) -> None:
+    """Write several result rows (one chunk) and their measurement-log entries in one ``BEGIN IMMEDIATE`` transaction.
+
+    All rows of the chunk are committed together or not at all: a kill -9 between two rows leaves none of them
+    half-written. IMMEDIATE takes the write lock up front, so two processes never deadlock upgrading a read.
+
+    Raises:
+        StoreError: a row has a column that is not a result column.
+    """
+    prepared = []
+    for row in rows:
+        unknown = set(row) - set(RESULT_COLUMNS)
+        if unknown:
+            raise StoreError(f"unknown result columns: {sorted(unknown)}")
+        row = {**row, "measured_at": row.get("measured_at") or now()}
+        for name in ("ppl", "bpb", "nll_sum"):
+            value = row.get(name)
+            if isinstance(value, float) and math.isnan(value):
+                row[name] = None  # SQLite turns NaN into NULL anyway; inf is kept. The status says why.
+        prepared.append(row)
+    conn, host, pid = db.conn, socket.gethostname(), os.getpid()
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for row in prepared:
+            names = list(row)
+            conn.execute(f"INSERT OR REPLACE INTO results ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
+                         [row[n] for n in names])
+            conn.execute("INSERT INTO measurements (setup_id, removed, status, run_id, pid, host, measured_at) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                         [row["setup_id"], row["removed"], row.get("status"), run_id, pid, host, row["measured_at"]])
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
+def reap_dead_runs(db: sqlite_utils.Database, setup: str | None = None) -> int:
+    """Mark ``running`` runs whose process is gone (or whose heartbeat is stale) ``abandoned``; return how many.
+
+    Called at the start of every ``sweep run``, also when nothing is left to measure, so that no run stays
+    ``running`` after a crash and a resume.
+    """
+    conn = db.conn
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        sql = "SELECT * FROM runs WHERE status = 'running'" + (" AND setup_id = ?" if setup else "")
+        cursor = conn.execute(sql, [setup] if setup else [])
+        names = [d[0] for d in cursor.description]
+        dead = [run["id"] for run in (dict(zip(names, r)) for r in cursor.fetchall()) if not _run_alive(run)]
+        for run_id in dead:
+            conn.execute("UPDATE runs SET status = 'abandoned', ended_at = ? WHERE id = ?", [now(), run_id])
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return len(dead)
+
+
+def integrity_ok(db: sqlite_utils.Database) -> bool:
+    """``PRAGMA integrity_check`` says ok."""
+    return db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

@@ -6,6 +6,8 @@ columns of ``store.RESULT_COLUMNS``), and measurement failures (out of memory, N
 from __future__ import annotations
 
 import math
+import os
+import signal
 import socket
 import time
 from collections.abc import Sequence
@@ -167,8 +169,20 @@ class Worker:
                 "kept_layers": variant_key(kept), "params": total, "params_non_embedding": non_embedding,
                 "device": self.device_name, "host": self.host}
 
+    def failed_row(self, removed: Sequence[int], error: str) -> dict:
+        """A ``failed`` result row for a variant whose measurement could not finish (the error says why)."""
+        return {**self._base_row(removed), "status": "failed", "error": error}
+
+    def release_device(self) -> None:
+        """Move the model off the GPU (the coordinator's copy, once worker processes take over the GPUs)."""
+        if self.device.type == "cuda":
+            self.model.to("cpu")
+            torch.cuda.empty_cache()
+
     def _row(self, removed: Sequence[int], result: measure.Perplexity, seconds: float) -> dict:
         """A result row from a perplexity; NaN or inf perplexity makes it ``diverged``."""
+        if injected_fault("nan", removed):
+            result = measure.Perplexity(nll_sum=math.nan, n_tokens=result.n_tokens)
         ppl = result.ppl
         row = {**self._base_row(removed), "nll_sum": result.nll_sum, "n_tokens": result.n_tokens,
                "n_bytes": round(len(self.token_ids) / self.tokens_per_byte), "ppl": ppl,
@@ -186,6 +200,8 @@ class Worker:
         start = time.perf_counter()
         for batch_size in _retry_batch_sizes(self.cfg.batch_size):
             try:
+                if injected_fault("oom", removed, batch_size < self.cfg.batch_size):
+                    raise torch.OutOfMemoryError("injected by SWEEP_FAULTS")
                 with models.pruned(self.model, removed):
                     result = measure.perplexity(self.hidden_fn, self.logits_fn, self.token_ids,
                                                 self.setup.max_length, self.setup.stride, batch_size, self.device)
@@ -222,6 +238,12 @@ class Worker:
 
     def evaluate_many(self, removals: Sequence[Sequence[int]]) -> list[dict]:
         """Result rows of several variants: one prefix-sharing trie pass when possible, else one by one."""
+        _injected_delay(len(removals))
+        for removed in removals:
+            if injected_fault("kill", removed):
+                os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer or a segfault would
+            if injected_fault("sticky", removed):
+                raise RuntimeError("CUDA error: an illegal memory access was encountered (injected by SWEEP_FAULTS)")
         if self.cfg.engine != "trie" or not self.trie_ok or len(removals) == 1:
             return [self.evaluate(r) for r in removals]
         from sweep import prefix
@@ -230,6 +252,8 @@ class Worker:
         start = time.perf_counter()
         for batch_size in _retry_batch_sizes(self.cfg.batch_size):
             try:
+                if any(injected_fault("oom", r, batch_size < self.cfg.batch_size, once=False) for r in removals):
+                    raise torch.OutOfMemoryError("injected by SWEEP_FAULTS")
                 results = prefix.trie_perplexities(self.model, kept, self.logits_fn, self.token_ids,
                                                    self.setup.max_length, self.setup.stride, batch_size)
                 seconds = (time.perf_counter() - start) / len(removals)
@@ -326,3 +350,72 @@ def load_tokenizer(cfg: SweepConfig):
     if cfg.tokenizer:
         return models.load_tokenizer(cfg.tokenizer, None, cfg.trust_remote_code)
     return models.load_tokenizer(cfg.model, cfg.revision, cfg.trust_remote_code)
+
+
+# ---------------------------------------------------------------------------------------------- fault injection
+
+FAULTS_ENV = "SWEEP_FAULTS"
+"""TEST-ONLY fault injection, read here and nowhere else; unset in normal use (then every check is a dict lookup).
+
+``SWEEP_FAULTS="oom=1|2,3;nan=0;kill-once=4;sticky=5"``: ``KIND=KEYS`` pairs separated by ``;``, variant keys
+separated by ``|`` (``baseline`` for the unpruned model). Kinds:
+
+- ``oom``: evaluating the variant raises ``torch.OutOfMemoryError`` at every batch size (-> ``failed`` row);
+  ``oom-retry``: only at the configured batch size (the half-batch retry succeeds);
+- ``nan``: the variant's NLL becomes NaN (-> ``diverged`` row);
+- ``kill``: the process evaluating a chunk with the variant kills itself with SIGKILL;
+- ``sticky``: the chunk raises a CUDA "illegal memory access" error (a sticky error that poisons the process);
+- ``delay=SECONDS``: every variant takes this much longer (gives fault tests time to strike mid-sweep).
+
+A ``-once`` suffix (``kill-once``) fires only the first time across all processes, using marker files in
+``$SWEEP_FAULTS_DIR`` (required then).
+"""
+
+
+def _parse_faults(spec: str) -> dict[str, set[str]]:
+    faults: dict[str, set[str]] = {}
+    for part in filter(None, spec.split(";")):
+        kind, _, keys = part.partition("=")
+        faults[kind.strip()] = {"" if k == "baseline" else k.strip() for k in keys.split("|")}
+    return faults
+
+
+def injected_fault(kind: str, removed: Sequence[int], retrying: bool = False, once: bool = True) -> bool:
+    """Whether ``$SWEEP_FAULTS`` asks for a fault of ``kind`` on this variant now (see ``FAULTS_ENV``).
+
+    ``retrying`` (oom only): this is the half-batch retry, which ``oom-retry`` lets succeed. ``once=False``
+    checks without consuming a ``-once`` marker.
+    """
+    spec = os.environ.get(FAULTS_ENV)
+    if not spec:
+        return False
+    faults, key = _parse_faults(spec), variant_key(removed)
+    if key in faults.get(kind, ()) or (kind == "oom" and not retrying and key in faults.get("oom-retry", ())):
+        return True
+    if key not in faults.get(f"{kind}-once", ()):
+        return False
+    marker = os.path.join(os.environ["SWEEP_FAULTS_DIR"], f"{kind}-once-{key or 'baseline'}")
+    if not once:
+        return not os.path.exists(marker)
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
+def _injected_delay(n_variants: int) -> None:
+    spec = os.environ.get(FAULTS_ENV)
+    delay = _parse_faults(spec).get("delay") if spec else None
+    if delay:
+        time.sleep(float(next(iter(delay))) * n_variants)
+
+
+STICKY_ERRORS = ("device-side assert", "illegal memory access", "unspecified launch failure",
+                 "misaligned address", "CUDA error: an illegal instruction", "uncorrectable ECC error")
+"""CUDA errors after which the process's CUDA context is unusable: only a new process recovers."""
+
+
+def is_sticky_error(exc: BaseException) -> bool:
+    """A sticky CUDA error (see ``STICKY_ERRORS``): the worker process must be replaced."""
+    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in STICKY_ERRORS)
