@@ -15,6 +15,14 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 LATENCY_MODES = ("shared", "per-variant", "off")
 ENGINES = ("trie", "per-variant")
 BACKENDS = ("loky", "dask")
+COMPILE_MODES = ("auto", "on", "off")
+CPU_BATCH_SIZE = 8
+"""Windows per forward pass on CPU when --batch-size is 0 (auto)."""
+
+
+def batch_size_or_default(cfg: "SweepConfig") -> int:
+    """``--batch-size`` where it is fixed; :data:`CPU_BATCH_SIZE` for auto where no memory probe is made."""
+    return cfg.batch_size or CPU_BATCH_SIZE
 
 
 @dataclass(frozen=True)
@@ -50,8 +58,10 @@ class SweepConfig:
     """Tokens the window advances by; default = max_length (non-overlapping windows)."""
     max_tokens: int | None = None
     """Evaluate only the first N tokens of the text (recorded with the result); None = all."""
-    batch_size: int = 8
-    """Evaluation windows per forward pass."""
+    batch_size: int = 0
+    """Evaluation windows per forward pass; 0 = auto (from free GPU memory, trie cache included; 8 on CPU)."""
+    compile: str = "auto"
+    """torch.compile the LM head + loss (fused, no float32 copy of the logits): auto (on CUDA), on, off."""
     engine: str = "trie"
     """trie (variants share the computation of common leading layers) or per-variant (the plain reference)."""
 
@@ -169,7 +179,11 @@ def validate(cfg: SweepConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise ConfigError(f"`--{flag(name)}` must be a positive integer, got {value}")
-    for name in ("batch_size", "latency_seq", "latency_repeats"):
+    if cfg.batch_size < 0:
+        raise ConfigError(f"`--batch-size` must be 0 (auto) or a positive integer, got {cfg.batch_size}")
+    if cfg.compile not in COMPILE_MODES:
+        raise UnknownNameError("--compile", cfg.compile, COMPILE_MODES)
+    for name in ("latency_seq", "latency_repeats"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"`--{flag(name)}` must be a positive integer, got {getattr(cfg, name)}")
     for name in ("decode_tokens", "latency_warmup"):

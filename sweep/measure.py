@@ -131,7 +131,7 @@ def window_nll(head: Callable[[torch.Tensor], torch.Tensor] | HeadLoss, hidden: 
 
 
 @torch.no_grad()
-def perplexity(hidden_fn: Callable[[torch.Tensor], torch.Tensor], logits_fn: Callable[[torch.Tensor], torch.Tensor],
+def perplexity(hidden_fn: Callable[[torch.Tensor], torch.Tensor], head: Callable[[torch.Tensor], torch.Tensor] | HeadLoss,
                token_ids: torch.Tensor, max_length: int, stride: int, batch_size: int,
                device: torch.device) -> Perplexity:
     """Perplexity with semantics identical to the transformers guide's strided recipe.
@@ -143,7 +143,7 @@ def perplexity(hidden_fn: Callable[[torch.Tensor], torch.Tensor], logits_fn: Cal
 
     Args:
         hidden_fn: input ids (B, T) -> final hidden states (B, T, H).
-        logits_fn: hidden states -> logits.
+        head: a :class:`HeadLoss`, or a logits function hidden states -> logits.
         token_ids: (N,) the whole tokenized text (on any device).
         batch_size: windows per forward pass; windows of equal length are batched, so results do not depend on it
             beyond float rounding.
@@ -156,7 +156,7 @@ def perplexity(hidden_fn: Callable[[torch.Tensor], torch.Tensor], logits_fn: Cal
             continue  # a 1-token last window: the guide weights it by 0 (its loss is NaN there)
         input_ids = torch.stack([token_ids[w.begin : w.end] for w in group])  # (B, T)
         hidden = hidden_fn(input_ids)
-        sums, n_scored = window_nll(logits_fn, hidden, input_ids, group[0].n_targets)
+        sums, n_scored = window_nll(head, hidden, input_ids, group[0].n_targets)
         nll_sum += float(sums.sum()) / n_scored * n_loss
         n_tokens += n_loss * len(group)
     return Perplexity(nll_sum, n_tokens)

@@ -53,13 +53,13 @@ def layer_calls(root: Node) -> int:
 
 
 @torch.no_grad()
-def trie_perplexities(model, kept_sequences: dict[str, Sequence[int]], logits_fn: Callable, token_ids: torch.Tensor,
+def trie_perplexities(model, kept_sequences: dict[str, Sequence[int]], head: Callable, token_ids: torch.Tensor,
                       max_length: int, stride: int, batch_size: int) -> dict[str, measure.Perplexity]:
     """Perplexity of every variant, with the guide's windowing and weighting (as :func:`measure.perplexity`).
 
     Args:
         kept_sequences: variant key -> kept layers (ascending).
-        logits_fn: backbone output (B, t, H) -> logits (B, t, V).
+        head: a :class:`measure.HeadLoss`, or a logits function backbone output (B, t, H) -> logits (B, t, V).
         token_ids: (N,) tokens on the model's device.
     """
     root = build_trie(kept_sequences)
@@ -75,7 +75,7 @@ def trie_perplexities(model, kept_sequences: dict[str, Sequence[int]], logits_fn
 
         def score(node: Node, hidden: torch.Tensor) -> None:
             if node.keys:
-                sums, n_scored = measure.window_nll(logits_fn, finish(hidden), input_ids, group[0].n_targets)
+                sums, n_scored = measure.window_nll(head, finish(hidden), input_ids, group[0].n_targets)
                 for key in node.keys:
                     nll[key] += float(sums.sum()) / n_scored * n_loss
                     n_tokens[key] += n_loss * len(group)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from sweep import models, store, strategies
-from sweep.config import SweepConfig
+from sweep.config import SweepConfig, batch_size_or_default
 from sweep.data import TokenizedText, describe, load_text, tokenize
 from sweep.errors import DataError
 from sweep.plan import SIGNAL_STRATEGIES, Removal, parse_range, strategy_names, variant_key
@@ -239,11 +239,11 @@ def ensure_signals(cal: Calibration, db, log: Log = print, progress: bool = True
         log(f"similarity: reusing the signals stored for {cal.tokens.name} [{cal.key['calib_fingerprint']}]")
         return stored
     token_ids = cal.token_ids
-    n_batches = math.ceil(math.ceil(len(token_ids) / cal.max_length) / cal.cfg.batch_size)
+    n_batches = math.ceil(math.ceil(len(token_ids) / cal.max_length) / batch_size_or_default(cal.cfg))
     log(f"similarity: {len(token_ids):,} calibration tokens of {cal.tokens.name} in windows of {cal.max_length}")
     bar = tqdm(total=n_batches, desc="similarity", unit="batch", disable=not progress, dynamic_ncols=True)
     pad_id = int(token_ids[0])  # any real id: padded positions are masked out of attention and of the averages
-    signals = layer_signals(cal.model, calibration_batches(token_ids, cal.max_length, cal.cfg.batch_size, pad_id),
+    signals = layer_signals(cal.model, calibration_batches(token_ids, cal.max_length, batch_size_or_default(cal.cfg), pad_id),
                             progress=lambda: bar.update(1))
     bar.close()
     store.record_layer_similarity(db, cal.key, cal.tokens.name, signal_rows(signals))

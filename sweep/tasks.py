@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from tqdm.auto import tqdm
 
 from sweep import ENGINE_VERSION, store
-from sweep.config import SweepConfig
+from sweep.config import SweepConfig, batch_size_or_default
 from sweep.errors import ConfigError, MissingExtraError, SweepError
 from sweep.plan import PlanSpec, Removal, parse_key, parse_remove, plan_variants, variant_key
 
@@ -201,7 +201,7 @@ def evaluate_tasks(model, tokenizer, removed: Removal, names: Sequence[str], cfg
     from sweep import models
 
     with models.pruned(model, removed), _quiet_lm_eval():
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size_or_default(cfg))
         out = simple_evaluate(model=lm, tasks=list(names), num_fewshot=cfg.num_fewshot, limit=cfg.limit,
                               task_manager=manager, log_samples=False, random_seed=cfg.seed,
                               numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed,
@@ -315,7 +315,7 @@ def measure_tasks(db, model, tokenizer, variants: Sequence[Removal], names: Sequ
         try:
             results = evaluate_tasks(model, tokenizer, removed, missing, cfg, manager)
         except torch.OutOfMemoryError as exc:
-            error = f"out of memory at batch size {cfg.batch_size}: {str(exc).splitlines()[0]}"
+            error = f"out of memory at batch size {batch_size_or_default(cfg)}: {str(exc).splitlines()[0]}"
         except (KeyboardInterrupt, SweepError):
             raise
         except Exception as exc:  # a task that cannot run is data: a failed row, and the next variant goes on

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from sweep import measure, models
-from sweep.config import SweepConfig
+from sweep.config import CPU_BATCH_SIZE, SweepConfig
 from sweep.data import TokenizedText, describe, load_text, tokenize
 from sweep.errors import ConfigError, DataError
 from sweep.plan import kept_layers, variant_key
@@ -98,10 +98,39 @@ class Worker:
         self.embedding_params = models.embedding_params(model)
         self.hidden_fn, self.logits_fn, self.split_head = self._split_head()
         self.trie_ok = self.split_head and self._trie_reproduces_backbone()
+        use_compile = cfg.compile == "on" or (cfg.compile == "auto" and self.device.type == "cuda")
+        self.head_loss = measure.HeadLoss(self.logits_fn, compiled=use_compile)
+        self.batch_size = cfg.batch_size or self._auto_batch_size()
         self.host = socket.gethostname()
         self.device_name = device_name(self.device)
 
     # ------------------------------------------------------------------------------------------ head
+
+    def _auto_batch_size(self) -> int:
+        """Windows per batch from free GPU memory (``--batch-size 0``); CPU_BATCH_SIZE on CPU.
+
+        One window of the full model is run and its peak memory above the resident weights measured (activations,
+        attention mask, a head chunk's logits); the trie adds one residual stream (1, T, H) per depth, up to L + 1
+        of them. Both grow linearly with the batch, so the batch is free memory / per-window cost
+        (:func:`measure.batch_size_for`).
+        """
+        if self.device.type != "cuda":
+            return CPU_BATCH_SIZE
+        length = min(self.setup.max_length, len(self.token_ids))
+        probe = self.token_ids[:length][None]  # (1, T)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        resident = torch.cuda.memory_allocated(self.device)
+        with torch.no_grad():
+            hidden = self.hidden_fn(probe)  # (1, T, H)
+            measure.window_nll(self.head_loss, hidden, probe, length)
+        transient = torch.cuda.max_memory_allocated(self.device) - resident
+        depth = self.n_layers + 1 if self.trie_ok and self.cfg.engine == "trie" else 1
+        per_window = transient + depth * hidden.numel() * hidden.element_size()
+        del hidden
+        free, _ = torch.cuda.mem_get_info(self.device)
+        n_windows = len(measure.windows(len(self.token_ids), self.setup.max_length, self.setup.stride))
+        return measure.batch_size_for(free, per_window, n_windows)
 
     def _split_head(self):
         """Run backbone and LM head separately (so the head can be chunked) when that reproduces the model.
@@ -198,12 +227,12 @@ class Worker:
         Out of memory: retried once with half the batch, then recorded as ``failed`` with the error.
         """
         start = time.perf_counter()
-        for batch_size in _retry_batch_sizes(self.cfg.batch_size):
+        for batch_size in _retry_batch_sizes(self.batch_size):
             try:
-                if injected_fault("oom", removed, batch_size < self.cfg.batch_size):
+                if injected_fault("oom", removed, batch_size < self.batch_size):
                     raise torch.OutOfMemoryError("injected by SWEEP_FAULTS")
                 with models.pruned(self.model, removed):
-                    result = measure.perplexity(self.hidden_fn, self.logits_fn, self.token_ids,
+                    result = measure.perplexity(self.hidden_fn, self.head_loss, self.token_ids,
                                                 self.setup.max_length, self.setup.stride, batch_size, self.device)
                 return self._row(removed, result, time.perf_counter() - start)
             except torch.OutOfMemoryError as exc:
@@ -219,14 +248,14 @@ class Worker:
         ``full`` is the unpruned batch time and ``head`` the time with every layer removed.
         """
         windows = measure.windows(len(self.token_ids), self.setup.max_length, self.setup.stride)
-        n_batches = math.ceil(len(windows) / self.cfg.batch_size)
-        sample = windows[: self.cfg.batch_size]
+        n_batches = math.ceil(len(windows) / self.batch_size)
+        sample = windows[: self.batch_size]
         ids = torch.stack([self.token_ids[w.begin : w.begin + sample[0].end - sample[0].begin] for w in sample])
 
         def batch_seconds(removed: Sequence[int]) -> float:
             with models.pruned(self.model, removed), torch.no_grad():
                 start = time.perf_counter()
-                measure.window_nll(self.logits_fn, self.hidden_fn(ids), ids, ids.shape[1])
+                measure.window_nll(self.head_loss, self.hidden_fn(ids), ids, ids.shape[1])
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 return time.perf_counter() - start
@@ -250,11 +279,11 @@ class Worker:
 
         kept = {variant_key(r): kept_layers(r, self.n_layers) for r in removals}
         start = time.perf_counter()
-        for batch_size in _retry_batch_sizes(self.cfg.batch_size):
+        for batch_size in _retry_batch_sizes(self.batch_size):
             try:
-                if any(injected_fault("oom", r, batch_size < self.cfg.batch_size, once=False) for r in removals):
+                if any(injected_fault("oom", r, batch_size < self.batch_size, once=False) for r in removals):
                     raise torch.OutOfMemoryError("injected by SWEEP_FAULTS")
-                results = prefix.trie_perplexities(self.model, kept, self.logits_fn, self.token_ids,
+                results = prefix.trie_perplexities(self.model, kept, self.head_loss, self.token_ids,
                                                    self.setup.max_length, self.setup.stride, batch_size)
                 seconds = (time.perf_counter() - start) / len(removals)
                 return [self._row(r, results[variant_key(r)], seconds) for r in removals]

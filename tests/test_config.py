@@ -169,7 +169,13 @@ def test_bad_dtype_lists_valid_dtypes():
 @pytest.mark.parametrize("name", ["max_length", "stride", "max_tokens", "batch_size", "latency_seq"])
 def test_non_positive_sizes_name_the_flag(name):
     with pytest.raises(ConfigError, match=f"`--{flag(name)}`"):
-        build_config(**{name: 0})
+        build_config(**{name: -1 if name == "batch_size" else 0})  # batch size 0 means auto
+
+
+def test_batch_size_zero_is_auto_and_compile_modes_are_checked():
+    assert build_config(batch_size=0).batch_size == 0
+    with pytest.raises(UnknownNameError, match="valid: auto, off, on"):
+        build_config(compile="sometimes")
 
 
 def test_bad_latency_mode_lists_valid_modes():

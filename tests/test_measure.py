@@ -228,3 +228,27 @@ def test_batch_size_for_fits_free_memory(free_gib, per_window_gib, n_windows):
     assert fits or batch == 1  # a batch of 1 is always tried: its OOM is a failed row
     if batch < min(measure.MAX_AUTO_BATCH, n_windows):  # not capped: one more window would not fit
         assert (batch + 1) * per_window_gib > measure.MEMORY_HEADROOM * free_gib
+
+
+def test_worker_batch_size_auto_on_cpu_and_fixed_when_given(gpt2_and_ids):
+    from sweep.config import CPU_BATCH_SIZE
+
+    model, ids = gpt2_and_ids
+    tokens = TokenizedText(ids[0].numpy(), n_bytes=ids.shape[1], fingerprint="t", name="t")
+    auto = Worker(model, tokens, EvalSetup(64, 64, None), SweepConfig(batch_size=0, latency="off"))
+    fixed = Worker(model, tokens, EvalSetup(64, 64, None), SweepConfig(batch_size=3, latency="off"))
+    assert (auto.batch_size, fixed.batch_size) == (CPU_BATCH_SIZE, 3)
+    assert not auto.head_loss.compiled  # compile=auto compiles on CUDA only
+    assert auto.evaluate([1])["ppl"] == pytest.approx(fixed.evaluate([1])["ppl"], rel=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_auto_batch_size_on_gpu_fits_and_evaluates():
+    model = tiny_model("llama").to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 96, (4096,), generator=torch.Generator().manual_seed(0))
+    tokens = TokenizedText(ids.numpy(), n_bytes=4096, fingerprint="t", name="t")
+    worker = Worker(model, tokens, EvalSetup(64, 64, None), SweepConfig(batch_size=0, latency="off"))
+    assert worker.head_loss.compiled and 1 <= worker.batch_size <= 64
+    rows = worker.evaluate_many([(), (1,), (0, 2)])
+    assert [r["status"] for r in rows] == ["ok"] * 3 and worker.head_loss.compiled
