@@ -12,7 +12,6 @@ The oracle for n removed layers exists only when the setup has every one of the 
 from __future__ import annotations
 
 import math
-import re
 from math import comb
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,10 @@ def _open(path_or_db):
 
 
 def _safe_name(model: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", model.replace("/", "__")).strip("_") or "model"
+    """The report's file stem (``"org/name" -> "org--name"``), so figures sit beside ``<stem>.md`` with its prefix."""
+    from sweep.report import report_filename  # at call time: report imports this module
+
+    return report_filename(model).removesuffix(".md")
 
 
 def _ok_ppl(row: Row | None) -> float | None:
@@ -214,6 +216,12 @@ def similarity_heatmaps(path_or_db, out_dir: str | Path, model: str | None = Non
     return paths
 
 
+def _integer_ticks(axis, n_layers: int, first: int) -> None:
+    """One tick per layer up to 28 layers, then every k-th: layers are integers, never 0.5."""
+    step = max(1, math.ceil(n_layers / 28))
+    axis.set_ticks(range(first, first + n_layers, step))
+
+
 def _draw_signals(model: str, rows: list[Row], out: Path) -> Path:
     import numpy as np
 
@@ -224,8 +232,10 @@ def _draw_signals(model: str, rows: list[Row], out: Path) -> Path:
         grid = np.ma.masked_invalid(np.array(_distance_grid(rows, metric, n_layers), dtype=float))
         image = ax.imshow(grid, origin="lower", aspect="auto", cmap="viridis",
                           extent=(-0.5, n_layers - 0.5, 0.5, n_layers + 0.5))
-        ax.set_xlabel("start layer l")
-        ax.set_ylabel("block size n")
+        _integer_ticks(ax.xaxis, n_layers, first=0)
+        _integer_ticks(ax.yaxis, n_layers, first=1)
+        ax.set_xlabel("start layer l (block removes l .. l+n-1)")
+        ax.set_ylabel("block size n (layers)")
         ax.set_title(f"angular distance d(l, n), {title}")
         fig.colorbar(image, ax=ax, fraction=0.046)
     influence = [math.nan] * n_layers
@@ -238,6 +248,7 @@ def _draw_signals(model: str, rows: list[Row], out: Path) -> Path:
     norm = matplotlib_colors().LogNorm() if positive else None
     image = axes[2].imshow(strip, aspect="auto", cmap="magma", norm=norm, extent=(-0.5, n_layers - 0.5, 0, 1))
     axes[2].set_yticks([])
+    _integer_ticks(axes[2].xaxis, n_layers, first=0)
     axes[2].set_xlabel("layer")
     axes[2].set_title("Block Influence 1 - cos(h_in, h_out) (ShortGPT)")
     fig.colorbar(image, ax=axes[2], fraction=0.046)

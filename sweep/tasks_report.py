@@ -215,4 +215,7 @@ def _draw_perplexity(ax, ppl_rows: Sequence[Row], heals: Sequence[Row]) -> None:
 
 
 def _safe_name(model: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(model).name or model)
+    """The report's file stem (``"org/name" -> "org--name"``), so figures sit beside ``<stem>.md`` with its prefix."""
+    from sweep.report import report_filename  # at call time: report imports this module
+
+    return report_filename(model).removesuffix(".md")

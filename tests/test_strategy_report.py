@@ -89,7 +89,7 @@ def test_curve_and_heatmaps_are_written_as_png(tmp_path):
     store.record_layer_similarity(db, key, "calib.txt", rows)
     paths = strategy_report.strategy_curve(db, setup, tmp_path / "out")
     paths += strategy_report.similarity_heatmaps(db, tmp_path / "out")
-    assert [p.name for p in paths] == [f"org__tiny-{setup}-strategies.png", "org__tiny-similarity.png"]
+    assert [p.name for p in paths] == [f"org--tiny-{setup}-strategies.png", "org--tiny-similarity.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
 
 
@@ -106,7 +106,7 @@ def test_old_db_without_the_new_tables_reads_as_empty(tmp_path):
     assert store.similarity_overview(db) == []
 
 
-@pytest.mark.parametrize("model,name", [("gpt2", "gpt2"), ("/a/b c", "a__b_c")])
+@pytest.mark.parametrize("model,name", [("gpt2", "gpt2"), ("/a/b c", "a--b_c"), (".cache/demo/model", "demo--model")])
 def test_model_names_become_safe_file_names(model, name):
     assert strategy_report._safe_name(model) == name
 
@@ -122,9 +122,9 @@ def test_model_report_has_similarity_and_strategy_sections(tmp_path):
     [path] = write_reports(tmp_path / "r.db", out)
     text = path.read_text()
     assert "## Layer similarity" in text and "## Strategies" in text
-    assert f"![perplexity against the fraction of layers removed, per strategy](org__tiny-{setup}-strategies.png)" \
-        in text and (out / f"org__tiny-{setup}-strategies.png").exists()
-    assert "(org__tiny-similarity.png)" in text and (out / "org__tiny-similarity.png").exists()
+    assert f"![perplexity against the fraction of layers removed, per strategy](org--tiny-{setup}-strategies.png)" \
+        in text and (out / f"org--tiny-{setup}-strategies.png").exists()
+    assert "(org--tiny-similarity.png)" in text and (out / "org--tiny-similarity.png").exists()
     assert text.index("## Strategies") < text.index("| angular |")
 
 
