@@ -15,7 +15,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from tqdm.auto import tqdm
@@ -195,16 +195,18 @@ def train_lora(peft_model, train: torch.Tensor, held_batches: list[torch.Tensor]
 # ---------------------------------------------------------------------------------------------- orchestration
 
 
-def ensure_measured(worker, db, setup: str, variants: Sequence[Removal], log: Log) -> dict[str, dict]:
-    """Perplexity rows of ``variants`` in ``setup``, measuring (and storing) those `sweep run` has not.
+def ensure_measured(cfg: SweepConfig, worker, db, setup: str, variants: Sequence[Removal],
+                    log: Log) -> dict[str, dict]:
+    """Result rows of ``variants`` in ``setup``, measuring those `sweep run` has not exactly as it would
+    (perplexity and latency; a later `sweep run` of the setup then finds them complete)."""
+    from sweep.runner import measure_variants
 
-    Rows measured here have no latency columns (healing does not time variants).
-    """
     done = store.done_keys(db, setup)
-    for removed in variants:
-        if variant_key(removed) not in done:
-            log(f"measuring perplexity of [{variant_key(removed)}] (not yet in the DB for this setup)")
-            store.record_result(db, {**worker.evaluate(removed), "setup_id": setup})
+    todo = [tuple(r) for r in variants if variant_key(r) not in done]
+    if todo:
+        log(f"measuring [{'], ['.join(variant_key(r) for r in todo)}] (not yet in the DB for this setup)")
+        # A QLoRA worker holds 4-bit weights: its timings are not the setup's, so it stores perplexity only.
+        measure_variants(replace(cfg, latency="off") if cfg.qlora else cfg, worker, db, setup, todo, log)
     return {variant_key(r): store.find_result(db, setup, variant_key(r)) for r in variants}
 
 
@@ -279,7 +281,7 @@ def heal_variant(cfg: SweepConfig, removed: Removal, export: str | None = None, 
     tokenizer = load_tokenizer(cfg)
     db, setup = open_setup(cfg, worker)
     key = variant_key(removed)
-    unhealed = ensure_measured(worker, db, setup, [(), tuple(removed)], log)[key]
+    unhealed = ensure_measured(cfg, worker, db, setup, [(), tuple(removed)], log)[key]
     train, held, train_tokens, held_name = heal_sequences(cfg, tokenizer)
     if train_tokens.fingerprint == worker.tokens.fingerprint:
         log("warning: --heal-data is the evaluation text (--data): the healed perplexity will be optimistic")

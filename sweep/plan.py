@@ -93,6 +93,8 @@ class PlanSpec:
     n: str = "1-4"
     remove: str | None = None
     force: bool = False
+    allow_last: bool = False
+    """angular only: a removed block may include the final layer."""
 
 
 def _single(n_layers: int, spec: PlanSpec) -> Iterator[Removal]:
@@ -146,8 +148,11 @@ def _explicit(n_layers: int, spec: PlanSpec) -> Iterator[Removal]:
 
 def _from_signals(n_layers: int, spec: PlanSpec) -> Iterator[Removal]:
     """angular, block-influence, greedy: their removals need a model and calibration text, so the runner adds
-    them (:func:`sweep.similarity.signal_removals`); here only ``--n`` is checked."""
-    _sizes_within(spec.n, n_layers)
+    them (:func:`sweep.similarity.signal_removals`); here only ``--n`` is checked, before anything is loaded."""
+    sizes = _sizes_within(spec.n, n_layers)
+    if "angular" in spec.strategy.split(",") and not spec.allow_last and sizes[-1] > n_layers - 1:
+        raise PlanError(f"`--strategy angular` with `--n` {sizes[-1]} would remove the final layer of "
+                        f"{n_layers}; the final layer is never a candidate unless --allow-last")
     return iter(())
 
 

@@ -20,7 +20,8 @@ Log = Callable[[str], None]
 
 
 def plan_spec(cfg: SweepConfig) -> PlanSpec:
-    return PlanSpec(strategy=cfg.strategy, k=cfg.k, n=cfg.n, remove=cfg.remove, force=cfg.force)
+    return PlanSpec(strategy=cfg.strategy, k=cfg.k, n=cfg.n, remove=cfg.remove, force=cfg.force,
+                    allow_last=cfg.allow_last)
 
 
 @dataclass
@@ -183,6 +184,13 @@ def _record_chunk(cfg, worker, db, setup, chunk: list[Removal], rows: list[dict]
         summary.failed += row["status"] != "ok"
     store.record_results(db, records, run_id)
     summary.measured += len(chunk)
+
+
+def measure_variants(cfg: SweepConfig, worker, db, setup: str, variants: list[Removal], log: Log = print) -> None:
+    """Measure a few variants in process and commit them exactly as `sweep run` does (perplexity, latency per
+    signature unless --latency off, measurement log), for commands that need rows `sweep run` has not made yet."""
+    latency = _latency_for(cfg, worker, db, setup, variants, log, progress=False)
+    _record_chunk(cfg, worker, db, setup, variants, worker.evaluate_many(variants), latency, Summary(), None)
 
 
 def _evaluate_in_process(worker, chunk: list[Removal], stop: StopFlag, log: Log) -> list[dict]:

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from sweep import ENGINE_VERSION, store
 from sweep.config import SweepConfig, batch_size_or_default
 from sweep.errors import ConfigError, MissingExtraError, SweepError
-from sweep.plan import PlanSpec, Removal, parse_key, parse_remove, plan_variants, variant_key
+from sweep.plan import PlanSpec, Removal, parse_key, parse_range, parse_remove, plan_variants, variant_key
 
 Log = Callable[[str], None]
 
@@ -166,8 +166,35 @@ def select_variants(cfg: SweepConfig, n_layers: int, db) -> list[Removal]:
     else:
         chosen = plan_variants(n_layers, PlanSpec(strategy=cfg.strategy, k=cfg.k, n=cfg.n, remove=cfg.remove,
                                                   force=cfg.force))
+        chosen += signal_choices(cfg, db)
     keys = dict.fromkeys([""] + [variant_key(r) for r in chosen])  # the baseline is the table's "base" column
     return [parse_key(k) for k in keys]
+
+
+def signal_choices(cfg: SweepConfig, db) -> list[Removal]:
+    """Variants that `sweep run --strategy angular|block-influence|greedy` chose for this model (stored choices).
+
+    The signals need a calibration pass (and greedy a search), which `sweep run` does and records; `sweep tasks`
+    reuses its choices for each n in ``--n`` rather than computing them again.
+
+    Raises:
+        SweepError: a signal strategy is asked for but no choice of it is stored for this model.
+    """
+    from sweep.plan import SIGNAL_STRATEGIES
+
+    wanted = [s.strip() for s in cfg.strategy.split(",") if s.strip() in SIGNAL_STRATEGIES]
+    if not wanted:
+        return []
+    setups = [s for s in store.setups_overview(db) if s["model"] == cfg.model] if db is not None else []
+    choices = store.read_strategy_choices(db, setups[0]["setup"]) if setups else []
+    sizes = set(parse_range(cfg.n, "--n")) if cfg.n else None
+    found = [c for c in choices if c["strategy"] in wanted and (sizes is None or c["n"] in sizes)]
+    missing = [s for s in wanted if not any(c["strategy"] == s for c in found)]
+    if missing:
+        raise SweepError(f"--strategy {','.join(missing)}: no stored choice for {cfg.model} in {cfg.db}; run "
+                         f"`sweep run --model {cfg.model} --strategy {','.join(missing)} --n {cfg.n or 1}` first "
+                         "(it computes the signals and records which layers each strategy removes)")
+    return [parse_key(c["removed"]) for c in found]
 
 
 # ---------------------------------------------------------------------------------------------- evaluation

@@ -224,3 +224,21 @@ def test_a_local_healing_file_holds_out_its_last_tenth(tmp_path, tiny_gpt2_dir, 
     everything = sequences(tokenizer(texts[1].read_text())["input_ids"], cfg.heal_seq)
     assert torch.equal(torch.cat([train, held]), everything)
     assert len(held) == len(everything) // 10 and "last" in held_name
+
+
+def test_rows_heal_measures_are_complete_for_a_later_sweep_run(tmp_path, trained_dir, texts):
+    """Baseline and variant rows that `sweep heal` had to measure carry latency and a log entry, like `sweep run`'s:
+    a later `sweep run` of the setup keeps them and the speed columns of every row are filled."""
+    from sweep.runner import run_sweep
+
+    timing = {"latency": "shared", "latency_seq": 16, "decode_tokens": 0, "latency_warmup": 0}
+    cfg = heal_config(trained_dir, texts, tmp_path / "r.db", tmp_path / "cache", heal_steps=2, heal_eval_every=1,
+                      **timing)
+    heal_variant(cfg, (2,), log=lambda s: None, progress=False)
+    run_sweep(heal_config(trained_dir, texts, tmp_path / "r.db", tmp_path / "cache", strategy="single", **timing),
+              log=lambda s: None, progress=False)
+    rows = {r["removed"]: r for r in store.read_view(cfg.db)}
+    assert set(rows) == {"", "0", "1", "2", "3"}
+    assert all(r["speed_ms"] is not None and r["speed_change_pct"] is not None for r in rows.values())
+    log = store.open_db(cfg.db).execute("SELECT removed, count(*) FROM measurements GROUP BY removed").fetchall()
+    assert dict(log) == {key: 1 for key in rows}  # heal's two rows were measured once, and not again by run

@@ -214,3 +214,22 @@ def test_cli_tasks_unknown_task_is_one_error_line(tmp_path, capsys, tiny_gpt2_di
     assert code == 2 and "Traceback" not in err
     assert err.startswith("sweep: error: unknown lm-eval task 'toy_arth'") and "toy_arith" in err
     assert not (tmp_path / "r.db").exists()
+
+
+def test_signal_strategies_reuse_the_choices_sweep_run_stored(tmp_path):
+    from sweep.config import build_config
+    from sweep.errors import SweepError
+    from sweep.tasks import select_variants
+
+    db = store.open_db(tmp_path / "r.db")
+    model_id = store.upsert_model(db, "toy", None, "float32", 4, "GPT2LMHeadModel")
+    store.upsert_setup(db, model_id, {"data": "t", "weights": "w"})
+    cfg = build_config(model="toy", db=str(tmp_path / "r.db"), strategy="angular,greedy", n="1,2")
+    with pytest.raises(SweepError, match="sweep run --model toy --strategy angular,greedy"):
+        select_variants(cfg, 4, db)
+    key = {"model_id": model_id, "weights": "w", "calib_fingerprint": "c"}
+    store.record_strategy_choices(db, key, [
+        {"strategy": "angular", "signal": "a", "n": 1, "removed": "2", "score": 0.1},
+        {"strategy": "angular", "signal": "a", "n": 3, "removed": "0,1,2", "score": 0.1},
+        {"strategy": "greedy", "signal": "g", "n": 2, "removed": "1,3", "score": 5.0}])
+    assert select_variants(cfg, 4, db) == [(), (2,), (1, 3)]  # n=3 is not in --n
