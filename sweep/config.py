@@ -66,11 +66,11 @@ class SweepConfig:
     """trie (variants share the computation of common leading layers) or per-variant (the plain reference)."""
 
     strategy: str = "single"
-    """Comma-separated removal strategies: single, combinations, exhaustive, last-n, blocks, explicit."""
+    """Comma-separated: single, combinations, exhaustive, last-n, blocks, explicit, angular, block-influence, greedy."""
     k: str = "2"
     """Subset sizes for `combinations`, e.g. 2 or 1-3."""
     n: str = "1-4"
-    """Block sizes for `last-n` and `blocks`, e.g. 1-4."""
+    """Sizes for last-n, blocks, angular (block sizes), block-influence and greedy (layers removed), e.g. 1-4."""
     remove: str | None = None
     """Explicit removals for `explicit`: layer lists separated by ';', e.g. "1,3;2,3,4"."""
     force: bool = False
@@ -102,7 +102,7 @@ class SweepConfig:
     calib_split: str = "validation"
     """Split of the calibration text; keep it distinct from the evaluation --split."""
     calib_max_tokens: int | None = 32768
-    """Calibration tokens used (cut into --max-length windows); None = all."""
+    """Calibration tokens used (cut into --max-length windows); `null` in a preset = all."""
     angular_tokens: str = "last"
     """Which tokens the `angular` strategy averages d(l, n) over: last (Gromov et al., PruneMe) or all."""
     allow_last: bool = False

@@ -131,7 +131,8 @@ def window_nll(head: Callable[[torch.Tensor], torch.Tensor] | HeadLoss, hidden: 
 
 
 @torch.no_grad()
-def perplexity(hidden_fn: Callable[[torch.Tensor], torch.Tensor], head: Callable[[torch.Tensor], torch.Tensor] | HeadLoss,
+def perplexity(hidden_fn: Callable[[torch.Tensor], torch.Tensor],
+               head: Callable[[torch.Tensor], torch.Tensor] | HeadLoss,
                token_ids: torch.Tensor, max_length: int, stride: int, batch_size: int,
                device: torch.device) -> Perplexity:
     """Perplexity with semantics identical to the transformers guide's strided recipe.

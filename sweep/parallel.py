@@ -57,8 +57,17 @@ def visible_gpus() -> int:
 
 
 def resolve_workers(cfg: SweepConfig) -> int:
-    """``--workers``, or by default one per visible GPU (1 on CPU; the in-process path)."""
+    """``--workers``, or by default one per visible GPU (1 on CPU; the in-process path).
+
+    Raises:
+        ClusterError: more local workers than visible GPUs on a GPU machine (two workers would share one GPU's
+            memory, each sizing its batch for all of it); checked before any model loads.
+    """
     if cfg.workers is not None:
+        gpus = visible_gpus() if cfg.backend == "loky" and cfg.device in ("auto", "cuda") else 0
+        if cfg.workers > 1 and gpus and cfg.workers > gpus:
+            raise ClusterError(f"--workers {cfg.workers} is more than the {gpus} visible GPU(s): one worker per GPU "
+                               f"(--workers {gpus}), or --device cpu for CPU worker processes")
         return cfg.workers
     if cfg.device == "cpu" or cfg.device.startswith("cuda:"):
         return 1

@@ -6,8 +6,9 @@ view as a DataFrame, the same function users call) and setups from :func:`sweep.
 A report holds, for one setup of one model: the baseline, findings written from the numbers, a table and bar
 chart of single-layer removals, pair heatmaps, a table of combinatorial removals (long tables keep the best and
 the worst rows), the best / median / worst variant per number of removed layers, the Pareto fronts, and a
-footer saying how the numbers were produced; with similarity signals or signal-guided strategies in the DB,
-heatmaps of d(l, n) and Block Influence and each strategy against the oracle. Figures are PNGs next to the report (:mod:`sweep.figures`).
+footer saying how the numbers were produced; with similarity signals or signal-guided strategies in
+the DB, heatmaps of d(l, n) and Block Influence and each strategy against the oracle; with task results, the
+task table and figure. Figures are PNGs next to the report (:mod:`sweep.figures`).
 
 Sections are built by the functions in :data:`SECTIONS`, each ``(ReportContext) -> str | None``; None (no data
 for it) leaves the section out. Adding a section is one function plus one line in that list, e.g.::

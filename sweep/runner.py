@@ -99,6 +99,9 @@ def run_sweep(cfg: SweepConfig, log: Log = print, progress: bool = True) -> Summ
     store.check_writable(cfg.db)
     n_layers = models.n_layers_of(models.load_config(cfg.model, cfg.revision, cfg.trust_remote_code))
     variants = plan_variants(n_layers, plan_spec(cfg))  # bad plans fail before the model loads
+    from sweep import parallel
+
+    parallel.resolve_workers(cfg)  # so do worker counts the machine cannot pin
     worker = load_worker(cfg)
     db, setup = open_setup(cfg, worker)
     variants = with_signal_variants(cfg, worker, db, variants, log, progress)

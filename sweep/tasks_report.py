@@ -181,8 +181,10 @@ def _draw_accuracy(ax, rows: Sequence[Row]) -> None:
         plain = [(_fraction(r), 100 * r["value"]) for r in rows if r["task"] == task and not r["heal_id"]]
         healed = [(_fraction(r), 100 * r["value"]) for r in rows if r["task"] == task and r["heal_id"]]
         curve = best_by_fraction(plain)
-        ax.scatter(*zip(*plain), color=color, s=14, alpha=0.5)
-        ax.plot(*zip(*curve), color=color, marker="o", label=task)
+        if plain:  # a task may have only healed rows (its pre-heal rows failed)
+            ax.scatter(*zip(*plain), color=color, s=14, alpha=0.5)
+        if curve:
+            ax.plot(*zip(*curve), color=color, marker="o", label=task)
         if healed:
             ax.scatter(*zip(*healed), facecolors="none", edgecolors=color, s=60, linewidths=1.5)
         drop = steepest_drop(curve)

@@ -242,3 +242,17 @@ def test_suspects_of_a_death_rerun_alone_so_only_the_culprit_fails(monkeypatch):
     assert calls == [[0, 1, 2, 3], [0], [1], [2], [3]]
     statuses = {variant_key(chunk[0]): rows[0]["status"] for chunk, rows in out}
     assert statuses == {"0": "ok", "1": "failed", "2": "ok", "3": "ok"}
+
+
+def test_more_workers_than_gpus_is_refused_before_anything_loads(monkeypatch):
+    from sweep import parallel
+    from sweep.config import build_config
+    from sweep.errors import ClusterError
+
+    monkeypatch.setattr(parallel, "visible_gpus", lambda: 2)
+    with pytest.raises(ClusterError, match="--workers 4 is more than the 2 visible GPU"):
+        parallel.resolve_workers(build_config(workers=4))
+    assert parallel.resolve_workers(build_config(workers=2)) == 2
+    assert parallel.resolve_workers(build_config(workers=4, device="cpu")) == 4  # CPU worker processes
+    monkeypatch.setattr(parallel, "visible_gpus", lambda: 0)
+    assert parallel.resolve_workers(build_config(workers=4)) == 4  # a CPU-only machine
