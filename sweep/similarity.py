@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from sweep import models, store, strategies
 from sweep.config import SweepConfig, batch_size_or_default
 from sweep.data import TokenizedText, describe, load_text, tokenize
-from sweep.errors import DataError
+from sweep.errors import DataError, SweepError
 from sweep.plan import SIGNAL_STRATEGIES, Removal, parse_range, strategy_names, variant_key
 
 Log = Callable[[str], None]
@@ -239,15 +239,33 @@ def ensure_signals(cal: Calibration, db, log: Log = print, progress: bool = True
         log(f"similarity: reusing the signals stored for {cal.tokens.name} [{cal.key['calib_fingerprint']}]")
         return stored
     token_ids = cal.token_ids
-    n_batches = math.ceil(math.ceil(len(token_ids) / cal.max_length) / batch_size_or_default(cal.cfg))
     log(f"similarity: {len(token_ids):,} calibration tokens of {cal.tokens.name} in windows of {cal.max_length}")
-    bar = tqdm(total=n_batches, desc="similarity", unit="batch", disable=not progress, dynamic_ncols=True)
-    pad_id = int(token_ids[0])  # any real id: padded positions are masked out of attention and of the averages
-    signals = layer_signals(cal.model, calibration_batches(token_ids, cal.max_length, batch_size_or_default(cal.cfg), pad_id),
-                            progress=lambda: bar.update(1))
-    bar.close()
+    signals = _signals_with_oom_retry(cal, log, progress)
     store.record_layer_similarity(db, cal.key, cal.tokens.name, signal_rows(signals))
     return signals
+
+
+def _signals_with_oom_retry(cal: Calibration, log: Log, progress: bool) -> LayerSignals:
+    """One calibration pass; out of memory halves the windows per batch (padding is masked, so the signals do not
+    depend on the batch) down to one window, then stops with an error that says what to lower."""
+    token_ids, batch = cal.token_ids, batch_size_or_default(cal.cfg)
+    pad_id = int(token_ids[0])  # any real id: padded positions are masked out of attention and of the averages
+    while True:
+        n_batches = math.ceil(math.ceil(len(token_ids) / cal.max_length) / batch)
+        bar = tqdm(total=n_batches, desc="similarity", unit="batch", disable=not progress, dynamic_ncols=True)
+        try:
+            return layer_signals(cal.model, calibration_batches(token_ids, cal.max_length, batch, pad_id),
+                                 progress=lambda: bar.update(1))
+        except torch.OutOfMemoryError:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if batch == 1:
+                raise SweepError(f"similarity: out of memory with one {cal.max_length}-token window per batch; "
+                                 "lower --max-length or use a device with more memory") from None
+            batch //= 2
+            log(f"similarity: out of memory; retrying with {batch} window(s) per batch")
+        finally:
+            bar.close()
 
 
 def ensure_greedy_path(cal: Calibration, db, n_steps: int, log: Log = print,

@@ -307,3 +307,30 @@ def test_similarity_on_the_shared_wikitext_validation_split_with_the_real_tokeni
     # 600 tokens in windows of 128: 4 full windows and one of 88 tokens (padded in its batch, then masked).
     assert signals.n_tokens == 600 and signals.n_sequences == 5
     assert all(0.0 <= d <= 1.0 for d in signals.angular_all.values())
+
+
+def test_calibration_out_of_memory_halves_the_batch_and_gives_the_same_signals(
+        tiny_gpt2_dir, sample_text_file, tmp_path, monkeypatch):
+    from sweep.worker import load_tokenizer
+
+    cfg = _cfg(tiny_gpt2_dir, tmp_path, calib_data=str(sample_text_file), max_length=32, calib_max_tokens=512,
+               batch_size=8)
+    model = models.load_model(cfg.model, dtype="float32", device="cpu")
+    db = store.open_db(cfg.db)
+    cal = similarity.open_calibration(cfg, model, load_tokenizer(cfg), db)
+    want = similarity.layer_signals(model, similarity.calibration_batches(cal.token_ids, 32, 8, int(cal.token_ids[0])))
+    real, sizes = similarity.layer_signals, []
+
+    def small_memory(model, batches, progress=lambda: None):
+        batches = list(batches)
+        sizes.append(len(batches[0][0]))
+        if sizes[-1] > 2:  # pretend more than 2 windows do not fit
+            raise torch.OutOfMemoryError("injected")
+        return real(model, batches, progress)
+
+    monkeypatch.setattr(similarity, "layer_signals", small_memory)
+    logs = []
+    got = similarity.ensure_signals(cal, db, log=logs.append, progress=False)
+    assert sizes == [8, 4, 2] and any("retrying with 2 window" in line for line in logs)
+    assert got.angular_last == pytest.approx(want.angular_last, rel=1e-9)
+    assert got.block_influence == pytest.approx(want.block_influence, rel=1e-9)
