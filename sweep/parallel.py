@@ -220,6 +220,25 @@ def backend(cfg: SweepConfig, n_workers: int) -> Iterator[Callable[[], None]]:
         yield lambda: client.restart(wait_for_workers=False)
 
 
+def cluster_workers(cfg: SweepConfig) -> int:
+    """Workers connected to the Dask scheduler of ``--scheduler``: chunks are sized and dispatched for them all.
+
+    Raises:
+        ClusterError: the scheduler cannot be reached, or has no worker.
+    """
+    from distributed import Client
+
+    try:
+        with Client(cfg.scheduler, timeout=SCHEDULER_TIMEOUT) as client:
+            count = len(client.scheduler_info()["workers"])
+    except (OSError, TimeoutError) as exc:
+        raise ClusterError(f"cannot reach the Dask scheduler at --scheduler {cfg.scheduler}: {exc}") from None
+    if not count:
+        raise ClusterError(f"the Dask scheduler at {cfg.scheduler} has no worker yet; start `dask worker "
+                           f"{cfg.scheduler} --nworkers 1 --nthreads 1` on each GPU")
+    return count
+
+
 def _pin_slots(cfg: SweepConfig, n_workers: int, scratch: str) -> tuple[str | None, int]:
     """Local loky workers on a multi-GPU machine each take one ``cuda:i`` slot; otherwise no pinning."""
     if cfg.backend == "dask" or cfg.device == "cpu" or cfg.device.startswith("cuda:") or visible_gpus() < 2:

@@ -221,6 +221,8 @@ def _measure_parallel(cfg, worker, db, setup, todo: list[Removal], summary: Summ
     """
     from sweep import parallel
 
+    if cfg.backend == "dask" and cfg.workers is None:  # the cluster's size, not this machine's GPUs
+        n_workers = parallel.cluster_workers(cfg)
     latency = _latency_for(cfg, worker, db, setup, todo, log, progress, should_stop=lambda: stop.stop)
     if stop.stop:
         summary.interrupted = True
@@ -231,7 +233,8 @@ def _measure_parallel(cfg, worker, db, setup, todo: list[Removal], summary: Summ
     worker.release_device()
     chunks = parallel.chunked(order, parallel.chunk_size(len(order), n_workers, per_variant, prefix_sharing,
                                                          CHUNK_SECONDS))
-    where = f"Dask cluster {cfg.scheduler}" if cfg.backend == "dask" else f"{n_workers} worker processes"
+    where = f"Dask cluster {cfg.scheduler} ({n_workers} workers)" if cfg.backend == "dask" \
+        else f"{n_workers} worker processes"
     log(f"{len(order):,} variants in {len(chunks):,} chunks on {where}")
     bar = tqdm(total=len(todo), desc="variants", unit="variant", disable=not progress, dynamic_ncols=True)
     for chunk, rows in parallel.run_chunks(cfg, chunks, n_workers, _failed_rows(worker),

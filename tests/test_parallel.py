@@ -55,8 +55,10 @@ def test_dask_local_cluster_gives_the_in_process_rows(tiny_gpt2_dir, sample_text
     with distributed.LocalCluster(processes=True, n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster:
         cfg = quick_cfg(tiny_gpt2_dir, sample_text_file, tmp_path / "dask.db", tmp_path, strategy="single",
                         backend="dask", scheduler=cluster.scheduler_address)
-        summary = run_sweep(cfg, log=lambda s: None, progress=False)
+        logs: list[str] = []
+        summary = run_sweep(cfg, log=logs.append, progress=False)
     assert summary.measured == 5 and not summary.interrupted
+    assert any("(2 workers)" in line for line in logs)  # chunks sized for the cluster, not this machine
     one, dask = results(tmp_path / "one.db"), results(tmp_path / "dask.db")
     assert one.keys() == dask.keys()
     assert all(dask[k][1] == pytest.approx(one[k][1], rel=1e-5) for k in one)
