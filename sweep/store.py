@@ -669,12 +669,6 @@ def find_result(db: sqlite_utils.Database, setup: str, removed: str) -> dict[str
     return rows[0] if rows else None
 
 
-def _query(db: sqlite_utils.Database, sql: str, params: list[Any]) -> list[dict[str, Any]]:
-    cursor = db.execute(sql, params)
-    names = [d[0] for d in cursor.description]
-    return [dict(zip(names, r)) for r in cursor.fetchall()]
-
-
 def read_task_results(path_or_db: str | Path | sqlite_utils.Database,
                       model: str | None = None) -> list[dict[str, Any]]:
     """Task results with their model, task settings and (for healed rows) the heal, oldest setups first.
@@ -683,8 +677,6 @@ def read_task_results(path_or_db: str | Path | sqlite_utils.Database,
     metric, value, stderr, n_samples, status, error, measured_at.
     """
     db = path_or_db if isinstance(path_or_db, sqlite_utils.Database) else open_db(path_or_db, create=False)
-    if "task_results" not in db.table_names():
-        return []
     sql = ("SELECT m.name AS model, m.n_layers AS model_layers, s.task, s.num_fewshot, s.task_limit, "
            "t.setup_id AS setup, t.removed, t.heal_id, t.n_removed, t.n_layers, t.metric, t.value, t.stderr, "
            "t.n_samples, t.status, t.error, t.measured_at "
@@ -693,15 +685,14 @@ def read_task_results(path_or_db: str | Path | sqlite_utils.Database,
     if model is not None:
         sql += " WHERE m.name = ?"
         params.append(model)
-    return _query(db, sql + " ORDER BY m.name, s.created_at, s.rowid, t.n_removed, t.removed, t.heal_id", params)
+    return _select(db, "task_results",
+                   sql + " ORDER BY m.name, s.created_at, s.rowid, t.n_removed, t.removed, t.heal_id", params)
 
 
 def read_heals(path_or_db: str | Path | sqlite_utils.Database, model: str | None = None) -> list[dict[str, Any]]:
     """Heal rows with their model name and layer count, the unhealed variant's stored perplexity (``ppl_pruned``)
     and the baseline's (``ppl_base``) in the same setup."""
     db = path_or_db if isinstance(path_or_db, sqlite_utils.Database) else open_db(path_or_db, create=False)
-    if "heals" not in db.table_names():
-        return []
     sql = ("SELECT m.name AS model, m.n_layers AS model_layers, h.*, r.ppl AS ppl_pruned, b.ppl AS ppl_base "
            "FROM heals h JOIN models m ON m.id = h.model_id "
            "LEFT JOIN results r ON r.setup_id = h.setup_id AND r.removed = h.removed "
@@ -710,7 +701,7 @@ def read_heals(path_or_db: str | Path | sqlite_utils.Database, model: str | None
     if model is not None:
         sql += " WHERE m.name = ?"
         params.append(model)
-    return _query(db, sql + " ORDER BY m.name, h.n_removed, h.removed, h.measured_at", params)
+    return _select(db, "heals", sql + " ORDER BY m.name, h.n_removed, h.removed, h.measured_at", params)
 
 
 # ---------------------------------------------------------------------------------------------- safety
