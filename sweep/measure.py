@@ -105,7 +105,7 @@ class HeadLoss:
 
 def window_nll(head: Callable[[torch.Tensor], torch.Tensor] | HeadLoss, hidden: torch.Tensor,
                input_ids: torch.Tensor, n_targets: int) -> tuple[torch.Tensor, int]:
-    """Summed NLL (float64 on CPU) of the scored tokens of a batch of equal-length windows.
+    """Summed NLL (float64, on the hidden states' device) of the scored tokens of a batch of equal-length windows.
 
     Args:
         head: a :class:`HeadLoss`, or a plain logits function hidden (B, t, H) -> logits (B, t, V) (run eagerly);
@@ -116,7 +116,9 @@ def window_nll(head: Callable[[torch.Tensor], torch.Tensor] | HeadLoss, hidden: 
 
     Returns:
         (per-window NLL sums of shape (B,), number of scored tokens per window). A label at position p is
-        predicted by the logits at p-1, so position 0 is never scored.
+        predicted by the logits at p-1, so position 0 is never scored. The sums stay on the device: reading
+        them is a host-device sync, which callers do once per pass, not once per batch (the trie scores
+        thousands of variants per batch).
     """
     head_loss = head if isinstance(head, HeadLoss) else HeadLoss(head)
     batch, length = input_ids.shape
@@ -127,7 +129,7 @@ def window_nll(head: Callable[[torch.Tensor], torch.Tensor] | HeadLoss, hidden: 
         # positions start-1 .. stop-2 predict labels start .. stop-1
         nll = head_loss(hidden[:, start - 1 : stop - 1], input_ids[:, start:stop])  # (B, c)
         sums += nll.sum(dim=1, dtype=torch.float64)
-    return sums.cpu(), length - first
+    return sums, length - first
 
 
 @torch.no_grad()
@@ -150,7 +152,7 @@ def perplexity(hidden_fn: Callable[[torch.Tensor], torch.Tensor],
             beyond float rounding.
     """
     token_ids = token_ids.to(device)
-    nll_sum, n_tokens = 0.0, 0
+    nll_sum, n_tokens = torch.zeros((), dtype=torch.float64, device=device), 0  # read once, at the end
     for group in window_batches(windows(len(token_ids), max_length, stride), batch_size):
         n_loss = group[0].n_targets - 1  # the guide's num_loss_tokens
         if n_loss == 0:
@@ -158,9 +160,9 @@ def perplexity(hidden_fn: Callable[[torch.Tensor], torch.Tensor],
         input_ids = torch.stack([token_ids[w.begin : w.end] for w in group])  # (B, T)
         hidden = hidden_fn(input_ids)
         sums, n_scored = window_nll(head, hidden, input_ids, group[0].n_targets)
-        nll_sum += float(sums.sum()) / n_scored * n_loss
+        nll_sum += sums.sum() / n_scored * n_loss
         n_tokens += n_loss * len(group)
-    return Perplexity(nll_sum, n_tokens)
+    return Perplexity(float(nll_sum), n_tokens)
 
 
 def window_batches(all_windows: list[Window], batch_size: int) -> list[list[Window]]:

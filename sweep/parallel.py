@@ -258,7 +258,7 @@ def run_chunks(cfg: SweepConfig, chunks: list[list[Removal]], n_workers: int, fa
     deaths: Counter[int] = Counter()
     sticky: Counter[int] = Counter()
     pending = list(range(len(chunks)))
-    threads = max(1, (os.cpu_count() or 1) // n_workers)
+    threads = _torch_threads(cfg, n_workers)
     with tempfile.TemporaryDirectory(prefix="sweep-") as scratch, backend(cfg, n_workers) as recycle:
         slots_dir, n_slots = _pin_slots(cfg, n_workers, scratch)
         attempt = 0
@@ -291,6 +291,14 @@ def run_chunks(cfg: SweepConfig, chunks: list[list[Removal]], n_workers: int, fa
                 yield from _blame(chunks, in_flight, deaths, error, failed_rows, log)
             gave_up = {i for counter in (deaths, sticky) for i in counter if counter[i] >= MAX_DEATHS}
             pending = [i for i in pending if i not in finished and i not in gave_up]
+
+
+def _torch_threads(cfg: SweepConfig, n_workers: int) -> int | None:
+    """CPU threads per local worker process: this machine's cores shared out. None on Dask: a remote worker keeps
+    its own setting (its host's cores are not the coordinator's; `dask worker --nthreads` / OMP_NUM_THREADS)."""
+    if cfg.backend == "dask":
+        return None
+    return max(1, (os.cpu_count() or 1) // n_workers)
 
 
 def _parallel(n_workers: int):

@@ -64,7 +64,10 @@ def trie_perplexities(model, kept_sequences: dict[str, Sequence[int]], head: Cal
     """
     root = build_trie(kept_sequences)
     finish = models.final_norm_fn(model)
-    nll = {key: 0.0 for key in kept_sequences}
+    index = {key: i for i, key in enumerate(kept_sequences)}
+    # NLL sums stay on the device and are read once at the end: a read per leaf would stall the GPU
+    # thousands of times per batch (one sync per variant per batch).
+    nll = torch.zeros(len(index), dtype=torch.float64, device=token_ids.device)  # (n_variants,)
     n_tokens = {key: 0 for key in kept_sequences}
     for group in measure.window_batches(measure.windows(len(token_ids), max_length, stride), batch_size):
         n_loss = group[0].n_targets - 1  # the guide's num_loss_tokens per window
@@ -76,11 +79,13 @@ def trie_perplexities(model, kept_sequences: dict[str, Sequence[int]], head: Cal
         def score(node: Node, hidden: torch.Tensor) -> None:
             if node.keys:
                 sums, n_scored = measure.window_nll(head, finish(hidden), input_ids, group[0].n_targets)
+                weighted = sums.sum() / n_scored * n_loss
                 for key in node.keys:
-                    nll[key] += float(sums.sum()) / n_scored * n_loss
+                    nll[index[key]] += weighted
                     n_tokens[key] += n_loss * len(group)
             for layer, child in node.children.items():
                 score(child, models.call_layer(model, layer, hidden, calls))
 
         score(root, calls.hidden)
-    return {key: measure.Perplexity(nll[key], n_tokens[key]) for key in kept_sequences}
+    sums = nll.tolist()
+    return {key: measure.Perplexity(sums[index[key]], n_tokens[key]) for key in kept_sequences}

@@ -258,3 +258,10 @@ def test_more_workers_than_gpus_is_refused_before_anything_loads(monkeypatch):
     assert parallel.resolve_workers(build_config(workers=4, device="cpu")) == 4  # CPU worker processes
     monkeypatch.setattr(parallel, "visible_gpus", lambda: 0)
     assert parallel.resolve_workers(build_config(workers=4)) == 4  # a CPU-only machine
+
+
+def test_local_workers_share_this_machines_cores_and_dask_workers_keep_their_own(monkeypatch):
+    monkeypatch.setattr(parallel.os, "cpu_count", lambda: 16)
+    assert parallel._torch_threads(SweepConfig(backend="loky"), 4) == 4
+    assert parallel._torch_threads(SweepConfig(backend="loky"), 32) == 1
+    assert parallel._torch_threads(SweepConfig(backend="dask", scheduler="tcp://h:8786"), 4) is None

@@ -53,6 +53,35 @@ def test_trie_shares_prefixes_of_single_removals():
     assert root.children[0].children[1].children[2].keys == ["3"]
 
 
+def count_device_reads(monkeypatch) -> dict[str, int]:
+    """Count Tensor -> Python reads (each a host-device sync on a GPU) by wrapping the methods that do them."""
+    counts = {"reads": 0}
+    for name in ("item", "tolist", "cpu", "__float__", "__bool__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            counts["reads"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return counts
+
+
+def test_trie_reads_device_values_a_fixed_number_of_times_whatever_the_variant_count(monkeypatch):
+    # A read per leaf would stall a GPU once per variant per batch; reads must not grow with the variants.
+    worker = worker_for(tiny_model("gpt2"))
+    token_ids, head = worker.token_ids, worker.head_loss
+
+    def reads(removals) -> int:
+        kept = {variant_key(r): kept_layers(r, 4) for r in removals}
+        with monkeypatch.context() as patch:
+            counts = count_device_reads(patch)
+            prefix.trie_perplexities(worker.model, kept, head, token_ids, 64, 32, 4)
+        return counts["reads"]
+
+    assert reads(ALL_SUBSETS) == reads([(), (1,)])
+
+
 def test_runner_trie_and_per_variant_engines_store_the_same_perplexities(tiny_gpt2_dir, sample_text_file, tmp_path):
     results = {}
     for engine in ("trie", "per-variant"):
