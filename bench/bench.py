@@ -1,7 +1,13 @@
 """Benchmark: the transformers guide's perplexity recipe against sweep's engines, in one process.
 
-    make bench                                   # CPU: GPT-2 shape, capped tokens; GPU: full WikiText-2 test
+    make bench                                   # CPU: DistilGPT-2 shape, 2,048 tokens; GPU: GPT-2, full test set
     python bench/bench.py --model-config ../shared/model-configs/gpt2 --max-tokens 8192 --exhaustive-layers 4
+    python bench/bench.py --targets gpt2         # GPU: one protocol of the speed targets, met or missed
+
+Stages: the guide's recipe (float32, batch 1); sweep's per-variant engine on the same float32 model (speed and
+|ppl/recipe - 1|); one full variant in the default dtype; trie against one by one over every subset of the last
+N layers; an end-to-end `sweep run` (exhaustive by default) into a fresh results.db, from which the latency
+measurements and their spread, and the longest wait between commits, are read back.
 
 Same model (random init from a real config: speed does not depend on weight values), same data (WikiText-2 test
 from ../shared), same protocol (max-length 1024, stride 1024). Prints per-variant ratios and saves the figures,
@@ -15,6 +21,7 @@ import itertools
 import json
 import math
 import platform
+import sqlite3
 import sys
 import tempfile
 import time
@@ -68,7 +75,7 @@ def timed(fn):
     return time.perf_counter() - start, result
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-config", default=None, help="default: gpt2 on GPU, distilgpt2 on CPU")
     parser.add_argument("--tokenizer", default=str(SHARED / "tokenizers" / "gpt2"))
@@ -76,148 +83,245 @@ def main(argv=None) -> int:
     parser.add_argument("--max-tokens", type=int, default=None, help="default: all on GPU, 2048 on CPU")
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--stride", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=None, help="default: 16 on GPU, 4 on CPU")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 16 on GPU, 4 on CPU; 0 = auto")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="where the figures' JSON is saved")
     parser.add_argument("--exhaustive-layers", type=int, default=None,
-                        help="trie vs per-variant over every subset of the last N layers (default: 3 on CPU, all on GPU)")
-    parser.add_argument("--sweep", action="store_true", help="also time an end-to-end `sweep run` into a fresh DB")
-    parser.add_argument("--sweep-strategy", default="exhaustive", help="strategy of the --sweep run (default: exhaustive)")
+                        help="trie vs one by one over every subset of the last N layers (default: 3 on CPU, 4 on GPU)")
+    parser.add_argument("--no-sweep", dest="sweep", action="store_false",
+                        help="skip the end-to-end `sweep run` into a fresh DB (results.db writes and latency included)")
+    parser.add_argument("--sweep-strategy", default="exhaustive",
+                        help="strategy of the end-to-end sweep (default: exhaustive)")
     parser.add_argument("--skip-recipe", action="store_true",
                         help="skip the float32 guide recipe (when a model is too big for float32 batch-1 timing)")
-    parser.add_argument("--targets", action="store_true",
-                        help="GPU: run the issue's target protocol (GPT-2 exhaustive sweep, then Llama-3.2-1B at "
-                             "max-length 2048 with a single-layer sweep) and print each target as met or missed")
-    args = parser.parse_args(argv)
-    if args.targets:
-        return run_targets(args)
+    parser.add_argument("--targets", nargs="*", choices=sorted(TARGETS), default=None, metavar="PROTOCOL",
+                        help="GPU: run the speed targets' protocols (gpt2: exhaustive sweep of the full test set; "
+                             "llama-3.2-1b: max-length 2048, single-layer sweep; default both) and print each "
+                             "target as met or missed")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.targets is not None:
+        return run_targets(args, args.targets or list(TARGETS))
+    return 0 if run_bench(args) else 2
+
+
+def run_and_save(argv: list[str]) -> Path:
+    path = run_bench(parse_args(argv))
+    if path is None:
+        raise SystemExit(2)
+    return path
+
+
+def run_bench(args: argparse.Namespace) -> Path | None:
+    """Every stage of the benchmark on one model; returns the saved figures' path (None: ../shared missing)."""
     device = models.resolve_device(args.device)
     on_gpu = device.type == "cuda"
     args.model_config = args.model_config or str(SHARED / "model-configs" / ("gpt2" if on_gpu else "distilgpt2"))
     for path in (args.model_config, args.tokenizer, args.data):
         if not Path(path).exists():
             print(f"bench: {path} not found; the benchmark needs ../shared (see ../shared/README.md)", file=sys.stderr)
-            return 2
+            return None
+    run = Run(args, device, max_tokens=args.max_tokens or (None if on_gpu else 2048),
+              batch_size=args.batch_size if args.batch_size is not None else (16 if on_gpu else 4))
+    print(f"bench: {run.figures['model_config']} (random init) on {run.figures['device']}, {run.figures['tokens']:,} "
+          f"tokens, max-length {args.max_length}, stride {run.setup.stride}")
+    recipe_s = math.nan if args.skip_recipe else recipe_stage(run)
+    trie_stage(run, recipe_s)
+    if args.sweep:
+        run.figures.update(end_to_end_sweep(args, device, run.setup.max_tokens, run.batch_size))
+        per_variant = run.figures["sweep_seconds"] / max(run.figures["sweep_variants"], 1)
+        run.figures["sweep_recipe_ratio"] = recipe_s / per_variant
+        print(f"  -> {per_variant:.3f} s per variant end to end, x{recipe_s / per_variant:5.1f} vs recipe per variant")
+    return save(run.figures, Path(args.out))
 
-    max_tokens = args.max_tokens or (None if on_gpu else 2048)
-    stride = args.stride or args.max_length
-    batch_size = args.batch_size or (16 if on_gpu else 4)
-    tokenizer = models.load_tokenizer(args.tokenizer)
-    tokens = tokenize(load_text(args.data), tokenizer, args.data, ROOT / ".cache" / "sweep")
-    ids = torch.as_tensor(tokens.ids[:max_tokens] if max_tokens else tokens.ids)
-    figures = {"device": device_name(device), "model_config": Path(args.model_config).name, "tokens": len(ids),
-               "max_length": args.max_length, "stride": stride, "batch_size": batch_size,
-               "torch": torch.__version__, "python": platform.python_version(),
-               "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    print(f"bench: {figures['model_config']} (random init) on {figures['device']}, {len(ids):,} tokens, "
-          f"max-length {args.max_length}, stride {stride}")
 
-    recipe_s = math.nan
-    if not args.skip_recipe:
-        # 1. The guide's recipe: float32, batch 1.
-        fp32 = models.load_model(args.model_config, dtype="float32", device=str(device), random_init=True)
-        recipe_s, recipe_ppl = recipe_seconds(fp32, ids[None].to(device), args.max_length, stride)
-        figures.update(recipe_seconds=recipe_s, recipe_ppl=recipe_ppl)
-        print(f"  guide recipe (float32, batch 1):           {recipe_s:8.2f} s per variant")
+class Run:
+    """What every stage shares: arguments, device, tokens, windows, batch size and the figures so far."""
 
-        # 2. sweep's per-variant engine, same float32 model: exactness and speed.
-        cfg = SweepConfig(batch_size=batch_size, latency="off", engine="per-variant", max_length=args.max_length)
-        worker32 = Worker(fp32, tokens, EvalSetup(args.max_length, stride, max_tokens), cfg)
-        worker32.evaluate([])  # warm-up
-        engine32_s, row = timed(functools.partial(worker32.evaluate, []))
-        figures.update(engine_fp32_seconds=engine32_s, engine_fp32_ppl=row["ppl"],
-                       engine_fp32_rel_diff=abs(row["ppl"] / recipe_ppl - 1))
-        print(f"  sweep per-variant (float32, batch {batch_size}):     {engine32_s:8.2f} s   "
-              f"x{recipe_s / engine32_s:5.1f}   |ppl/recipe - 1| = {figures['engine_fp32_rel_diff']:.1e}")
-        del worker32, fp32
-        if device.type == "cuda":
+    def __init__(self, args: argparse.Namespace, device: torch.device, max_tokens: int | None, batch_size: int):
+        self.args, self.device, self.batch_size = args, device, batch_size
+        self.setup = EvalSetup(args.max_length, args.stride or args.max_length, max_tokens)
+        tokenizer = models.load_tokenizer(args.tokenizer)
+        self.tokens = tokenize(load_text(args.data), tokenizer, args.data, ROOT / ".cache" / "sweep")
+        self.ids = torch.as_tensor(self.tokens.ids[:max_tokens] if max_tokens else self.tokens.ids)  # (N,)
+        self.figures = {"device": device_name(device), "model_config": Path(args.model_config).name,
+                        "tokens": len(self.ids), "max_length": args.max_length, "stride": self.setup.stride,
+                        "batch_size": batch_size, "torch": torch.__version__, "python": platform.python_version(),
+                        "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+    def worker(self, model, engine: str) -> Worker:
+        cfg = SweepConfig(batch_size=self.batch_size, latency="off", engine=engine, max_length=self.args.max_length)
+        return Worker(model, self.tokens, self.setup, cfg)
+
+    def release(self) -> None:
+        if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    # 3. Default dtype (bfloat16 on GPU): per-variant and trie over every subset of the last N layers.
-    model = models.load_model(args.model_config, dtype="auto", device=str(device), random_init=True)
-    worker = Worker(model, tokens, EvalSetup(args.max_length, stride, max_tokens),
-                    SweepConfig(batch_size=batch_size, latency="off", engine="trie", max_length=args.max_length))
+
+def recipe_stage(run: Run) -> float:
+    """The guide's recipe (float32, batch 1), then sweep's per-variant engine on the same model. Returns the
+    recipe's seconds per variant."""
+    args, figures = run.args, run.figures
+    fp32 = models.load_model(args.model_config, dtype="float32", device=str(run.device), random_init=True)
+    recipe_s, recipe_ppl = recipe_seconds(fp32, run.ids[None].to(run.device), args.max_length, run.setup.stride)
+    figures.update(recipe_seconds=recipe_s, recipe_ppl=recipe_ppl)
+    print(f"  guide recipe (float32, batch 1):           {recipe_s:8.2f} s per variant")
+    worker32 = run.worker(fp32, "per-variant")
+    worker32.evaluate([])  # warm-up
+    engine32_s, row = timed(functools.partial(worker32.evaluate, []))
+    figures.update(engine_fp32_seconds=engine32_s, engine_fp32_ppl=row["ppl"],
+                   engine_fp32_rel_diff=abs(row["ppl"] / recipe_ppl - 1))
+    print(f"  sweep per-variant (float32, batch {worker32.batch_size}):     {engine32_s:8.2f} s   "
+          f"x{recipe_s / engine32_s:5.1f}   |ppl/recipe - 1| = {figures['engine_fp32_rel_diff']:.1e}")
+    del worker32, fp32
+    run.release()
+    return recipe_s
+
+
+def trie_stage(run: Run, recipe_s: float) -> None:
+    """Default dtype (bfloat16 on GPU): one full variant, then every subset of the last N layers one by one
+    (sampled beyond 32 variants) and as one trie pass."""
+    model = models.load_model(run.args.model_config, dtype="auto", device=str(run.device), random_init=True)
+    worker = run.worker(model, "trie")
+    run.batch_size = worker.batch_size  # the automatic choice when --batch-size 0
     n_layers = worker.n_layers
-    n_last = args.exhaustive_layers or (n_layers if on_gpu else min(3, n_layers))
+    n_last = min(run.args.exhaustive_layers or (4 if run.device.type == "cuda" else 3), n_layers)
     last = range(n_layers - n_last, n_layers)
     removals = [r for k in range(n_last + 1) for r in itertools.combinations(last, k)]
-    worker.evaluate([])
-    full_s, _ = timed(lambda: worker.evaluate([]))
+    worker.evaluate([])  # warm-up (and compilation of the head)
+    full_s, _ = timed(functools.partial(worker.evaluate, []))
     sample = removals if len(removals) <= 32 else removals[:: max(1, len(removals) // 32)]
-    per_variant_s, _ = timed(lambda: [worker.evaluate(r) for r in sample])
+    per_variant_s, _ = timed(functools.partial(list, map(worker.evaluate, sample)))
     per_variant_s = per_variant_s / len(sample) * len(removals)
-    trie_s, rows = timed(lambda: worker.evaluate_many(removals))
+    trie_s, _ = timed(functools.partial(worker.evaluate_many, removals))
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
-    figures.update(dtype=dtype, full_variant_seconds=full_s, exhaustive_last_layers=n_last,
-                   exhaustive_variants=len(removals), per_variant_exhaustive_seconds=per_variant_s,
-                   trie_exhaustive_seconds=trie_s, trie_ok=worker.trie_ok)
-    print(f"  sweep full variant ({dtype}, batch {batch_size}):      {full_s:8.2f} s   x{recipe_s / full_s:5.1f} vs recipe")
+    run.figures.update(dtype=dtype, batch_size=run.batch_size, full_variant_seconds=full_s,
+                       exhaustive_last_layers=n_last, exhaustive_variants=len(removals),
+                       per_variant_exhaustive_seconds=per_variant_s, trie_exhaustive_seconds=trie_s,
+                       trie_ok=worker.trie_ok)
+    print(f"  sweep full variant ({dtype}, batch {run.batch_size}):      {full_s:8.2f} s   "
+          f"x{recipe_s / full_s:5.1f} vs recipe")
     print(f"  {len(removals):,} variants (every subset of the last {n_last} layers):")
     print(f"    one by one: {per_variant_s:8.2f} s   trie: {trie_s:8.2f} s   x{per_variant_s / trie_s:4.1f}   "
           f"-> {trie_s / len(removals):.3f} s per variant, x{recipe_s / (trie_s / len(removals)):5.1f} vs recipe")
-
+    if run.device.type == "cuda":
+        run.figures["peak_gpu_gib"] = torch.cuda.max_memory_allocated(run.device) / 2**30
     del worker, model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        figures["peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    if args.sweep:
-        figures.update(end_to_end_sweep(args, device, max_tokens, batch_size))
-    save(figures)
-    return 0
+    run.release()
 
 
 TARGETS = {
     # issue #3, one H100: (figure, limit, comparison)
-    "gpt2": [("sweep_seconds", 300.0, "<="), ("recipe_ratio", 20.0, ">=")],
+    "gpt2": [("sweep_seconds", 300.0, "<="), ("recipe_ratio", 20.0, ">="),
+             ("sweep_peak_gpu_gib", "sweep_memory_bound_gib", "<=")],
     "llama-3.2-1b": [("full_variant_seconds", 1.2, "<="), ("sweep_seconds", 25.0, "<=")],
+}
+PROTOCOLS = {
+    # Each fits one 10-minute call on an H100 (estimated from the issue's figures); the end-to-end sweep is the
+    # exhaustive one, so the trie-vs-one-by-one comparison only spans the last 4 layers.
+    "gpt2": ["--exhaustive-layers", "4"],
+    "llama-3.2-1b": ["--sweep-strategy", "single", "--max-length", "2048", "--exhaustive-layers", "4",
+                     "--skip-recipe"],
 }
 
 
-def run_targets(args) -> int:
-    """Both target protocols of issue #3, one after the other in this process, each saved as usual."""
+def run_targets(args, names: list[str]) -> int:
+    """The target protocols of issue #3, one after the other in this process, each saved as usual."""
     if not torch.cuda.is_available():
         print("bench: --targets needs a CUDA GPU (the targets are for one H100)", file=sys.stderr)
         return 2
     verdicts = []
-    for name, extra in (("gpt2", ["--sweep"]),
-                        ("llama-3.2-1b", ["--sweep", "--sweep-strategy", "single", "--max-length", "2048",
-                                          "--exhaustive-layers", "4", "--skip-recipe"])):
-        argv = ["--model-config", str(SHARED / "model-configs" / name), *extra]
-        if args.batch_size:
+    for name in names:
+        argv = ["--model-config", str(SHARED / "model-configs" / name), *PROTOCOLS[name]]
+        if args.batch_size is not None:
             argv += ["--batch-size", str(args.batch_size)]
-        main(argv)
-        figures = json.loads(max((ROOT / "bench" / "results").glob(f"{name}-*.json"),
-                                 key=lambda p: p.stat().st_mtime).read_text())
+        figures = json.loads(run_and_save([*argv, "--out", args.out]).read_text())
         figures["recipe_ratio"] = figures.get("recipe_seconds", math.nan) / figures["full_variant_seconds"]
         for key, limit, op in TARGETS[name]:
             value = figures.get(key, math.nan)
+            limit = figures.get(limit, math.nan) if isinstance(limit, str) else limit
             met = value <= limit if op == "<=" else value >= limit
-            verdicts.append(f"  {name:14} {key:22} {value:10.3f}  target {op} {limit:g}  {'met' if met else 'MISSED'}")
+            verdict = "met" if met else "MISSED"
+            verdicts.append(f"  {name:14} {key:22} {value:10.3f}  target {op} {limit:.3g}  {verdict}")
     print("targets (issue #3):", *verdicts, sep="\n")
     return 0
 
 
 def end_to_end_sweep(args, device, max_tokens, batch_size) -> dict:
-    """`sweep run --strategy exhaustive` into a fresh DB, including latency and writes."""
+    """`sweep run` (default: exhaustive) into a fresh DB, latency and writes included, with what the DB shows."""
     from sweep.runner import run_sweep
 
     with tempfile.TemporaryDirectory() as tmp:
+        db_path = Path(tmp) / "results.db"
         cfg = SweepConfig(model=args.model_config, random_init=True, tokenizer=args.tokenizer, data=args.data,
                           max_length=args.max_length, stride=args.stride, max_tokens=max_tokens,
-                          batch_size=batch_size, strategy=args.sweep_strategy, db=str(Path(tmp) / "results.db"),
+                          batch_size=batch_size, strategy=args.sweep_strategy, db=str(db_path),
                           device=str(device), cache_dir=str(ROOT / ".cache" / "sweep"))
-        seconds, summary = timed(lambda: run_sweep(cfg, log=print, progress=True))
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        seconds, summary = timed(lambda: run_sweep(cfg, log=print, progress=sys.stderr.isatty()))
+        figures = {"sweep_strategy": args.sweep_strategy, "sweep_variants": summary.measured,
+                   "sweep_seconds": seconds, "sweep_batch_size": summary.batch_size, **db_figures(db_path)}
+    if device.type == "cuda":
+        figures["sweep_peak_gpu_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        figures["sweep_memory_bound_gib"] = memory_bound_gib(args.model_config, args.max_length,
+                                                             summary.batch_size)
     print(f"  end-to-end {args.sweep_strategy} sweep: {summary.measured:,} variants in {seconds:.1f} s "
-          "(results.db included)")
-    return {"sweep_strategy": args.sweep_strategy, "sweep_variants": summary.measured, "sweep_seconds": seconds}
+          f"(batch {summary.batch_size}; results.db and latency included)")
+    print(f"    latency: {figures['latency_measurements']} measurement(s) for {figures['rows']:,} rows; spread "
+          f"(IQR / median) prefill up to {figures['prefill_spread_max']:.1%}, decode up to "
+          f"{figures['decode_spread_max']:.1%}")
+    print(f"    results.db: {figures['commits']} commits, longest wait for the next commit "
+          f"{figures['longest_commit_gap_seconds']:.0f} s")
+    if "sweep_peak_gpu_gib" in figures:
+        print(f"    peak GPU memory {figures['sweep_peak_gpu_gib']:.2f} GiB "
+              f"(weights + trie cache + 2 GiB = {figures['sweep_memory_bound_gib']:.2f} GiB)")
+    return figures
 
 
-def save(figures: dict) -> None:
-    out = ROOT / "bench" / "results"
+def db_figures(db_path: Path) -> dict:
+    """Latency measurements and their spread, and how often results reached the DB, read back from it."""
+    with sqlite3.connect(db_path) as db:
+        rows = db.execute("SELECT latency_signature, prefill_ms, prefill_iqr_ms, decode_ms_per_token, "
+                          "decode_iqr_ms FROM results WHERE status = 'ok'").fetchall()
+        run = db.execute("SELECT started_at FROM runs ORDER BY id LIMIT 1").fetchone()
+        commits = sorted({r[0] for r in db.execute("SELECT measured_at FROM measurements")})
+    per_signature = {r[0]: r[1:] for r in rows if r[0] is not None}
+
+    def spread(median_idx: int) -> float:
+        values = [v[median_idx + 1] / v[median_idx] for v in per_signature.values()
+                  if v[median_idx] and v[median_idx + 1] is not None]
+        return max(values, default=math.nan)
+
+    times = [datetime.fromisoformat(t) for t in ([run[0]] if run else []) + commits]
+    gaps = [(b - a).total_seconds() for a, b in zip(times, times[1:])]
+    return {"rows": len(rows), "latency_measurements": len(per_signature), "prefill_spread_max": spread(0),
+            "decode_spread_max": spread(2), "commits": len(commits),
+            "longest_commit_gap_seconds": max(gaps, default=0.0)}
+
+
+def memory_bound_gib(model_config: str, max_length: int, batch_size: int) -> float:
+    """The issue's bound on peak GPU memory: bfloat16 weights + trie cache ((L+1) x B x T x H) + 2 GiB."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_config)
+    with torch.device("meta"):  # parameter counts without allocating them (tied weights counted once)
+        meta = AutoModelForCausalLM.from_config(config)
+    weights = sum(p.numel() for p in meta.parameters()) * 2  # bfloat16
+    cache = (models.n_layers_of(config) + 1) * batch_size * max_length * config.hidden_size * 2
+    return (weights + cache) / 2**30 + 2.0
+
+
+def save(figures: dict, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     device = "".join(c if c.isalnum() else "-" for c in figures["device"]).strip("-").lower()
     path = out / f"{figures['model_config']}-{device}-{figures['date'][:10]}.json"
     path.write_text(json.dumps(figures, indent=2) + "\n")
-    print(f"saved {path.relative_to(ROOT)}")
+    print(f"saved {path}")
+    return path
 
 
 if __name__ == "__main__":

@@ -16,8 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-HEAD_CHUNK = 256
-"""Positions per LM-head chunk: bounds the float32 logits held at once to (HEAD_CHUNK, vocab)."""
+HEAD_ROWS = 4096
+"""Token rows (windows x positions) per LM-head chunk: the logits held at once are at most (HEAD_ROWS, vocab),
+whatever the batch size (GPT-2 in bfloat16: 4,096 x 50,257 x 2 bytes = 0.4 GB)."""
+
+
+def head_chunk(batch: int) -> int:
+    """Positions per LM-head chunk for a batch of ``batch`` windows, e.g. 16 windows -> 256 positions."""
+    return max(1, HEAD_ROWS // max(batch, 1))
 
 
 @dataclass(frozen=True)
@@ -109,7 +115,7 @@ def window_nll(head: Callable[[torch.Tensor], torch.Tensor] | HeadLoss, hidden: 
 
     Args:
         head: a :class:`HeadLoss`, or a plain logits function hidden (B, t, H) -> logits (B, t, V) (run eagerly);
-            applied in chunks of :data:`HEAD_CHUNK` positions so full-length logits never exist at once.
+            applied in chunks of :func:`head_chunk` positions so the logits of the whole batch never exist at once.
         hidden: (B, T, H) final hidden states (after the final norm).
         input_ids: (B, T) token ids.
         n_targets: trailing positions of each window whose labels count.
@@ -124,8 +130,9 @@ def window_nll(head: Callable[[torch.Tensor], torch.Tensor] | HeadLoss, hidden: 
     batch, length = input_ids.shape
     first = max(1, length - n_targets)  # first scored label position
     sums = torch.zeros(batch, dtype=torch.float64, device=hidden.device)
-    for start in range(first, length, HEAD_CHUNK):
-        stop = min(start + HEAD_CHUNK, length)
+    chunk = head_chunk(batch)
+    for start in range(first, length, chunk):
+        stop = min(start + chunk, length)
         # positions start-1 .. stop-2 predict labels start .. stop-1
         nll = head_loss(hidden[:, start - 1 : stop - 1], input_ids[:, start:stop])  # (B, c)
         sums += nll.sum(dim=1, dtype=torch.float64)

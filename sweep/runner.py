@@ -35,6 +35,8 @@ class Summary:
     interrupted: bool = False
     seconds: float = 0.0
     setup: str = ""
+    batch_size: int = 0
+    """Windows per forward pass the worker used (the automatic choice when --batch-size is 0)."""
 
 
 def setup_fields(cfg: SweepConfig, tokens, windows, device_name: str, weights: str) -> dict:
@@ -108,10 +110,11 @@ def run_sweep(cfg: SweepConfig, log: Log = print, progress: bool = True) -> Summ
     store.reap_dead_runs(db, setup)  # a crashed earlier run is closed even when nothing is left to measure
     done = store.done_keys(db, setup)
     todo = [v for v in variants if variant_key(v) not in done]
-    summary = Summary(planned=len(variants), already_done=len(variants) - len(todo), setup=setup)
+    summary = Summary(planned=len(variants), already_done=len(variants) - len(todo), setup=setup,
+                      batch_size=worker.batch_size)
     log(f"{cfg.model}: {n_layers} layers, {len(variants):,} variants planned ({cfg.strategy}), "
         f"{summary.already_done:,} already in {cfg.db}, {len(todo):,} to measure on {worker.device_name} "
-        f"[setup {setup}]")
+        f"({_engine_line(cfg, worker)}) [setup {setup}]")
     if todo:
         run_id = store.start_run(db, setup, len(variants), len(todo), " ".join(sys.argv))
         status = "failed"
@@ -126,6 +129,14 @@ def run_sweep(cfg: SweepConfig, log: Log = print, progress: bool = True) -> Summ
     summary.seconds = time.perf_counter() - start
     log(closing_line(cfg, summary))
     return summary
+
+
+def _engine_line(cfg: SweepConfig, worker) -> str:
+    """How variants are evaluated, e.g. "trie engine, 16 windows per batch, compiled head"."""
+    engine = "trie" if cfg.engine == "trie" and worker.trie_ok else "per-variant"
+    head = "compiled head" if worker.head_loss.compiled else "eager head"
+    auto = " (auto)" if not cfg.batch_size else ""
+    return f"{engine} engine, {worker.batch_size} windows per batch{auto}, {head}"
 
 
 PER_VARIANT_GROUP = 16

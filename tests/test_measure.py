@@ -204,6 +204,27 @@ def test_compiled_head_loss_equals_eager(gpt2_and_ids):
     assert torch.allclose(got, reference, rtol=1e-5)
 
 
+@pytest.mark.parametrize("batch", [1, 3, 7])
+def test_head_never_sees_more_than_head_rows_and_chunking_does_not_change_the_nll(gpt2_and_ids, monkeypatch, batch):
+    model, _ = gpt2_and_ids
+    head = model.get_output_embeddings()
+    hidden = torch.randn(batch, 50, 32, generator=torch.Generator().manual_seed(3))
+    input_ids = torch.randint(0, 96, (batch, 50), generator=torch.Generator().manual_seed(4))
+    rows_seen = []
+
+    def spy(h):
+        rows_seen.append(h.shape[0] * h.shape[1])
+        return head(h)
+
+    with torch.no_grad():
+        whole, _ = measure.window_nll(head, hidden, input_ids, 45)  # HEAD_ROWS = 4096: one chunk
+        monkeypatch.setattr(measure, "HEAD_ROWS", 8)
+        chunked, n_scored = measure.window_nll(spy, hidden, input_ids, 45)
+    assert n_scored == 45 and max(rows_seen) <= max(8, batch) and len(rows_seen) > 1
+    assert sum(rows_seen) == batch * 45  # every scored position exactly once
+    assert torch.allclose(chunked, whole, rtol=1e-6)
+
+
 def test_head_loss_falls_back_to_eager_when_compile_fails(gpt2_and_ids, monkeypatch):
     model, ids = gpt2_and_ids
     head = model.get_output_embeddings()

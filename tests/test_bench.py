@@ -1,0 +1,47 @@
+"""`make bench` on a tiny model: every stage runs, and the figures it saves are consistent with what it ran."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench_script", ROOT / "bench" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_runs_every_stage_and_reads_the_sweep_back_from_its_db(tiny_gpt2_dir, sample_text_file, tmp_path):
+    bench = load_bench()
+    argv = ["--model-config", str(tiny_gpt2_dir), "--tokenizer", str(tiny_gpt2_dir), "--data", str(sample_text_file),
+            "--device", "cpu", "--max-length", "64", "--max-tokens", "640", "--batch-size", "4",
+            "--exhaustive-layers", "2", "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    [saved] = tmp_path.glob("*.json")
+    figures = json.loads(saved.read_text())
+    assert figures["device"] == "cpu" and figures["tokens"] == 640
+    assert figures["engine_fp32_rel_diff"] < 1e-5  # the engine reproduces the guide's recipe
+    assert figures["trie_ok"] and figures["exhaustive_variants"] == 4  # every subset of the last 2 layers
+    # Exhaustive over 4 GPT-2 layers: 16 variants, and one latency measurement per number of kept layers (0-4).
+    assert figures["sweep_variants"] == figures["rows"] == 16
+    assert figures["latency_measurements"] == 5
+    assert figures["prefill_spread_max"] >= 0 and figures["commits"] >= 1
+    assert figures["sweep_recipe_ratio"] == pytest.approx(
+        figures["recipe_seconds"] / (figures["sweep_seconds"] / 16))
+
+
+def test_targets_need_a_gpu_and_name_their_protocols(capsys):
+    bench = load_bench()
+    if bench.torch.cuda.is_available():
+        pytest.skip("a GPU is present: --targets would run for minutes")
+    assert bench.main(["--targets", "gpt2"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        bench.main(["--targets", "gpt3"])
+    assert set(bench.PROTOCOLS) == set(bench.TARGETS)
