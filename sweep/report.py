@@ -6,15 +6,16 @@ view as a DataFrame, the same function users call) and setups from :func:`sweep.
 A report holds, for one setup of one model: the baseline, findings written from the numbers, a table and bar
 chart of single-layer removals, pair heatmaps, a table of combinatorial removals (long tables keep the best and
 the worst rows), the best / median / worst variant per number of removed layers, the Pareto fronts, and a
-footer saying how the numbers were produced; with similarity signals or signal-guided strategies in
-the DB, heatmaps of d(l, n) and Block Influence and each strategy against the oracle; with task results, the
-task table and figure. Figures are PNGs next to the report (:mod:`sweep.figures`).
+footer saying how the numbers were produced; with similarity signals or signal-guided strategies in the DB, the
+lowest-distance block per size and the layers ranked by Block Influence (with heatmaps of both when figures are
+on) and each strategy against the oracle; with task results, the task table (its task settings named) and
+figure. Figures are PNGs next to the report (:mod:`sweep.figures`).
 
 Sections are built by the functions in :data:`SECTIONS`, each ``(ReportContext) -> str | None``; None (no data
 for it) leaves the section out. Adding a section is one function plus one line in that list, e.g.::
 
     def _heal_section(ctx: ReportContext) -> str | None:
-        table = tasks_report.task_table(ctx.db_path, ctx.setup) if ctx.db_path else None
+        table = tasks_report.task_table(ctx.db_path, ctx.model, ctx.setup) if ctx.db_path else None
         return None if table is None else "## Healing\n\n" + table
 
     SECTIONS.insert(SECTIONS.index(_pareto_section) + 1, _heal_section)   # or edit the list literal
@@ -481,18 +482,86 @@ def _image_lines(ctx: ReportContext, paths: list[Path], alt: str) -> list[str]:
     return [f"![{alt}]({path.name})" for path in paths]
 
 
+SIMILARITY_ROWS = 24
+"""The similarity table shows at most this many block sizes (every k-th above); the BI line as many layers."""
+SIGNAL_LABELS = {"angular-last": "last token", "angular-all": "all tokens"}
+
+
+def format_signal(value: float | None) -> str:
+    """An angular distance or Block Influence with 4 decimals, as `sweep similarity` prints them: ``0.04512 ->
+    "0.0451"``; below 0.0001, 2 significant digits: ``0.0000312 -> "3.1e-05"``; None -> "—"."""
+    if not _finite(value):
+        return MISSING
+    return f"{value:.4f}" if value == 0 or abs(value) >= 1e-4 else f"{value:.1e}"
+
+
+def _block_label(start: int, size: int) -> str:
+    """``"layer 4"`` or ``"layers 2–4"`` (the layers a block of ``size`` starting at ``start`` removes)."""
+    return f"layer {start}" if size == 1 else f"layers {start}–{start + size - 1}"
+
+
+def _shown_sizes(n_layers: int) -> list[int]:
+    """Block sizes 1 .. L − 1, every k-th when there are more than :data:`SIMILARITY_ROWS`."""
+    return list(range(1, n_layers, max(1, math.ceil((n_layers - 1) / SIMILARITY_ROWS))))
+
+
+def _block_table(summary: Row) -> str | None:
+    """Markdown table: block size n, then the lowest-distance block and its d for each angular metric stored."""
+    blocks, sizes = summary["blocks"], _shown_sizes(summary["n_layers"] or 0)
+    if not blocks or not sizes:
+        return None
+    columns = ["block size n"]
+    for metric in blocks:
+        columns += [f"block ({SIGNAL_LABELS[metric]})", f"d ({SIGNAL_LABELS[metric]})"]
+    rows = []
+    for n in sizes:
+        cells = [str(n)]
+        for best in blocks.values():
+            cells += [_block_label(best[n][0], n), format_signal(best[n][1])] if n in best else [MISSING, MISSING]
+        rows.append(cells)
+    every = "" if sizes == list(range(1, summary["n_layers"])) else f" (sizes in steps of {sizes[1] - sizes[0]})"
+    all_tokens = " (`--angular-tokens all`: the all-tokens column)" if "angular-all" in blocks else ""
+    return (f"The block of n layers with the lowest angular distance{every}, final layer kept: what "
+            f"`--strategy angular --n <n>` removes{all_tokens}.\n\n" + _table(columns, rows))
+
+
+def _influence_line(summary: Row) -> str | None:
+    """Layers by Block Influence, lowest first: the order in which `block-influence` removes them."""
+    ranking = summary["influence"]
+    if not ranking:
+        return None
+    shown = [f"layer {layer} ({format_signal(bi)})" for layer, bi in ranking[:SIMILARITY_ROWS]]
+    rest = len(ranking) - len(shown)
+    more = f" · … {rest} more, up to layer {ranking[-1][0]} ({format_signal(ranking[-1][1])})" if rest else ""
+    return ("Block Influence per layer, lowest first (the layers that change the stream least; `block-influence` "
+            "removes the first n): " + " · ".join(shown) + more + ".")
+
+
+def _calibration_line(summary: Row) -> str:
+    """One sentence naming the calibration pass the signals come from."""
+    tokens = f"{summary['n_tokens']:,} tokens" if _finite(summary["n_tokens"]) else "an unknown number of tokens"
+    n_windows = summary["n_sequences"]
+    windows = f" in {n_windows:,} window{'s' if n_windows != 1 else ''}" if _finite(n_windows) else ""
+    when = f", computed {summary['computed_at']}" if summary["computed_at"] else ""
+    return f"Signals of the newest calibration pass: `{summary['calib']}`, {tokens}{windows}{when}."
+
+
 def _similarity_section(ctx: ReportContext) -> str | None:
-    """Heatmaps of the angular distance d(l, n) and Block Influence (`sweep similarity`), when the DB has them."""
-    if ctx.db_path is None or ctx.figures_dir is None:
+    """Angular distance d(l, n) and Block Influence (`sweep similarity`) as text, with heatmaps when figures are on."""
+    if ctx.db_path is None:
         return None
-    paths = strategy_report.similarity_heatmaps(ctx.db_path, ctx.figures_dir, model=ctx.model)
-    if not paths:
+    summary = strategy_report.similarity_summary(ctx.db_path, ctx.model)
+    if summary is None:
         return None
+    images = []
+    if ctx.figures_dir is not None:
+        images = _image_lines(ctx, strategy_report.similarity_heatmaps(ctx.db_path, ctx.figures_dir, model=ctx.model),
+                              "angular distance and block influence")
     return _join("## Layer similarity",
                  "Angular distance d(l, n) = arccos(cos(h_l, h_{l+n})) / π between the residual stream entering "
                  "layer l and entering layer l + n (Gromov et al. 2024), and Block Influence 1 − cos(h_in, h_out) "
                  "per layer (ShortGPT), on the calibration text. Low values mark layers that change the stream "
-                 "least.", *_image_lines(ctx, paths, "angular distance and block influence"))
+                 "least.", *images, _calibration_line(summary), _block_table(summary), _influence_line(summary))
 
 
 def _strategies_section(ctx: ReportContext) -> str | None:
@@ -510,19 +579,24 @@ def _strategies_section(ctx: ReportContext) -> str | None:
 
 
 def _tasks_section(ctx: ReportContext) -> str | None:
-    """Downstream accuracy (`sweep tasks`) and LoRA healing (`sweep heal`) of this model, when the DB has them."""
+    """Downstream accuracy (`sweep tasks`) and LoRA healing (`sweep heal`) of this model, when the DB has them.
+
+    Task setups have no link to a perplexity setup: each task shows its newest settings, named in one line.
+    Heals belong to a perplexity setup: only those of the reported setup are shown.
+    """
     if ctx.db_path is None:
         return None
-    table = tasks_report.task_table(ctx.db_path, ctx.model)
-    if table is None:
+    table = tasks_report.task_table(ctx.db_path, ctx.model, ctx.setup)
+    settings = tasks_report.task_settings_text(ctx.db_path, ctx.model, ctx.setup)
+    if table is None and settings is None:
         return None
     images = []
-    if ctx.figures_dir is not None:
-        path = tasks_report.plot_tasks(ctx.db_path, ctx.model, ctx.figures_dir)
+    if ctx.figures_dir is not None and table is not None:
+        path = tasks_report.plot_tasks(ctx.db_path, ctx.model, ctx.figures_dir, ctx.setup)
         images = _image_lines(ctx, [path] if path else [], "task accuracy and perplexity against layers removed")
     return _join("## Downstream tasks and healing", *images,
                  "Accuracy in % ± standard error (lm-evaluation-harness); changes against the unpruned model in "
-                 "points.", table.rstrip())
+                 "points." if table else None, settings, table.rstrip() if table else None)
 
 
 def _footer_part(ctx: ReportContext) -> str:

@@ -673,11 +673,12 @@ def read_task_results(path_or_db: str | Path | sqlite_utils.Database,
                       model: str | None = None) -> list[dict[str, Any]]:
     """Task results with their model, task settings and (for healed rows) the heal, oldest setups first.
 
-    Columns: model, model_layers, task, num_fewshot, task_limit, setup, removed, heal_id, n_removed, n_layers,
-    metric, value, stderr, n_samples, status, error, measured_at.
+    Columns: model, model_layers, task, num_fewshot, task_limit, lm_eval_version, dtype, device (of the task
+    setup), setup, removed, heal_id, n_removed, n_layers, metric, value, stderr, n_samples, status, error, measured_at.
     """
     db = path_or_db if isinstance(path_or_db, sqlite_utils.Database) else open_db(path_or_db, create=False)
     sql = ("SELECT m.name AS model, m.n_layers AS model_layers, s.task, s.num_fewshot, s.task_limit, "
+           "s.lm_eval_version, s.dtype, s.device, "
            "t.setup_id AS setup, t.removed, t.heal_id, t.n_removed, t.n_layers, t.metric, t.value, t.stderr, "
            "t.n_samples, t.status, t.error, t.measured_at "
            "FROM task_results t JOIN task_setups s ON s.id = t.setup_id JOIN models m ON m.id = s.model_id")

@@ -1,7 +1,8 @@
 """Report pieces for the similarity-guided and greedy strategies (issue #5). Reads via ``store``; no torch.
 
 - :func:`similarity_heatmaps`: d(l, n) (start layer x block size, last token and all tokens) and Block
-  Influence per layer, one PNG per model.
+  Influence per layer, one PNG per model; :func:`similarity_summary`: the same signals as numbers for a table
+  (the lowest-distance block of each size, layers ranked by Block Influence).
 - :func:`strategy_curve`: evaluation perplexity against the fraction of layers removed, one line per strategy
   (last-n, angular, block-influence, greedy, and the oracle = best measured variant per n).
 - :func:`strategy_table`: markdown "strategy x number of layers removed" with the gap to the oracle.
@@ -200,6 +201,52 @@ def _distance_grid(rows: list[Row], metric: str, n_layers: int):
         if row["metric"] == metric and row["value"] is not None:
             grid[row["size"] - 1][row["start"]] = row["value"]
     return grid
+
+
+ANGULAR_METRICS = ("angular-last", "angular-all")
+
+
+def lowest_distance_blocks(rows: list[Row], metric: str, n_layers: int) -> dict[int, tuple[int, float]]:
+    """block size n -> (start l, d(l, n)) of the block with the lowest angular distance, final layer kept.
+
+    The block the ``angular`` strategy removes without ``--allow-last`` (l + n <= L - 1; ties go to the lower
+    start). Sizes whose distances are all missing (NaN is stored as NULL) are left out.
+
+    Example, 4 layers, d(0,2)=.3, d(1,2)=.1, d(2,2)=.05: {2: (1, .1)} (start 2 would remove the final layer).
+    """
+    candidates = sorted((r["size"], r["value"], r["start"]) for r in rows
+                        if r["metric"] == metric and r["value"] is not None and math.isfinite(r["value"])
+                        and r["start"] + r["size"] <= n_layers - 1)
+    best: dict[int, tuple[int, float]] = {}
+    for n, distance, start in candidates:  # sorted by (n, d, l): the first of each n is its minimum
+        best.setdefault(n, (start, distance))
+    return best
+
+
+def influence_ranking(rows: list[Row]) -> list[tuple[int, float | None]]:
+    """(layer, Block Influence) from the lowest BI to the highest (ties: lower layer); missing values last."""
+    influence = [(r["start"], r["value"]) for r in rows if r["metric"] == "block-influence"]
+    return sorted(influence, key=lambda item: (item[1] if item[1] is not None else math.inf, item[0]))
+
+
+def similarity_summary(path_or_db, model: str) -> Row | None:
+    """The newest calibration pass of ``model`` (as the heatmaps choose it) for a report table; None without one.
+
+    Returns:
+        ``calib``, ``n_tokens``, ``n_sequences``, ``computed_at``, ``n_layers``, ``blocks`` (metric ->
+        :func:`lowest_distance_blocks`, for each angular metric stored) and ``influence``
+        (:func:`influence_ranking`).
+    """
+    rows = _newest_signals(store.similarity_overview(_open(path_or_db), model)).get(model)
+    if not rows:
+        return None
+    n_layers, stored = rows[0]["model_layers"], {r["metric"] for r in rows}
+    return {
+        "calib": rows[0]["calib"], "n_tokens": rows[0]["n_tokens"], "n_sequences": rows[0]["n_sequences"],
+        "computed_at": max(r["computed_at"] or "" for r in rows) or None, "n_layers": n_layers,
+        "blocks": {m: lowest_distance_blocks(rows, m, n_layers) for m in ANGULAR_METRICS if m in stored},
+        "influence": influence_ranking(rows),
+    }
 
 
 def similarity_heatmaps(path_or_db, out_dir: str | Path, model: str | None = None) -> list[Path]:

@@ -4,6 +4,12 @@
 
 as in published depth-pruning tables (accuracy in % ± stderr, change against the base in points), and a figure
 of task accuracy and perplexity against the fraction of layers removed. Data come from ``store`` read functions.
+
+Which rows: a task setup (``task_setups``: one task with its few-shot, limit and lm-eval settings) is another
+kind of setup than a perplexity setup (data, windows, latency) and has no link to one, so task rows are chosen
+per task (its newest settings), and :func:`task_settings_text` says which settings are shown and how many other
+task setups exist. Heals do belong to a perplexity setup (``heals.setup_id``): given ``setup``, only its heals
+(their perplexity rows and healed accuracies) are shown, so no perplexity of another setup enters the report.
 """
 from __future__ import annotations
 
@@ -47,15 +53,30 @@ def _variant_label(removed: str, n_removed: int, model_layers: int | None) -> st
     return f"−[{removed}] ({n_removed}{of})"
 
 
-def task_table(path_or_db, model: str) -> str | None:
+def _open(path_or_db):
+    return path_or_db if not isinstance(path_or_db, (str, Path)) else store.open_db(path_or_db, create=False)
+
+
+def _rows_and_heals(db, model: str, setup: str | None) -> tuple[list[Row], list[Row]]:
+    """Newest task rows and heals of ``model``; with ``setup``, only heals of that perplexity setup and the task
+    rows of those heals (unhealed task rows do not depend on the perplexity setup)."""
+    rows, heals = newest_task_rows(db, model), store.read_heals(db, model=model)
+    if setup is None:
+        return rows, heals
+    heals = [h for h in heals if h["setup_id"] == setup]
+    kept = {h["id"] for h in heals}
+    return [r for r in rows if not r["heal_id"] or r["heal_id"] in kept], heals
+
+
+def task_table(path_or_db, model: str, setup: str | None = None) -> str | None:
     """Markdown table ``variant | task | base | pruned | pruned + healed`` of ``model``, or None without task data.
 
     Accuracy (lm-eval's headline metric, usually ``acc``) in % ± stderr; changes against the unpruned model in
     points. Healed columns use the newest heal of the variant; healed perplexity rows come from table heals.
+    With ``setup`` (a perplexity setup id), only heals of that setup are shown.
     """
-    db = path_or_db if not isinstance(path_or_db, (str, Path)) else store.open_db(path_or_db, create=False)
-    rows = newest_task_rows(db, model)
-    heals = store.read_heals(db, model=model)
+    db = _open(path_or_db)
+    rows, heals = _rows_and_heals(db, model, setup)
     if not rows and not heals:
         return None
     lines = ["| variant | task | base | pruned | pruned + healed |", "| --- | --- | --- | --- | --- |"]
@@ -105,15 +126,89 @@ def _perplexity_lines(heals: Sequence[Row]) -> list[str]:
     return lines
 
 
+# ---------------------------------------------------------------------------------------------- settings
+
+SHOW_OTHER_SETUPS = 5
+"""The settings note names at most this many task setups that are not shown."""
+
+
+def _settings(row: Row) -> str:
+    """``"0-shot, limit 100, lm-eval 0.4.5, float32 on cpu"``: the task setup's settings that change the numbers."""
+    parts = [f"{row['num_fewshot'] or 0}-shot", f"limit {row['task_limit']:,}" if row["task_limit"] else "all examples"]
+    if row.get("lm_eval_version"):
+        parts.append(f"lm-eval {row['lm_eval_version']}")
+    if row.get("dtype") or row.get("device"):
+        parts.append(f"{row.get('dtype') or '?'} on {row.get('device') or '?'}")
+    return ", ".join(parts)
+
+
+def task_settings_text(path_or_db, model: str, setup: str | None = None) -> str | None:
+    """Which task setups the table shows (tasks grouped by identical settings), and what it leaves out.
+
+    Example: ``"Task settings (the newest of each task): boolq, arc_easy: 0-shot, limit 100, lm-eval 0.4.5 (task
+    setups `1a2b`, `3c4d`). Not shown: 1 other task setup of this model: `5e6f` (boolq: 5-shot, limit 100); its
+    rows are in table `task_results`."``; None when there is nothing to say (no task rows, no heal left out).
+    """
+    db = _open(path_or_db)
+    rows, _ = _rows_and_heals(db, model, setup)
+    shown: dict[str, Row] = {r["setup"]: r for r in rows}
+    parts = (_shown_setups_text(shown), _other_setups_text(db, model, shown), _other_heals_text(db, model, setup))
+    return " ".join(p for p in parts if p) or None
+
+
+def _shown_setups_text(shown: dict[str, Row]) -> str:
+    """``"Task settings (the newest of each task): boolq, arc_easy: 0-shot, ... (task setups `1a2b`, `3c4d`)."``"""
+    groups: dict[str, list[Row]] = {}
+    for row in shown.values():
+        groups.setdefault(_settings(row), []).append(row)
+    described = "; ".join(f"{', '.join(r['task'] for r in group)}: {settings} ({_setup_ids(group)})"
+                          for settings, group in groups.items())
+    return f"Task settings (the newest of each task): {described}." if groups else ""
+
+
+def _setup_ids(group: list[Row]) -> str:
+    """``"task setup `1a2b`"`` or ``"task setups `1a2b`, `3c4d`"``."""
+    return f"task setup{'s' if len(group) > 1 else ''} " + ", ".join(f"`{r['setup']}`" for r in group)
+
+
+def _other_setups_text(db, model: str, shown: dict[str, Row]) -> str:
+    """``"Not shown: 2 other task setups of this model: ..."``, or "" when every task setup is shown."""
+    others: dict[str, Row] = {}
+    for row in store.read_task_results(db, model=model):
+        if row["setup"] not in shown:
+            others.setdefault(row["setup"], row)
+    if not others:
+        return ""
+    named = [f"`{sid}` ({r['task']}: {_settings(r)})" for sid, r in list(others.items())[:SHOW_OTHER_SETUPS]]
+    more = f", and {len(others) - len(named)} more" if len(others) > len(named) else ""
+    many = len(others) > 1
+    return (f"Not shown: {len(others)} other task setup{'s' if many else ''} of this model: {', '.join(named)}"
+            f"{more}; {'their' if many else 'its'} rows are in table `task_results`.")
+
+
+def _other_heals_text(db, model: str, setup: str | None) -> str:
+    """``"Not shown: 1 heal measured under other perplexity setups (`9f8e`); ..."``, or "" (none, or no ``setup``)."""
+    if setup is None:
+        return ""
+    other = [h["setup_id"] for h in store.read_heals(db, model=model) if h["setup_id"] != setup]
+    if not other:
+        return ""
+    setups = ", ".join(f"`{s}`" for s in sorted(set(other)))
+    return (f"Not shown: {len(other)} heal{'s' if len(other) > 1 else ''} measured under other perplexity setups "
+            f"({setups}); `sweep report --setup <id>` reports one.")
+
+
 # ---------------------------------------------------------------------------------------------- figure
 
 
-def _newest_ppl_rows(db, model: str) -> list[Row]:
-    """Perplexity rows (ok) of the newest setup of ``model`` that has results."""
-    setups = [s for s in store.setups_overview(db) if s["model"] == model and s["n_results"]]
-    if not setups:
-        return []
-    return [r for r in store.read_view(db, model=model, setup=setups[0]["setup"]) if r["status"] == "ok"]
+def _ppl_rows(db, model: str, setup: str | None = None) -> list[Row]:
+    """Perplexity rows (ok) of ``setup``, by default of the newest setup of ``model`` that has results."""
+    if setup is None:
+        setups = [s for s in store.setups_overview(db) if s["model"] == model and s["n_results"]]
+        if not setups:
+            return []
+        setup = setups[0]["setup"]
+    return [r for r in store.read_view(db, model=model, setup=setup) if r["status"] == "ok"]
 
 
 def best_by_fraction(points: Sequence[tuple[float, float]], higher_is_better: bool = True) -> list[tuple[float, float]]:
@@ -139,11 +234,12 @@ def steepest_drop(curve: Sequence[tuple[float, float]]) -> tuple[float, float, f
     return max(drops, key=lambda d: d[2]) if drops and max(d[2] for d in drops) > 0 else None
 
 
-def plot_tasks(path_or_db, model: str, out_dir: str | Path) -> Path | None:
+def plot_tasks(path_or_db, model: str, out_dir: str | Path, setup: str | None = None) -> Path | None:
     """Task accuracy (top) and perplexity (bottom) against the fraction of layers removed; PNG path or None.
 
     Filled markers: pruned variants; lines: the best variant of each size; hollow markers: healed variants.
-    The dotted vertical line of each task spans its steepest drop, where accuracy collapses.
+    The dotted vertical line of each task spans its steepest drop, where accuracy collapses. Perplexity and heals
+    are those of ``setup`` (default: the newest setup with results, and every heal), as in :func:`task_table`.
     """
     import matplotlib
 
@@ -151,8 +247,8 @@ def plot_tasks(path_or_db, model: str, out_dir: str | Path) -> Path | None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    db = path_or_db if not isinstance(path_or_db, (str, Path)) else store.open_db(path_or_db, create=False)
-    rows, ppl_rows, heals = newest_task_rows(db, model), _newest_ppl_rows(db, model), store.read_heals(db, model=model)
+    db = _open(path_or_db)
+    (rows, heals), ppl_rows = _rows_and_heals(db, model, setup), _ppl_rows(db, model, setup)
     if not rows:
         return None
     fig, (acc_ax, ppl_ax) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, height_ratios=(3, 2))

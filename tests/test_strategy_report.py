@@ -135,3 +135,113 @@ def test_model_report_without_strategies_has_no_such_sections(tmp_path):
     [path] = write_reports(tmp_path / "r.db", tmp_path / "reports")
     text = path.read_text()
     assert "## Strategies" not in text and "## Layer similarity" not in text
+
+
+# ---------------------------------------------------------------------------------------------- similarity table
+
+SIM_LAYERS = 8
+SIM_METRICS = ("angular-last", "angular-all")
+
+
+def signals_db(tmp_path, n_layers=SIM_LAYERS, seed=0, metrics=SIM_METRICS):
+    """A model with a baseline result and one calibration pass of seeded random signals; (db, key, signals).
+
+    ``signals[metric][(l, n)]`` is d(l, n); ``signals["block-influence"][l]`` is BI(l). Blocks that include the
+    final layer get the smallest distance of all, so a table that forgot to keep the final layer would pick them.
+    """
+    import random
+
+    rng = random.Random(seed)
+    db = store.open_db(tmp_path / "sim.db")
+    model_id = store.upsert_model(db, "org/sim", None, "float32", n_layers, "GPT2LMHeadModel")
+    setup = store.upsert_setup(db, model_id, {"data": "d", "weights": "w", "max_length": 8})
+    store.record_result(db, {"setup_id": setup, "removed": "", "n_removed": 0, "n_layers": n_layers, "ppl": 10.0,
+                             "status": "ok"})
+    signals = {m: {(l, n): (0.001 if l + n == n_layers else 0.1 + rng.random())
+                   for n in range(1, n_layers + 1) for l in range(n_layers - n + 1)} for m in SIM_METRICS}
+    signals["block-influence"] = {l: rng.random() for l in range(n_layers)}
+    rows = [{"metric": m, "start": l, "size": n, "value": d, "n_sequences": 3, "n_tokens": 12_345}
+            for m in metrics for (l, n), d in signals[m].items()]
+    rows += [{"metric": "block-influence", "start": l, "size": 1, "value": bi, "n_sequences": 3, "n_tokens": 12_345}
+             for l, bi in signals["block-influence"].items()]
+    key = {"model_id": model_id, "weights": "w", "calib_fingerprint": "c"}
+    store.record_layer_similarity(db, key, "calib.txt", rows)
+    return db, key, signals
+
+
+def _report(tmp_path, figures=False, out="reports"):
+    from sweep.report import write_reports
+
+    [path] = write_reports(tmp_path / "sim.db", tmp_path / out, figures=figures)
+    text = path.read_text()
+    return text.split("## Layer similarity\n", 1)[1].split("\n## ", 1)[0]
+
+
+def _rows_of(section):
+    lines = [line for line in section.splitlines() if line.startswith("| ")]
+    return [[c.strip() for c in line.strip("|").split(" | ")] for line in lines[2:]]
+
+
+def _expected_block(distances, n, n_layers):
+    """The argmin over starts that keep the final layer (l + n <= L - 1), by brute force; ties to the lower l."""
+    start = min(range(n_layers - n), key=lambda l: (distances[(l, n)], l))
+    label = f"layer {start}" if n == 1 else f"layers {start}–{start + n - 1}"
+    return label, f"{distances[(start, n)]:.4f}"
+
+
+def test_similarity_table_gives_the_lowest_distance_block_of_each_size(tmp_path):
+    _, _, signals = signals_db(tmp_path)
+    rows = _rows_of(_report(tmp_path))
+    assert [r[0] for r in rows] == [str(n) for n in range(1, SIM_LAYERS)]
+    for n, row in zip(range(1, SIM_LAYERS), rows):
+        last, all_tokens = (_expected_block(signals[m], n, SIM_LAYERS) for m in SIM_METRICS)
+        assert row == [str(n), *last, *all_tokens]
+
+
+def test_similarity_section_is_kept_without_figures_and_figures_go_above_the_table(tmp_path):
+    signals_db(tmp_path)
+    plain = _report(tmp_path, figures=False)
+    assert "![" not in plain and "| block size n |" in plain
+    assert "`calib.txt`, 12,345 tokens in 3 windows" in plain
+    with_figures = _report(tmp_path, figures=True, out="with-figures")
+    assert with_figures.index("(org--sim-similarity.png)") < with_figures.index("| block size n |")
+    assert (tmp_path / "with-figures" / "org--sim-similarity.png").exists()
+
+
+def test_block_influence_is_ranked_lowest_first(tmp_path):
+    _, _, signals = signals_db(tmp_path)
+    line = next(line for line in _report(tmp_path).splitlines() if line.startswith("Block Influence per layer"))
+    ranked = [int(layer) for layer in re.findall(r"layer (\d+) \(", line)]
+    influence = signals["block-influence"]
+    assert ranked == sorted(influence, key=lambda l: influence[l])
+
+
+def test_similarity_table_uses_the_newest_calibration_pass(tmp_path):
+    db, key, signals = signals_db(tmp_path)
+    db.execute("UPDATE layer_similarity SET computed_at = '2020-01-01T00:00:00+00:00'")  # the first pass: older
+    db.conn.commit()
+    newer = [{"metric": m, "start": l, "size": n, "value": 1.0 - d, "n_sequences": 1, "n_tokens": 999}
+             for m in SIM_METRICS for (l, n), d in signals[m].items()]
+    store.record_layer_similarity(db, {**key, "calib_fingerprint": "c2"}, "newer.txt", newer)
+    section = _report(tmp_path)
+    assert "`newer.txt`, 999 tokens in 1 window" in section and "calib.txt" not in section
+    inverted = {(l, n): 1.0 - d for (l, n), d in signals["angular-last"].items()}
+    assert _rows_of(section)[0][1:3] == list(_expected_block(inverted, 1, SIM_LAYERS))
+
+
+def test_similarity_table_of_a_deep_model_shows_a_readable_number_of_sizes(tmp_path):
+    from sweep.report import SIMILARITY_ROWS
+
+    _, _, signals = signals_db(tmp_path, n_layers=40)
+    section = _report(tmp_path)
+    rows = _rows_of(section)
+    assert len(rows) <= SIMILARITY_ROWS and rows[0][0] == "1" and "sizes in steps of 2" in section
+    for row in rows:
+        n = int(row[0])
+        assert row[1:3] == list(_expected_block(signals["angular-last"], n, 40))
+
+
+def test_similarity_table_has_only_the_angular_metrics_stored(tmp_path):
+    signals_db(tmp_path, metrics=("angular-last",))
+    section = _report(tmp_path)
+    assert "| block size n | block (last token) | d (last token) |" in section and "all tokens)" not in section

@@ -126,3 +126,70 @@ def test_model_report_without_task_data_has_no_task_section(tmp_path):
     store.record_result(db, {"setup_id": setup, "removed": "", "n_removed": 0, "ppl": 5.0, "status": "ok"})
     [path] = write_reports(tmp_path / "r.db", tmp_path / "reports")
     assert "## Downstream tasks" not in path.read_text()
+
+
+# ---------------------------------------------------------------------------------------------- which setups
+
+
+def _section(path) -> str:
+    text = path.read_text()
+    return text.split("## Downstream tasks and healing\n", 1)[1].split("\n## ", 1)[0]
+
+
+def _task_setups(db) -> dict[tuple[str, int], str]:
+    """(task, num_fewshot) -> task setup id."""
+    return {(r["task"], r["num_fewshot"]): r["setup"] for r in store.read_task_results(db)}
+
+
+def test_report_names_the_task_setups_it_shows_and_the_older_ones(db, tmp_path):
+    from sweep.report import write_reports
+
+    model_id = store.find_model(db, "toy", None, "float32")
+    newer = store.upsert_task_setup(db, model_id, {"task": "boolq", "num_fewshot": 5, "task_limit": 50,
+                                                   "lm_eval_version": "0.4.5", "dtype": "float32", "device": "cpu"})
+    _task_row(db, newer, "", 0.9)
+    _task_row(db, newer, "3", 0.8)
+    ids = _task_setups(db)
+    [path] = write_reports(tmp_path / "results.db", tmp_path / "reports", figures=False)
+    section = _section(path)
+    assert (f"arc_easy: 0-shot, limit 100 (task setup `{ids[('arc_easy', 0)]}`); boolq: 5-shot, limit 50, "
+            f"lm-eval 0.4.5, float32 on cpu (task setup `{ids[('boolq', 5)]}`).") in section
+    assert f"Not shown: 1 other task setup of this model: `{ids[('boolq', 0)]}` (boolq: 0-shot, limit 100)" in section
+    boolq = [line for line in section.splitlines() if "| boolq |" in line]
+    # only the 5-shot setup's rows: none of the 0-shot setup are mixed in
+    assert boolq == ["| −[3] (1 of 4) | boolq | 90.0 ± 2.0 | 80.0 ± 2.0 (-10.0) | — |"]
+
+
+def test_tasks_with_the_same_settings_are_named_in_one_group(db):
+    from sweep.tasks_report import task_settings_text
+
+    ids = _task_setups(db)
+    text = task_settings_text(db, "toy")
+    assert text == (f"Task settings (the newest of each task): boolq, arc_easy: 0-shot, limit 100 (task setups "
+                    f"`{ids[('boolq', 0)]}`, `{ids[('arc_easy', 0)]}`).")
+
+
+def test_heals_of_another_perplexity_setup_are_left_out_and_named(db, tmp_path):
+    from sweep.report import write_reports
+
+    model_id = store.find_model(db, "toy", None, "float32")
+    old = store.upsert_setup(db, model_id, {"data": "t", "max_length": 64})
+    new = store.upsert_setup(db, model_id, {"data": "t", "max_length": 128})
+    store.record_result(db, {"setup_id": new, "removed": "", "n_removed": 0, "ppl": 8.0, "status": "ok"})
+    reports = tmp_path / "reports"
+    new_section = _section(write_reports(tmp_path / "results.db", reports, setup=new, figures=False)[0])
+    assert "perplexity (heal" not in new_section
+    assert "69.0" not in new_section  # the healed accuracy of [3] (boolq 0.70 - 0.01) belongs to the old setup's heal
+    assert f"Not shown: 1 heal measured under other perplexity setups (`{old}`)" in new_section
+    old_section = _section(write_reports(tmp_path / "results.db", reports, setup=old, figures=False)[0])
+    assert "| 10.00 | 12.00 (+20.0 %) | 11.00 (+10.0 %) |" in old_section and "69.0 ± 2.0 (-1.0)" in old_section
+    assert "heal measured under other" not in old_section
+
+
+def test_task_figure_of_a_setup_without_heals_is_drawn(db, tmp_path):
+    model_id = store.find_model(db, "toy", None, "float32")
+    new = store.upsert_setup(db, model_id, {"data": "t", "max_length": 128})
+    store.record_result(db, {"setup_id": new, "removed": "", "n_removed": 0, "ppl": 8.0, "status": "ok"})
+    assert "perplexity (heal" not in task_table(db, "toy", setup=new)
+    path = plot_tasks(db, "toy", tmp_path / "figs", setup=new)  # the heal of the other setup is left out
+    assert path.exists() and path.stat().st_size > 10_000
