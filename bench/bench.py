@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import itertools
 import json
 import math
@@ -92,6 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="skip the end-to-end `sweep run` into a fresh DB (results.db writes and latency included)")
     parser.add_argument("--sweep-strategy", default="exhaustive",
                         help="strategy of the end-to-end sweep (default: exhaustive)")
+    parser.add_argument("--skip-fp32-engine", action="store_true",
+                        help="skip sweep's float32 per-variant engine (speed and exactness against the recipe)")
     parser.add_argument("--skip-recipe", action="store_true",
                         help="skip the float32 guide recipe (when a model is too big for float32 batch-1 timing)")
     parser.add_argument("--targets", nargs="*", choices=sorted(TARGETS), default=None, metavar="PROTOCOL",
@@ -157,7 +160,9 @@ class Run:
         return Worker(model, self.tokens, self.setup, cfg)
 
     def release(self) -> None:
+        """Free the previous stage's GPU memory (collecting first: a compiled head sits in a reference cycle)."""
         if self.device.type == "cuda":
+            gc.collect()
             torch.cuda.empty_cache()
 
 
@@ -169,6 +174,10 @@ def recipe_stage(run: Run) -> float:
     recipe_s, recipe_ppl = recipe_seconds(fp32, run.ids[None].to(run.device), args.max_length, run.setup.stride)
     figures.update(recipe_seconds=recipe_s, recipe_ppl=recipe_ppl)
     print(f"  guide recipe (float32, batch 1):           {recipe_s:8.2f} s per variant")
+    if args.skip_fp32_engine:
+        del fp32
+        run.release()
+        return recipe_s
     worker32 = run.worker(fp32, "per-variant")
     worker32.evaluate([])  # warm-up
     engine32_s, row = timed(functools.partial(worker32.evaluate, []))
@@ -215,14 +224,17 @@ def trie_stage(run: Run, recipe_s: float) -> None:
 
 TARGETS = {
     # issue #3, one H100: (figure, limit, comparison)
-    "gpt2": [("sweep_seconds", 300.0, "<="), ("recipe_ratio", 20.0, ">="),
+    "gpt2": [("sweep_seconds", 300.0, "<="), ("sweep_recipe_ratio", 20.0, ">="),
              ("sweep_peak_gpu_gib", "sweep_memory_bound_gib", "<=")],
     "llama-3.2-1b": [("full_variant_seconds", 1.2, "<="), ("sweep_seconds", 25.0, "<=")],
 }
+# "Per-variant speed vs the recipe" is read as the sweep's: its seconds per variant, end to end (latency and DB
+# writes included), against the recipe's seconds for one variant. One unpruned variant on its own is printed too.
 PROTOCOLS = {
-    # Each fits one 10-minute call on an H100 (estimated from the issue's figures); the end-to-end sweep is the
-    # exhaustive one, so the trie-vs-one-by-one comparison only spans the last 4 layers.
-    "gpt2": ["--exhaustive-layers", "4"],
+    # Each should fit one 10-minute call on an H100 (estimated from the issue's figures; both together may not):
+    # the end-to-end sweep is the exhaustive one, so the trie-vs-one-by-one comparison spans only the last 4
+    # layers, and the float32 engine's exactness (tested in the suite) is left out.
+    "gpt2": ["--exhaustive-layers", "4", "--skip-fp32-engine"],
     "llama-3.2-1b": ["--sweep-strategy", "single", "--max-length", "2048", "--exhaustive-layers", "4",
                      "--skip-recipe"],
 }
@@ -239,7 +251,6 @@ def run_targets(args, names: list[str]) -> int:
         if args.batch_size is not None:
             argv += ["--batch-size", str(args.batch_size)]
         figures = json.loads(run_and_save([*argv, "--out", args.out]).read_text())
-        figures["recipe_ratio"] = figures.get("recipe_seconds", math.nan) / figures["full_variant_seconds"]
         for key, limit, op in TARGETS[name]:
             value = figures.get(key, math.nan)
             limit = figures.get(limit, math.nan) if isinstance(limit, str) else limit
@@ -262,6 +273,7 @@ def end_to_end_sweep(args, device, max_tokens, batch_size) -> dict:
                           device=str(device), cache_dir=str(ROOT / ".cache" / "sweep"))
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        torch._dynamo.reset()  # compile the head afresh, as a new `sweep run` process would
         seconds, summary = timed(lambda: run_sweep(cfg, log=print, progress=sys.stderr.isatty()))
         figures = {"sweep_strategy": args.sweep_strategy, "sweep_variants": summary.measured,
                    "sweep_seconds": seconds, "sweep_batch_size": summary.batch_size, **db_figures(db_path)}

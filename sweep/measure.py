@@ -21,9 +21,23 @@ HEAD_ROWS = 4096
 whatever the batch size (GPT-2 in bfloat16: 4,096 x 50,257 x 2 bytes = 0.4 GB)."""
 
 
-def head_chunk(batch: int) -> int:
-    """Positions per LM-head chunk for a batch of ``batch`` windows, e.g. 16 windows -> 256 positions."""
-    return max(1, HEAD_ROWS // max(batch, 1))
+def head_chunks(first: int, length: int, batch: int) -> list[tuple[int, int]]:
+    """Position ranges [start, stop) covering first..length-1 for the LM head, at most ``HEAD_ROWS`` token rows
+    each (``batch`` windows x positions) and of sizes differing by at most one.
+
+    Balanced sizes matter to ``torch.compile``: a 1-position tail chunk would be a separate graph (dynamo
+    specialises sizes 0 and 1), and a handful of such graphs exhausts its recompile limit, after which it runs
+    eagerly. Example: positions 1..1023 of 16 windows -> 4 chunks of 256, 256, 256 and 255 positions.
+    """
+    positions = length - first
+    n_chunks = max(1, math.ceil(positions / max(1, HEAD_ROWS // batch)))  # so no chunk exceeds the budget
+    base, extra = divmod(positions, n_chunks)
+    bounds, start = [], first
+    for i in range(n_chunks):
+        stop = start + base + (1 if i < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
 
 
 @dataclass(frozen=True)
@@ -103,10 +117,18 @@ class HeadLoss:
             except torch.OutOfMemoryError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any compiler failure: eager gives the same numbers
+                if _is_device_error(exc):
+                    raise  # a failing GPU, not a failing compiler: the caller's error handling decides
                 warnings.warn(f"torch.compile of the LM head + loss failed ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); using eager", stacklevel=2)
                 self._compiled_nll, self.compiled = None, False
         return self._nll(hidden, labels)
+
+
+def _is_device_error(exc: BaseException) -> bool:
+    """A runtime error of the device itself (illegal address, device-side assert), which eager would hit too."""
+    accelerator_error = getattr(torch, "AcceleratorError", ())
+    return isinstance(exc, accelerator_error) or "CUDA error" in str(exc) or "device-side assert" in str(exc)
 
 
 def window_nll(head: Callable[[torch.Tensor], torch.Tensor] | HeadLoss, hidden: torch.Tensor,
@@ -115,7 +137,8 @@ def window_nll(head: Callable[[torch.Tensor], torch.Tensor] | HeadLoss, hidden: 
 
     Args:
         head: a :class:`HeadLoss`, or a plain logits function hidden (B, t, H) -> logits (B, t, V) (run eagerly);
-            applied in chunks of :func:`head_chunk` positions so the logits of the whole batch never exist at once.
+            applied to chunks of :func:`head_chunks` flattened to (rows, H), so the logits of the whole batch
+            never exist at once.
         hidden: (B, T, H) final hidden states (after the final norm).
         input_ids: (B, T) token ids.
         n_targets: trailing positions of each window whose labels count.
@@ -130,12 +153,12 @@ def window_nll(head: Callable[[torch.Tensor], torch.Tensor] | HeadLoss, hidden: 
     batch, length = input_ids.shape
     first = max(1, length - n_targets)  # first scored label position
     sums = torch.zeros(batch, dtype=torch.float64, device=hidden.device)
-    chunk = head_chunk(batch)
-    for start in range(first, length, chunk):
-        stop = min(start + chunk, length)
-        # positions start-1 .. stop-2 predict labels start .. stop-1
-        nll = head_loss(hidden[:, start - 1 : stop - 1], input_ids[:, start:stop])  # (B, c)
-        sums += nll.sum(dim=1, dtype=torch.float64)
+    for start, stop in head_chunks(first, length, batch):
+        # positions start-1 .. stop-2 predict labels start .. stop-1; flattened to (B*c, H) rows so the compiled
+        # head sees one dynamic size (rows), not two
+        rows = hidden[:, start - 1 : stop - 1].reshape(-1, hidden.shape[-1])
+        nll = head_loss(rows, input_ids[:, start:stop].reshape(-1))  # (B*c,)
+        sums += nll.view(batch, stop - start).sum(dim=1, dtype=torch.float64)
     return sums, length - first
 
 

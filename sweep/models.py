@@ -348,8 +348,12 @@ def load_model(name: str, revision: str | None = None, dtype: str = "auto", devi
     config = load_config(name, revision, trust_remote_code)
     try:
         if random_init:
-            torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+            torch.manual_seed(0)  # seeds every device's generator
+            # Initialised where it will run: on a GPU this takes a fraction of a second, on the CPU's generator
+            # about 30 s for a 1B model (so the weights differ between CPU and GPU; the device is in the setup).
+            with torch.device(torch_device):
+                model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype,
+                                                         trust_remote_code=trust_remote_code)
         else:
             model = AutoModelForCausalLM.from_pretrained(
                 name, revision=revision, dtype=torch_dtype, trust_remote_code=trust_remote_code

@@ -240,7 +240,8 @@ def _measure_parallel(cfg, worker, db, setup, todo: list[Removal], summary: Summ
         return
     prefix_sharing = cfg.engine == "trie" and worker.trie_ok
     order = _trie_order(todo, worker.n_layers) if prefix_sharing else list(todo)
-    per_variant = worker.estimate_seconds(order) / len(order) if prefix_sharing else 1.0
+    # Priced one by one: a chunk is a small sub-trie that shares far less than the whole plan.
+    per_variant = worker.estimate_seconds(order, shared=False) / len(order) if prefix_sharing else 1.0
     worker.release_device()
     chunks = parallel.chunked(order, parallel.chunk_size(len(order), n_workers, per_variant, prefix_sharing,
                                                          CHUNK_SECONDS))

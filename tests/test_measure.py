@@ -213,16 +213,26 @@ def test_head_never_sees_more_than_head_rows_and_chunking_does_not_change_the_nl
     rows_seen = []
 
     def spy(h):
-        rows_seen.append(h.shape[0] * h.shape[1])
+        rows_seen.append(h.shape[:-1].numel())
         return head(h)
 
     with torch.no_grad():
         whole, _ = measure.window_nll(head, hidden, input_ids, 45)  # HEAD_ROWS = 4096: one chunk
         monkeypatch.setattr(measure, "HEAD_ROWS", 8)
         chunked, n_scored = measure.window_nll(spy, hidden, input_ids, 45)
-    assert n_scored == 45 and max(rows_seen) <= max(8, batch) and len(rows_seen) > 1
+    assert n_scored == 45 and max(rows_seen) <= 8 * 2 and len(rows_seen) > 1  # sizes differ by <= 1 position
     assert sum(rows_seen) == batch * 45  # every scored position exactly once
     assert torch.allclose(chunked, whole, rtol=1e-6)
+
+
+@pytest.mark.parametrize("first,length,batch", [(1, 1024, 16), (1, 2048, 12), (5, 9, 1), (1, 300, 100), (1, 2, 64)])
+def test_head_chunks_cover_every_position_once_in_balanced_sizes(monkeypatch, first, length, batch):
+    chunks = measure.head_chunks(first, length, batch)
+    assert chunks[0][0] == first and chunks[-1][1] == length
+    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))  # contiguous, no overlap
+    sizes = [stop - start for start, stop in chunks]
+    assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+    assert max(sizes) * batch <= max(measure.HEAD_ROWS, batch)  # the row budget holds (one position at least)
 
 
 def test_head_loss_falls_back_to_eager_when_compile_fails(gpt2_and_ids, monkeypatch):
@@ -238,6 +248,19 @@ def test_head_loss_falls_back_to_eager_when_compile_fails(gpt2_and_ids, monkeypa
     with pytest.warns(UserWarning, match="no compiler here"), torch.no_grad():
         got = loss(hidden, ids[:, :20].view(2, 10))
     assert not loss.compiled and got.shape == (2, 10)
+
+
+def test_head_loss_does_not_blame_the_compiler_for_a_device_error(gpt2_and_ids, monkeypatch):
+    model, ids = gpt2_and_ids
+    loss = measure.HeadLoss(model.get_output_embeddings(), compiled=True)
+
+    def failing_gpu(*args):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(loss, "_compiled_nll", failing_gpu)
+    with pytest.raises(RuntimeError, match="illegal memory access"), torch.no_grad():
+        loss(torch.randn(4, 32), ids[0, :4])
+    assert loss.compiled  # not switched to eager for good
 
 
 @pytest.mark.parametrize("free_gib,per_window_gib,n_windows", [(40, 1.5, 62), (1, 3, 10), (80, 0.01, 300), (8, 1, 3)])

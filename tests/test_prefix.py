@@ -7,7 +7,7 @@ import sqlite3
 import pytest
 import torch
 
-from sweep import prefix
+from sweep import measure, prefix
 from sweep.config import SweepConfig
 from sweep.data import TokenizedText
 from sweep.plan import kept_layers, variant_key
@@ -111,6 +111,22 @@ def test_architecture_that_cannot_replay_falls_back_to_per_variant(monkeypatch):
     assert [r["status"] for r in rows] == ["ok", "ok"]
 
 
+def test_layer_that_writes_into_its_input_falls_back_to_per_variant(monkeypatch):
+    # Its straight-path outputs are right, but in the trie it would corrupt the stream its siblings read.
+    from sweep import models
+
+    replay = models.call_layer
+
+    def mutating(model, index, hidden, calls):
+        out = replay(model, index, hidden, calls)
+        if index == 2:
+            hidden.mul_(1.5)
+        return out
+
+    monkeypatch.setattr(models, "call_layer", mutating)
+    assert not worker_for(tiny_model("gpt2")).trie_ok
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])
@@ -121,3 +137,13 @@ def test_trie_equals_per_variant_in_bfloat16_on_gpu(family):
     rows = {r["removed"]: r for r in worker.evaluate_many(ALL_SUBSETS)}
     for removed in ALL_SUBSETS:
         assert rows[variant_key(removed)]["ppl"] == pytest.approx(worker.evaluate(removed)["ppl"], rel=1e-3)
+
+
+def test_time_estimate_counts_shared_layers_once(monkeypatch):
+    worker = worker_for(tiny_model("gpt2"))  # 4 layers; 300 tokens in windows of 64, stride 32, batch 4
+    monkeypatch.setattr(worker, "_batch_seconds", lambda: (13.0, 1.0))  # full, head only: 3 s per layer
+    n_batches = -(-len(measure.windows(300, 64, 32)) // 4)
+    # Exhaustive over 4 layers: 16 heads; 15 trie nodes + 3 capture layers, or 32 layer calls one by one.
+    assert worker.estimate_seconds(ALL_SUBSETS) == pytest.approx(n_batches * (16 * 1.0 + 3.0 * (15 + 3)))
+    assert worker.estimate_seconds(ALL_SUBSETS, shared=False) == pytest.approx(n_batches * (16 * 1.0 + 3.0 * 32))
+    assert worker.estimate_seconds([(1,)]) == pytest.approx(n_batches * (1.0 + 3.0 * 3))
