@@ -1,4 +1,4 @@
-"""Orchestration: plan -> (latency per shape signature) -> perplexity per variant -> one DB row each.
+"""Orchestration: plan -> perplexity per variant (sub-tries) -> latency per shape signature -> one DB row each.
 
 Reads like a table of contents; the work happens in ``plan``, ``worker`` and ``store``.
 """
@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 
 from sweep import ENGINE_VERSION, store
 from sweep.config import SweepConfig
-from sweep.plan import PlanSpec, Removal, count_variants, format_duration, kept_layers, plan_variants, variant_key
+from sweep.plan import (PlanSpec, Removal, count_variants, format_duration, kept_layers, parse_key, plan_variants,
+                        variant_key)
 
 Log = Callable[[str], None]
 
@@ -126,6 +127,10 @@ def run_sweep(cfg: SweepConfig, log: Log = print, progress: bool = True) -> Summ
             status = "interrupted" if summary.interrupted else "done"
         finally:
             store.finish_run(db, run_id, status, summary.measured)
+    elif cfg.latency == "shared" and store.awaiting_latency(db, setup):  # an earlier run stopped before its timing
+        with StopFlag(log) as stop:
+            _latency_for(cfg, worker, db, setup, [], log, progress, should_stop=lambda: stop.stop)
+        summary.interrupted = bool(store.awaiting_latency(db, setup))
     summary.seconds = time.perf_counter() - start
     log(closing_line(cfg, summary))
     return summary
@@ -161,8 +166,9 @@ def _measure_all(cfg, worker, db, setup, todo: list[Removal], summary: Summary, 
     if n_workers > 1 or cfg.backend == "dask":
         return _measure_parallel(cfg, worker, db, setup, todo, summary, stop, log, progress, beat, run_id, n_workers)
     per_variant_latency = cfg.latency == "per-variant"
-    latency = {} if per_variant_latency else _latency_for(cfg, worker, db, setup, todo, log, progress,
-                                                          should_stop=lambda: stop.stop)
+    # Perplexity first, so results reach the DB from the first chunk on; rows of signatures not timed yet are
+    # completed by the latency phase at the end (_latency_for with nothing new to plan).
+    latency = {} if per_variant_latency else store.latency_by_signature(db, setup)
     order = _trie_order(todo, worker.n_layers) if cfg.engine == "trie" and worker.trie_ok else list(todo)
     bar = tqdm(total=len(todo), desc="variants", unit="variant", disable=not progress, dynamic_ncols=True)
     size, first = (8 if cfg.engine == "trie" else 1), 0
@@ -181,6 +187,9 @@ def _measure_all(cfg, worker, db, setup, todo: list[Removal], summary: Summary, 
             size = _next_chunk_size(rows, size)
     summary.interrupted = first < len(order)
     bar.close()
+    if not summary.interrupted and not per_variant_latency:
+        _latency_for(cfg, worker, db, setup, [], log, progress, should_stop=lambda: stop.stop)
+        summary.interrupted = bool(store.awaiting_latency(db, setup))  # stopped during the latency phase
 
 
 def _record_chunk(cfg, worker, db, setup, chunk: list[Removal], rows: list[dict], latency: dict, summary: Summary,
@@ -277,25 +286,30 @@ def _next_chunk_size(rows: list[dict], size: int) -> int:
 
 
 def _latency_for(cfg, worker, db, setup, todo, log, progress, should_stop=lambda: False) -> dict[str, dict]:
-    """Latency columns for every signature in ``todo``: reuse stored measurements, measure the rest interleaved."""
+    """Latency columns for every signature in ``todo`` and of rows stored without them: reuse stored
+    measurements, measure the rest interleaved, and complete the waiting rows in the DB."""
     if cfg.latency == "off":
         return {}
     known = store.latency_by_signature(db, setup)
-    needed: dict[str, Sequence[int]] = {}
+    waiting = store.awaiting_latency(db, setup)
+    needed: dict[str, Sequence[int]] = {sig: parse_key(key) for sig, key in waiting.items() if sig not in known}
     for removed in todo:
         sig = _signature(cfg, worker, removed)
         if sig not in known and sig not in needed:
             needed[sig] = removed
     if needed:
         if progress:
-            log(f"latency: {len(needed)} shape signature(s) for {len(todo):,} variants, "
-                f"{cfg.latency_repeats} interleaved repeats each (prefill of {cfg.latency_seq} tokens"
+            log(f"latency: {len(needed)} shape signature(s), {cfg.latency_repeats} interleaved repeats each "
+                f"(prefill of {cfg.latency_seq} tokens"
                 f"{f', decode of {cfg.decode_tokens} tokens' if cfg.decode_tokens else ''})")
         bar = tqdm(total=cfg.latency_warmup + cfg.latency_repeats, desc="latency", unit="round",
                    disable=not progress, dynamic_ncols=True)
         known.update(worker.measure_latency(needed, progress=lambda done, total: bar.update(1),
                                             should_stop=should_stop))
         bar.close()
+    for sig in waiting:
+        if sig in known:
+            store.fill_latency(db, setup, sig, known[sig])
     return known
 
 

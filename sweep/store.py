@@ -282,6 +282,41 @@ def latency_by_signature(db: sqlite_utils.Database, setup: str) -> dict[str, dic
     return found
 
 
+LATENCY_FAILED = "latency failed: "
+"""Prefix of the error text of a row whose latency measurement failed (its perplexity stands)."""
+
+LATENCY_COLUMNS = ("prefill_ms", "prefill_iqr_ms", "prefill_repeats", "decode_ms_per_token", "decode_iqr_ms",
+                   "latency_from")
+
+
+def awaiting_latency(db: sqlite_utils.Database, setup: str) -> dict[str, str]:
+    """Shape signature -> one variant key, for rows committed before their signature's latency was measured
+    (perplexity comes first; a run stopped before its latency phase leaves such rows). Failed timings are not
+    retried."""
+    rows = db.execute(
+        "SELECT latency_signature, MIN(removed) FROM results WHERE setup_id = ? AND latency_signature IS NOT NULL "
+        "AND prefill_ms IS NULL AND (error IS NULL OR instr(error, ?) = 0) GROUP BY latency_signature",
+        [setup, LATENCY_FAILED],
+    )
+    return {sig: removed for sig, removed in rows}
+
+
+def fill_latency(db: sqlite_utils.Database, setup: str, signature: str, columns: dict[str, Any]) -> None:
+    """Give the rows of ``signature`` still awaiting latency their columns, or (``latency_error``) the reason why
+    they stay empty, in one transaction."""
+    where = "WHERE setup_id = ? AND latency_signature = ? AND prefill_ms IS NULL"
+    with db.conn:
+        if "latency_error" in columns:
+            message = LATENCY_FAILED + columns["latency_error"]
+            db.conn.execute("UPDATE results SET error = CASE WHEN error IS NULL OR error = '' THEN ? "
+                            f"ELSE error || '; ' || ? END {where} AND (error IS NULL OR instr(error, ?) = 0)",
+                            [message, message, setup, signature, LATENCY_FAILED])
+            return
+        names = [n for n in LATENCY_COLUMNS if n in columns]
+        db.conn.execute(f"UPDATE results SET {', '.join(f'{n} = ?' for n in names)} {where}",
+                        [columns[n] for n in names] + [setup, signature])
+
+
 def seconds_per_variant(db: sqlite_utils.Database, setup: str) -> float | None:
     """Median measured evaluation time of one variant in a setup (for plan estimates), or None."""
     rows = [r[0] for r in db.execute(

@@ -196,3 +196,27 @@ def test_stop_during_latency_phase_measures_nothing_and_resumes(tiny_gpt2_dir, s
     assert rows(db, "select status from runs") == [{"status": "interrupted"}]
     monkeypatch.undo()
     assert run_sweep(cfg, log=lambda s: None, progress=False).measured == 5
+
+
+def test_perplexity_is_committed_before_latency_and_a_stopped_latency_phase_resumes(tiny_gpt2_dir, sample_text_file,
+                                                                                    tmp_path, monkeypatch):
+    from sweep.worker import Worker
+
+    monkeypatch.setattr(Worker, "measure_latency", lambda self, needed, progress=None, should_stop=None: {})
+    db = tmp_path / "r.db"
+    cfg = quick_cfg(tiny_gpt2_dir, sample_text_file, db, tmp_path, strategy="exhaustive", max_tokens=256)
+    first = run_sweep(cfg, log=lambda s: None, progress=False)  # as if Ctrl-C came during the latency phase
+    assert first.interrupted and first.measured == 16
+    stored = rows(db, "select * from results")
+    assert all(r["ppl"] > 0 and r["prefill_ms"] is None and r["latency_signature"] for r in stored)
+    monkeypatch.undo()
+    resumed = run_sweep(cfg, log=lambda s: None, progress=False)
+    assert resumed.measured == 0 and not resumed.interrupted  # perplexity is not measured again
+    after = {r["removed"]: r for r in rows(db, "select * from results")}
+    assert {k: r["ppl"] for k, r in after.items()} == {r["removed"]: r["ppl"] for r in stored}
+    assert all(r["prefill_ms"] > 0 and r["decode_ms_per_token"] > 0 for r in after.values())
+    # One measurement per number of kept layers (0-4), shared by every variant of that signature.
+    assert len({r["latency_from"] for r in after.values()}) == 5
+    for r in after.values():
+        assert after[r["latency_from"]]["n_layers"] == r["n_layers"]
+        assert after[r["latency_from"]]["prefill_ms"] == r["prefill_ms"]
