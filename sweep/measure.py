@@ -125,10 +125,20 @@ class HeadLoss:
         return self._nll(hidden, labels)
 
 
+STICKY_ERRORS = ("device-side assert", "illegal memory access", "unspecified launch failure",
+                 "misaligned address", "CUDA error: an illegal instruction", "uncorrectable ECC error")
+"""CUDA errors after which the process's CUDA context is unusable: only a new process recovers."""
+
+
+def is_sticky_error(exc: BaseException) -> bool:
+    """A sticky CUDA error (see ``STICKY_ERRORS``): the worker process must be replaced."""
+    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in STICKY_ERRORS)
+
+
 def _is_device_error(exc: BaseException) -> bool:
-    """A runtime error of the device itself (illegal address, device-side assert), which eager would hit too."""
+    """A runtime error of the device itself (a sticky one, or any CUDA error), which eager would hit too."""
     accelerator_error = getattr(torch, "AcceleratorError", ())
-    return isinstance(exc, accelerator_error) or "CUDA error" in str(exc) or "device-side assert" in str(exc)
+    return isinstance(exc, accelerator_error) or is_sticky_error(exc) or "CUDA error" in str(exc)
 
 
 def window_nll(head: Callable[[torch.Tensor], torch.Tensor] | HeadLoss, hidden: torch.Tensor,

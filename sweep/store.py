@@ -243,6 +243,11 @@ def upsert_setup(db: sqlite_utils.Database, model_id: int, fields: dict[str, Any
     return sid
 
 
+def as_db(path_or_db: str | Path | sqlite_utils.Database) -> sqlite_utils.Database:
+    """An open DB as is, or an existing DB file opened for reading results (never created)."""
+    return path_or_db if isinstance(path_or_db, sqlite_utils.Database) else open_db(path_or_db, create=False)
+
+
 def done_keys(db: sqlite_utils.Database, setup: str, statuses: Iterable[str] = ("ok", "diverged")) -> set[str]:
     """Variant keys already measured for ``setup`` (failed rows are retried on the next run)."""
     statuses = list(statuses)
@@ -332,7 +337,7 @@ def seconds_per_variant(db: sqlite_utils.Database, setup: str) -> float | None:
 def read_view(path_or_db: str | Path | sqlite_utils.Database, model: str | None = None,
               setup: str | None = None) -> list[dict[str, Any]]:
     """Rows of ``results_vs_baseline`` as dicts, optionally filtered by model name and setup id."""
-    db = path_or_db if isinstance(path_or_db, sqlite_utils.Database) else open_db(path_or_db, create=False)
+    db = as_db(path_or_db)
     where, params = [], []
     if model is not None:
         where.append("model = ?")
@@ -349,13 +354,13 @@ def read_view(path_or_db: str | Path | sqlite_utils.Database, model: str | None 
 
 def view_columns(path_or_db: str | Path | sqlite_utils.Database) -> list[str]:
     """Column names of ``results_vs_baseline``, in order."""
-    db = path_or_db if isinstance(path_or_db, sqlite_utils.Database) else open_db(path_or_db, create=False)
+    db = as_db(path_or_db)
     return [d[0] for d in db.execute("SELECT * FROM results_vs_baseline LIMIT 0").description]
 
 
 def setups_overview(path_or_db: str | Path | sqlite_utils.Database) -> list[dict[str, Any]]:
     """One row per (model, setup) with the number of results, newest first."""
-    db = path_or_db if isinstance(path_or_db, sqlite_utils.Database) else open_db(path_or_db, create=False)
+    db = as_db(path_or_db)
     cursor = db.execute(
         "SELECT m.name AS model, s.id AS setup, s.data, s.max_length, s.stride, s.max_tokens, s.latency_seq, "
         "m.dtype, s.device, s.created_at, COUNT(r.removed) AS n_results "
@@ -434,7 +439,7 @@ def finish_run(db: sqlite_utils.Database, run_id: int, status: str, measured: in
 
 def runs_overview(path_or_db: str | Path | sqlite_utils.Database, limit: int = 20) -> list[dict[str, Any]]:
     """The newest runs with their model, progress and liveness (``running`` runs of dead processes: ``abandoned``)."""
-    db = path_or_db if isinstance(path_or_db, sqlite_utils.Database) else open_db(path_or_db, create=False)
+    db = as_db(path_or_db)
     if "runs" not in db.table_names():
         return []
     cursor = db.execute(
@@ -513,7 +518,7 @@ def read_layer_similarity(db: sqlite_utils.Database, key: dict[str, Any]) -> lis
 def similarity_overview(path_or_db: str | Path | sqlite_utils.Database,
                         model: str | None = None) -> list[dict[str, Any]]:
     """Every stored signal row with its model name (for reports), newest calibration pass first."""
-    db = path_or_db if isinstance(path_or_db, sqlite_utils.Database) else open_db(path_or_db, create=False)
+    db = as_db(path_or_db)
     where, params = ("WHERE m.name = ?", [model]) if model is not None else ("", [])
     return _select(db, "layer_similarity",
                    "SELECT m.name AS model, m.n_layers AS model_layers, ls.* FROM layer_similarity ls "
@@ -550,7 +555,7 @@ def record_strategy_choices(db: sqlite_utils.Database, key: dict[str, Any],
 
 def read_strategy_choices(path_or_db: str | Path | sqlite_utils.Database, setup: str) -> list[dict[str, Any]]:
     """The newest choice per (strategy, n) for the model and weights of ``setup``."""
-    db = path_or_db if isinstance(path_or_db, sqlite_utils.Database) else open_db(path_or_db, create=False)
+    db = as_db(path_or_db)
     rows = _select(db, "strategy_choices",
                    "SELECT c.* FROM strategy_choices c JOIN setups s ON s.model_id = c.model_id "
                    "AND s.weights = c.weights WHERE s.id = ? ORDER BY c.chosen_at DESC, c.strategy, c.n", [setup])
@@ -711,7 +716,7 @@ def read_task_results(path_or_db: str | Path | sqlite_utils.Database,
     Columns: model, model_layers, task, num_fewshot, task_limit, lm_eval_version, dtype, device (of the task
     setup), setup, removed, heal_id, n_removed, n_layers, metric, value, stderr, n_samples, status, error, measured_at.
     """
-    db = path_or_db if isinstance(path_or_db, sqlite_utils.Database) else open_db(path_or_db, create=False)
+    db = as_db(path_or_db)
     sql = ("SELECT m.name AS model, m.n_layers AS model_layers, s.task, s.num_fewshot, s.task_limit, "
            "s.lm_eval_version, s.dtype, s.device, "
            "t.setup_id AS setup, t.removed, t.heal_id, t.n_removed, t.n_layers, t.metric, t.value, t.stderr, "
@@ -728,7 +733,7 @@ def read_task_results(path_or_db: str | Path | sqlite_utils.Database,
 def read_heals(path_or_db: str | Path | sqlite_utils.Database, model: str | None = None) -> list[dict[str, Any]]:
     """Heal rows with their model name and layer count, the unhealed variant's stored perplexity (``ppl_pruned``)
     and the baseline's (``ppl_base``) in the same setup."""
-    db = path_or_db if isinstance(path_or_db, sqlite_utils.Database) else open_db(path_or_db, create=False)
+    db = as_db(path_or_db)
     sql = ("SELECT m.name AS model, m.n_layers AS model_layers, h.*, r.ppl AS ppl_pruned, b.ppl AS ppl_base "
            "FROM heals h JOIN models m ON m.id = h.model_id "
            "LEFT JOIN results r ON r.setup_id = h.setup_id AND r.removed = h.removed "

@@ -25,10 +25,6 @@ STRATEGY_LINES = ("last-n", "angular", "block-influence", "greedy", "oracle")
 Row = dict[str, Any]
 
 
-def _open(path_or_db):
-    return path_or_db if not isinstance(path_or_db, (str, Path)) else store.open_db(path_or_db, create=False)
-
-
 def _safe_name(model: str) -> str:
     """The report's file stem (``"org/name" -> "org--name"``), so figures sit beside ``<stem>.md`` with its prefix."""
     from sweep.report import report_filename  # at call time: report imports this module
@@ -54,7 +50,7 @@ def strategy_points(path_or_db, setup: str) -> dict[str, dict[int, tuple[str, fl
     Example: 4 layers, results for every variant of size 1 and the choices angular n=1 -> "2":
     ``{"oracle": {1: ("3", 41.2)}, "angular": {1: ("2", 45.0)}, "last-n": {1: ("3", 41.2)}, ...}``.
     """
-    db = _open(path_or_db)
+    db = store.as_db(path_or_db)
     rows = store.read_view(db, setup=setup)
     if not rows:
         return {}
@@ -96,7 +92,7 @@ def strategy_table(path_or_db, setup: str) -> str | None:
         | angular | 45.0 (+9.2%) | 54.7 (+0.0%) |
         | oracle | 41.2 (3) | 54.7 (1,2) |
     """
-    db = _open(path_or_db)
+    db = store.as_db(path_or_db)
     points = strategy_points(db, setup)
     if not {"angular", "block-influence", "greedy"} & set(points):
         return None
@@ -147,7 +143,7 @@ def strategy_curve(path_or_db, setup: str, out_dir: str | Path) -> list[Path]:
     Returns:
         [path] of the written PNG, or [] when no strategy has a measured variant.
     """
-    db = _open(path_or_db)
+    db = store.as_db(path_or_db)
     points = strategy_points(db, setup)
     rows = store.read_view(db, setup=setup)
     if not points or not rows:
@@ -237,7 +233,7 @@ def similarity_summary(path_or_db, model: str) -> Row | None:
         :func:`lowest_distance_blocks`, for each angular metric stored) and ``influence``
         (:func:`influence_ranking`).
     """
-    rows = _newest_signals(store.similarity_overview(_open(path_or_db), model)).get(model)
+    rows = _newest_signals(store.similarity_overview(store.as_db(path_or_db), model)).get(model)
     if not rows:
         return None
     n_layers, stored = rows[0]["model_layers"], {r["metric"] for r in rows}
@@ -255,7 +251,7 @@ def similarity_heatmaps(path_or_db, out_dir: str | Path, model: str | None = Non
     Returns:
         paths of the written PNGs ([] when the DB has no signals).
     """
-    db = _open(path_or_db)
+    db = store.as_db(path_or_db)
     grouped = _newest_signals(store.similarity_overview(db, model))
     paths = []
     for name, rows in grouped.items():

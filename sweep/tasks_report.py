@@ -53,10 +53,6 @@ def _variant_label(removed: str, n_removed: int, model_layers: int | None) -> st
     return f"−[{removed}] ({n_removed}{of})"
 
 
-def _open(path_or_db):
-    return path_or_db if not isinstance(path_or_db, (str, Path)) else store.open_db(path_or_db, create=False)
-
-
 def _rows_and_heals(db, model: str, setup: str | None) -> tuple[list[Row], list[Row]]:
     """Newest task rows and heals of ``model``; with ``setup``, only heals of that perplexity setup and the task
     rows of those heals (unhealed task rows do not depend on the perplexity setup)."""
@@ -75,7 +71,7 @@ def task_table(path_or_db, model: str, setup: str | None = None) -> str | None:
     points. Healed columns use the newest heal of the variant; healed perplexity rows come from table heals.
     With ``setup`` (a perplexity setup id), only heals of that setup are shown.
     """
-    db = _open(path_or_db)
+    db = store.as_db(path_or_db)
     rows, heals = _rows_and_heals(db, model, setup)
     if not rows and not heals:
         return None
@@ -149,7 +145,7 @@ def task_settings_text(path_or_db, model: str, setup: str | None = None) -> str 
     setups `1a2b`, `3c4d`). Not shown: 1 other task setup of this model: `5e6f` (boolq: 5-shot, limit 100); its
     rows are in table `task_results`."``; None when there is nothing to say (no task rows, no heal left out).
     """
-    db = _open(path_or_db)
+    db = store.as_db(path_or_db)
     rows, _ = _rows_and_heals(db, model, setup)
     shown: dict[str, Row] = {r["setup"]: r for r in rows}
     parts = (_shown_setups_text(shown), _other_setups_text(db, model, shown), _other_heals_text(db, model, setup))
@@ -247,7 +243,7 @@ def plot_tasks(path_or_db, model: str, out_dir: str | Path, setup: str | None = 
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    db = _open(path_or_db)
+    db = store.as_db(path_or_db)
     (rows, heals), ppl_rows = _rows_and_heals(db, model, setup), _ppl_rows(db, model, setup)
     if not rows:
         return None

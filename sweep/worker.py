@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from sweep import measure, models
+from sweep.measure import STICKY_ERRORS, is_sticky_error  # noqa: F401 - part of the worker's interface
 from sweep.config import CPU_BATCH_SIZE, SweepConfig
 from sweep.data import TokenizedText, describe, load_text, tokenize
 from sweep.errors import ConfigError, DataError
@@ -463,13 +464,3 @@ def _injected_delay(n_variants: int) -> None:
     delay = _parse_faults(spec).get("delay") if spec else None
     if delay:
         time.sleep(float(next(iter(delay))) * n_variants)
-
-
-STICKY_ERRORS = ("device-side assert", "illegal memory access", "unspecified launch failure",
-                 "misaligned address", "CUDA error: an illegal instruction", "uncorrectable ECC error")
-"""CUDA errors after which the process's CUDA context is unusable: only a new process recovers."""
-
-
-def is_sticky_error(exc: BaseException) -> bool:
-    """A sticky CUDA error (see ``STICKY_ERRORS``): the worker process must be replaced."""
-    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in STICKY_ERRORS)
