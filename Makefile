@@ -14,7 +14,7 @@ TORCH_VERSION ?= 2.13.0
 PRESET  := $(if $(wildcard configs/$(MODEL).yaml),--config configs/$(MODEL).yaml,--model $(MODEL))
 RUN_FLAGS := $(PRESET) --db $(DB) $(if $(DATA),--data $(DATA)) $(if $(STRATEGY),--strategy $(STRATEGY)) $(ARGS)
 
-.PHONY: help install sweep plan report test demo bench clean reliability
+.PHONY: help install sweep plan report test test-fast docs demo bench clean reliability
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -38,11 +38,17 @@ plan: install  ## show the plan, how much is measured, and an estimate
 report: install  ## reports/<model>.md + figures + reports/index.md from the DB: make report [DB=..] [SETUP=id] [ARGS="--format csv"]
 	$(BIN)/sweep report --db $(DB) $(if $(SETUP),--setup $(SETUP)) $(ARGS)
 
-test: install  ## run the test suite (offline, CPU)
+test: install  ## run the whole test suite (offline, CPU, a few minutes)
 	$(BIN)/python -m pytest -q $(ARGS)
 
-demo: install  ## offline end to end: train a tiny model on stdlib source, sweep it, report (~2 min on 2 cores)
-	$(BIN)/python -m sweep.demo --out .cache/demo
+test-fast: install  ## the quick inner loop: every test not marked slow (under a minute)
+	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+
+docs: install  ## regenerate docs/cli.md and docs/schema.md from the code
+	$(BIN)/python -m sweep.docgen
+
+demo: install  ## offline end to end: train a tiny model on stdlib source (800 seeded steps), sweep it, report (~2 min)
+	$(BIN)/python -m sweep.extras.demo --out .cache/demo
 	$(BIN)/sweep run --config configs/demo.yaml --db demo.db $(ARGS)
 	$(BIN)/sweep report --db demo.db --out reports
 

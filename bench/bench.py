@@ -35,10 +35,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
 
-from sweep import models  # noqa: E402
+from sweep.engine import adapters, models  # noqa: E402
 from sweep.config import SweepConfig  # noqa: E402
-from sweep.data import load_text, tokenize  # noqa: E402
-from sweep.worker import EvalSetup, Worker, device_name  # noqa: E402
+from sweep.engine.data import load_text, tokenize  # noqa: E402
+from sweep.engine.data import EvalSetup  # noqa: E402
+from sweep.engine.device import device_name  # noqa: E402
+from sweep.engine.worker import Worker  # noqa: E402
 
 
 def recipe_seconds(model, ids: torch.Tensor, max_length: int, stride: int) -> tuple[float, float]:
@@ -223,7 +225,7 @@ def trie_stage(run: Run, recipe_s: float) -> None:
 
 
 TARGETS = {
-    # issue #3, one H100: (figure, limit, comparison)
+    # the GPU speed targets, on one H100: (figure, limit, comparison)
     "gpt2": [("sweep_seconds", 300.0, "<="), ("sweep_recipe_ratio", 20.0, ">="),
              ("sweep_peak_gpu_gib", "sweep_memory_bound_gib", "<=")],
     "llama-3.2-1b": [("full_variant_seconds", 1.2, "<="), ("sweep_seconds", 25.0, "<=")],
@@ -231,7 +233,7 @@ TARGETS = {
 # "Per-variant speed vs the recipe" is read as the sweep's: its seconds per variant, end to end (latency and DB
 # writes included), against the recipe's seconds for one variant. One unpruned variant on its own is printed too.
 PROTOCOLS = {
-    # Each should fit one 10-minute call on an H100 (estimated from the issue's figures; both together may not):
+    # Each is sized to run in a few minutes on an H100:
     # the end-to-end sweep is the exhaustive one, so the trie-vs-one-by-one comparison spans only the last 4
     # layers, and the float32 engine's exactness (tested in the suite) is left out.
     "gpt2": ["--exhaustive-layers", "4", "--skip-fp32-engine"],
@@ -241,7 +243,7 @@ PROTOCOLS = {
 
 
 def run_targets(args, names: list[str]) -> int:
-    """The target protocols of issue #3, one after the other in this process, each saved as usual."""
+    """The GPU target protocols, one after the other in this process, each saved as usual."""
     if not torch.cuda.is_available():
         print("bench: --targets needs a CUDA GPU (the targets are for one H100)", file=sys.stderr)
         return 2
@@ -257,13 +259,13 @@ def run_targets(args, names: list[str]) -> int:
             met = value <= limit if op == "<=" else value >= limit
             verdict = "met" if met else "MISSED"
             verdicts.append(f"  {name:14} {key:22} {value:10.3f}  target {op} {limit:.3g}  {verdict}")
-    print("targets (issue #3):", *verdicts, sep="\n")
+    print("GPU targets:", *verdicts, sep="\n")
     return 0
 
 
 def end_to_end_sweep(args, device, max_tokens, batch_size) -> dict:
     """`sweep run` (default: exhaustive) into a fresh DB, latency and writes included, with what the DB shows."""
-    from sweep.runner import run_sweep
+    from sweep.engine.runner import run_sweep
 
     with tempfile.TemporaryDirectory() as tmp:
         db_path = Path(tmp) / "results.db"
@@ -316,14 +318,14 @@ def db_figures(db_path: Path) -> dict:
 
 
 def memory_bound_gib(model_config: str, max_length: int, batch_size: int) -> float:
-    """The issue's bound on peak GPU memory: bfloat16 weights + trie cache ((L+1) x B x T x H) + 2 GiB."""
+    """The bound on peak GPU memory: bfloat16 weights + trie cache ((L+1) x B x T x H) + 2 GiB."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_config)
     with torch.device("meta"):  # parameter counts without allocating them (tied weights counted once)
         meta = AutoModelForCausalLM.from_config(config)
     weights = sum(p.numel() for p in meta.parameters()) * 2  # bfloat16
-    cache = (models.n_layers_of(config) + 1) * batch_size * max_length * config.hidden_size * 2
+    cache = (adapters.n_layers_of(config) + 1) * batch_size * max_length * config.hidden_size * 2
     return (weights + cache) / 2**30 + 2.0
 
 

@@ -14,7 +14,7 @@ tokenizer, 64-variant exhaustive plan) and then audits the DB:
 - integrity: ``PRAGMA integrity_check``.
 
 Kills strike after observing DB progress (polling the results count), not after sleeps, so a busy machine does
-not make them land before the first commit or after the last. ``SWEEP_FAULTS`` (see ``sweep.worker``) slows
+not make them land before the first commit or after the last. ``SWEEP_FAULTS`` (see ``sweep.engine.faults``) slows
 every variant a little so a kill lands mid-sweep, and injects OOM, NaN, worker deaths and sticky errors.
 """
 from __future__ import annotations
@@ -65,7 +65,7 @@ def make_fixture(root: Path, n_layers: int = N_LAYERS) -> tuple[Path, Path]:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from sweep.demo import build_tokenizer
+    from sweep.extras.demo import build_tokenizer
 
     model_dir, text = root / "tiny-gpt2", root / "text.txt"
     if not model_dir.exists():
@@ -303,9 +303,9 @@ def bad_files(work: Path) -> list[tuple[str, int, str]]:
     store.open_db(read_only).conn.close()
     os.chmod(read_only, 0o444)
     attempt("read-only file", read_only)
-    with mock.patch.object(store, "filesystem_type", lambda path: "nfs4"):
+    with mock.patch.object(store.db, "filesystem_type", lambda path: "nfs4"):
         attempt("network filesystem (nfs4, detection patched)", work / "on-nfs.db")
-    with mock.patch.object(store, "_read_only_filesystem", lambda path: True):
+    with mock.patch.object(store.db, "_read_only_filesystem", lambda path: True):
         attempt("read-only filesystem (detection patched)", work / "on-ro.db")
     return cases
 

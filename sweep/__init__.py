@@ -2,8 +2,14 @@
 
     >>> import sweep
     >>> df = sweep.load_results("results.db", model="gpt2")   # pandas DataFrame of results_vs_baseline
+
+The package is layered (see docs/architecture.md): a torch-free core (``cli``, ``config``, ``errors``, ``plan``,
+``strategies``, ``ranking``, ``store``), the measuring ``engine`` (torch), the ``report`` (pandas, matplotlib; no
+torch) and the ``extras`` (lm-eval tasks, LoRA healing, the offline demo).
 """
 from __future__ import annotations
+
+from sweep import store
 
 __version__ = "0.1.0"
 ENGINE_VERSION = "1"
@@ -16,9 +22,7 @@ def load_results(db: str = "results.db", model: str | None = None, setup: str | 
     Raises:
         StoreError: no such database, or not a sweep database.
     """
-    import pandas as pd
-
-    from sweep import store
+    import pandas as pd  # deferred: pandas takes a second to import and only this function needs it here
 
     rows = store.read_view(db, model=model, setup=setup)
     columns = store.view_columns(db)

@@ -1,14 +1,21 @@
-"""Command line: ``sweep plan | run | status | report | export``. The only place that turns errors into exit codes."""
+"""Command line: ``sweep run | plan | status | report | export | similarity | tasks | heal``.
+
+The only place that turns errors into exit codes. Torch-free: each command imports the engine (or an extra) when it
+runs, so ``sweep report`` and ``sweep --help`` never load torch.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import fields
+from datetime import datetime, timezone
 from pathlib import Path
 
-from sweep import __version__
+from sweep import __version__, store
 from sweep.config import COMMAND_ONLY_FIELDS, TASK_FIELDS, SweepConfig, build_config, field_docs, flag
 from sweep.errors import SweepError
+from sweep.plan import format_duration
 
 EXIT_USAGE = 2
 
@@ -99,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_tasks_and_heal_parsers(sub) -> None:
-    """`sweep tasks` and `sweep heal` (issue #7)."""
+    """`sweep tasks` and `sweep heal`."""
     tasks = sub.add_parser("tasks", help="accuracy of chosen variants on lm-eval tasks, stored in table task_results")
     _add_preset_flag(tasks)
     _add_config_flags(tasks, TASKS_COMMAND_FIELDS)
@@ -119,22 +126,26 @@ def _config_from(args: argparse.Namespace, names: tuple[str, ...] | None = None)
     return build_config(resolve_preset(args.config), **given)
 
 
+# Each command imports what it runs when it runs: the engine and the extras pull in torch (seconds to import),
+# which `sweep report`, `sweep status` and `--help` do not need.
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    from sweep.runner import run_sweep
+    from sweep.engine import run_sweep  # deferred: torch
 
     summary = run_sweep(_config_from(args), progress=not args.quiet)
     return 130 if summary.interrupted else 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from sweep.runner import describe_plan
+    from sweep.engine import describe_plan  # deferred: torch
 
     describe_plan(_config_from(args))
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from sweep.report import export_rows, report_text, write_reports
+    from sweep.report import export_rows, report_text, write_reports  # deferred: pandas and matplotlib
 
     if args.format != "md":
         paths = export_rows(args.db, args.out, args.format, model=args.model, setup=args.setup)
@@ -148,59 +159,58 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from sweep import models
-    from sweep.plan import parse_remove
-    from sweep.worker import load_tokenizer
+    from sweep.engine import export_variant  # deferred: torch
 
-    cfg = _config_from(args, MODEL_FIELDS)
-    n_layers = models.n_layers_of(models.load_config(cfg.model, cfg.revision, cfg.trust_remote_code))
-    removals = parse_remove(args.remove, n_layers)
-    if len(removals) != 1:
-        raise SweepError("`--remove` for export takes one group of layers, e.g. \"9,10,11\"")
-    tokenizer = load_tokenizer(cfg)
-    # Export keeps the checkpoint's dtype unless --dtype says otherwise (auto would upcast to float32 on CPU).
-    dtype = models.checkpoint_dtype(models.load_config(cfg.model, cfg.revision, cfg.trust_remote_code)) \
-        if cfg.dtype == "auto" else cfg.dtype
-    model = models.load_model(cfg.model, cfg.revision, dtype, "cpu" if cfg.device == "auto" else cfg.device,
-                              cfg.random_init, cfg.trust_remote_code)
-    out = models.export_pruned(model, tokenizer, removals[0], args.out)
-    print(f"saved {cfg.model} without layers {','.join(map(str, removals[0]))} "
-          f"({n_layers - len(removals[0])} of {n_layers} layers) to {out}")
+    print(export_variant(_config_from(args, MODEL_FIELDS), args.remove, args.out))
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from sweep.runner import describe_status
-
     describe_status(args.db)
     return 0
 
 
+def describe_status(db_path: str, log: Callable[[str], None] = print) -> list[dict]:
+    """What ``sweep status`` prints: the newest runs, their progress, rate and ETA. Loads no model."""
+    runs = store.runs_overview(db_path)
+    if not runs:
+        log(f"{db_path}: no sweep has run yet")
+        return runs
+    for run in runs:
+        started = datetime.fromisoformat(run["started_at"])
+        last = datetime.fromisoformat(run["heartbeat_at"])
+        elapsed = max((last - started).total_seconds(), 1e-9)
+        line = (f"run {run['id']:>3}  {run['status']:<11} {run['model']}  setup {run['setup_id']}  "
+                f"{run['measured']:,}/{run['to_measure']:,} measured ({run['planned']:,} planned)  "
+                f"started {run['started_at']}  pid {run['pid']} on {run['host']}")
+        if run["status"] == "running" and run["measured"]:
+            rate = run["measured"] / elapsed
+            left = (run["to_measure"] - run["measured"]) / rate
+            age = (datetime.now(timezone.utc) - last).total_seconds()
+            line += f"  {rate * 60:.1f} variants/min, about {format_duration(left)} left, last beat {age:.0f} s ago"
+        log(line)
+    return runs
+
+
+
 def cmd_similarity(args: argparse.Namespace) -> int:
-    from sweep.similarity import run_similarity
+    from sweep.engine import run_similarity  # deferred: torch
 
     run_similarity(_config_from(args), progress=not args.quiet)
     return 0
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
-    from sweep.tasks import run_tasks
+    from sweep.extras.tasks import run_tasks  # deferred: torch and lm-eval
 
     run_tasks(_config_from(args, TASKS_COMMAND_FIELDS), progress=not args.quiet)
     return 0
 
 
 def cmd_heal(args: argparse.Namespace) -> int:
-    from sweep import models
-    from sweep.heal import heal_variant
-    from sweep.plan import parse_remove
+    from sweep.extras.heal import run_heal  # deferred: torch and peft
 
-    cfg = _config_from(args, HEAL_COMMAND_FIELDS)
-    n_layers = models.n_layers_of(models.load_config(cfg.model, cfg.revision, cfg.trust_remote_code))
-    removals = parse_remove(cfg.remove, n_layers) if cfg.remove else []
-    if len(removals) != 1 or not removals[0]:
-        raise SweepError('`--remove` for heal takes one group of layers to remove, e.g. --remove "9,10,11"')
-    row = heal_variant(cfg, removals[0], export=args.export, progress=not args.quiet)
+    row = run_heal(_config_from(args, HEAL_COMMAND_FIELDS), export=args.export, progress=not args.quiet)
     return 0 if row["status"] == "ok" else 1
 
 

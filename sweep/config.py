@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from sweep.errors import ConfigError, UnknownNameError
+from sweep.plan import PlanSpec
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LATENCY_MODES = ("shared", "per-variant", "off")
@@ -94,7 +95,7 @@ class SweepConfig:
     seed: int = 0
     """Seed for anything random (latency prompts)."""
 
-    # Similarity-guided and greedy planners (issue #5): calibration text distinct from the evaluation split.
+    # Similarity-guided and greedy planners: calibration text distinct from the evaluation split.
     calib_data: str = "Salesforce/wikitext"
     """Calibration text for `sweep similarity` and the angular, block-influence and greedy strategies (like --data)."""
     calib_data_config: str | None = "wikitext-2-raw-v1"
@@ -107,7 +108,7 @@ class SweepConfig:
     """Which tokens the `angular` strategy averages d(l, n) over: last (Gromov et al., PruneMe) or all."""
     allow_last: bool = False
     """Let the `angular` strategy remove a block that includes the final layer."""
-    # ---- downstream tasks (`sweep tasks`) and LoRA healing (`sweep heal`), issue #7; not flags of run/plan
+    # ---- downstream tasks (`sweep tasks`) and LoRA healing (`sweep heal`); not flags of run/plan
     tasks: str = "boolq,lambada_openai,lambada_standard,arc_easy"
     """Comma-separated lm-evaluation-harness task names for `sweep tasks` (any lm-eval task, e.g. mmlu)."""
     task_include: str | None = None
@@ -207,7 +208,7 @@ ANGULAR_TOKENS = ("last", "all")
 
 
 def _validate_similarity(cfg: SweepConfig) -> None:
-    """Checks of the calibration / similarity fields (issue #5)."""
+    """Checks of the calibration / similarity fields."""
     if cfg.angular_tokens not in ANGULAR_TOKENS:
         raise UnknownNameError("--angular-tokens", cfg.angular_tokens, ANGULAR_TOKENS)
     if cfg.calib_max_tokens is not None and cfg.calib_max_tokens < 2:
@@ -257,6 +258,12 @@ def _validate_parallel(cfg: SweepConfig) -> None:
         raise ConfigError("`--backend dask` needs `--scheduler tcp://HOST:PORT` (the address `dask scheduler` prints)")
     if cfg.scheduler and cfg.backend != "dask":
         raise ConfigError("`--scheduler` is only used with `--backend dask`")
+
+
+def plan_spec(cfg: SweepConfig) -> PlanSpec:
+    """The plan settings of ``cfg`` (:mod:`sweep.plan` reads these, never the whole config)."""
+    return PlanSpec(strategy=cfg.strategy, k=cfg.k, n=cfg.n, remove=cfg.remove, force=cfg.force,
+                    allow_last=cfg.allow_last)
 
 
 def flag(name: str) -> str:
@@ -349,4 +356,4 @@ def replace(cfg: SweepConfig, **changes: Any) -> SweepConfig:
     return dataclasses.replace(cfg, **changes)
 
 
-__all__ = ["SweepConfig", "build_config", "load_preset", "field_names", "field_docs", "flag", "replace"]
+__all__ = ["SweepConfig", "build_config", "load_preset", "field_names", "field_docs", "flag", "plan_spec", "replace"]

@@ -148,7 +148,7 @@ def _explicit(n_layers: int, spec: PlanSpec) -> Iterator[Removal]:
 
 def _from_signals(n_layers: int, spec: PlanSpec) -> Iterator[Removal]:
     """angular, block-influence, greedy: their removals need a model and calibration text, so the runner adds
-    them (:func:`sweep.similarity.signal_removals`); here only ``--n`` is checked, before anything is loaded."""
+    them (:func:`sweep.engine.similarity.signal_removals`); here only ``--n`` is checked, before anything is loaded."""
     sizes = _sizes_within(spec.n, n_layers)
     if "angular" in spec.strategy.split(",") and not spec.allow_last and sizes[-1] > n_layers - 1:
         raise PlanError(f"`--strategy angular` with `--n` {sizes[-1]} would remove the final layer of "
@@ -169,7 +169,7 @@ STRATEGIES: dict[str, Callable[[int, PlanSpec], Iterable[Removal]]] = {
 }
 
 SIGNAL_STRATEGIES = ("angular", "block-influence", "greedy")
-"""Strategies whose removals are chosen from calibration signals of the loaded model (issue #5)."""
+"""Strategies whose removals are chosen from calibration signals of the loaded model."""
 
 
 def strategy_names(text: str) -> list[str]:

@@ -1,7 +1,7 @@
 """Which layers the similarity-guided and greedy strategies remove, from precomputed signals. Pure Python.
 
 The signals (angular distances, Block Influence, calibration perplexities) are measured by
-:mod:`sweep.similarity`; this module only chooses, so it imports no torch and is tested with plain lists.
+:mod:`sweep.engine.similarity`; this module only chooses, so it imports no torch and is tested with plain lists.
 
 - ``angular`` (Gromov et al. 2024, "The Unreasonable Ineffectiveness of the Deeper Layers"): for block size n,
   remove layers l..l+n-1 for the start l minimising d(l, n), the angular distance between the residual stream

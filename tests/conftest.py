@@ -56,10 +56,12 @@ def tiny_gpt2_dir(tmp_path_factory, byte_tokenizer_dir) -> Path:
     return out
 
 
+DATA = Path(__file__).parent / "data"
+
+
 @pytest.fixture(scope="session")
 def sample_text_file(tmp_path_factory) -> Path:
-    """~6 KB of varied text (the source of this package), written as a .txt file."""
-    text = "\n".join(p.read_text() for p in sorted((ROOT / "sweep").glob("*.py")))[:6000]
+    """6 KB of varied text (Python source of an early sweep, fixed in tests/data so it never drifts), as a .txt."""
     out = tmp_path_factory.mktemp("data") / "sample.txt"
-    out.write_text(text)
+    out.write_text((DATA / "sample.txt").read_text())
     return out

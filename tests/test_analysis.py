@@ -8,7 +8,7 @@ import pytest
 from results_fixture import BASE_PPL, DIVERGED, FACTORS, FAILED, MODEL, N_LAYERS, fixture_ppl, make_results_db
 
 import sweep
-from sweep import analysis
+from sweep.report import analysis
 from sweep.plan import parse_key
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from tokenizers import pre_tokenizers
 
-from sweep import demo
+from sweep.extras import demo
 
 TEXT = "déf grüße(x):  # naïve ✓ 日本語 🙂\n\treturn x <|endoftext|> \r\n"
 
@@ -18,7 +18,7 @@ TEXT = "déf grüße(x):  # naïve ✓ 日本語 🙂\n\treturn x <|endoftext|> 
 def built(tmp_path_factory) -> tuple[Path, list[str]]:
     """One real (3-second) build shared by the module, with the log lines it printed."""
     lines: list[str] = []
-    out = demo.build_demo(tmp_path_factory.mktemp("demo"), train_seconds=3.0, seed=0, log=lines.append)
+    out = demo.build_demo(tmp_path_factory.mktemp("demo"), steps=40, seed=0, log=lines.append)
     return out, lines
 
 
@@ -60,7 +60,7 @@ def test_build_writes_everything(built):
     for name in ("model/config.json", "model/model.safetensors", "model/tokenizer.json", "heldout.txt", "demo.json"):
         assert (out / name).is_file(), name
     meta = json.loads((out / "demo.json").read_text())
-    assert meta["version"] == demo.VERSION and meta["seed"] == 0 and meta["train_seconds"] == 3.0
+    assert meta["version"] == demo.VERSION and meta["seed"] == 0 and meta["steps"] == 40
     assert meta["steps"] > 0
     assert any("held-out byte perplexity" in line for line in lines)
 
@@ -96,16 +96,32 @@ def test_reuse_does_not_retrain(built):
     out, _ = built
     before = {p: p.stat().st_mtime_ns for p in (out / "demo.json", out / "model" / "model.safetensors")}
     lines: list[str] = []
-    assert demo.build_demo(out, train_seconds=3.0, seed=0, log=lines.append) == out
+    assert demo.build_demo(out, steps=40, seed=0, log=lines.append) == out
     assert lines and "reusing" in lines[0]
     assert {p: p.stat().st_mtime_ns for p in before} == before
-    assert demo.main(["--out", str(out), "--seconds", "3"]) == 0  # the CLI takes the same reuse path
+    assert demo.main(["--out", str(out), "--steps", "40"]) == 0  # the CLI takes the same reuse path
     assert {p: p.stat().st_mtime_ns for p in before} == before
 
 
 def test_other_settings_are_not_reused(built):
     out, _ = built
     meta = out / "demo.json"
-    assert demo._reusable(meta, seed=0, train_seconds=3.0)
-    assert not demo._reusable(meta, seed=1, train_seconds=3.0)
-    assert not demo._reusable(meta, seed=0, train_seconds=60.0)
+    assert demo._reusable(meta, seed=0, steps=40)
+    assert not demo._reusable(meta, seed=1, steps=40)
+    assert not demo._reusable(meta, seed=0, steps=800)
+
+
+def test_builds_are_identical_whatever_the_callers_thread_count(tmp_path):
+    """The model depends on seeds and steps only: a busy machine (here: a caller limited to one thread) gets the
+    same weights, bit for bit, as an idle one."""
+    import torch
+
+    first = demo.build_demo(tmp_path / "a", steps=20, seed=0, log=lambda _: None)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        second = demo.build_demo(tmp_path / "b", steps=20, seed=0, log=lambda _: None)
+    finally:
+        torch.set_num_threads(saved)
+    assert (first / "model" / "model.safetensors").read_bytes() == (second / "model" / "model.safetensors").read_bytes()
+    assert (first / "heldout.txt").read_text() == (second / "heldout.txt").read_text()

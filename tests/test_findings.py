@@ -8,7 +8,7 @@ import pytest
 from results_fixture import FACTORS, MODEL, make_results_db
 
 import sweep
-from sweep import findings
+from sweep.report import findings
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,11 @@ pytest.importorskip("peft")
 
 from tiny import FAMILIES, tiny_model
 
-from sweep import models, store
+from sweep import store
+from sweep.engine import adapters, models
 from sweep.config import build_config
 from sweep.errors import MissingExtraError
-from sweep.heal import heal_variant, sequences
+from sweep.extras.heal import heal_variant, sequences
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,7 +114,7 @@ def test_heal_tasks_store_base_pruned_and_healed_rows_linked_by_heal_id(healed):
 def test_export_reloads_generates_and_has_the_healed_perplexity(healed):
     from transformers import AutoModelForCausalLM
 
-    from sweep.worker import load_worker
+    from sweep.engine.worker import load_worker
 
     cfg, row, export = healed
     model = AutoModelForCausalLM.from_pretrained(export).eval()
@@ -147,7 +148,7 @@ def test_the_same_heal_twice_is_not_redone(healed):
 def test_missing_peft_names_the_extra(monkeypatch):
     import sys
 
-    from sweep.heal import require_peft
+    from sweep.extras.heal import require_peft
 
     monkeypatch.setitem(sys.modules, "peft", None)
     with pytest.raises(MissingExtraError, match=r"sweep\[heal\]"):
@@ -157,24 +158,24 @@ def test_missing_peft_names_the_extra(monkeypatch):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lora_targets_are_every_projection_of_a_decoder_layer(family):
     model = tiny_model(family)
-    layer = models.decoder_layers(model)[0]
+    layer = adapters.decoder_layers(model)[0]
     linear_leaves = {name.rsplit(".", 1)[-1] for name, m in layer.named_modules()
                      if isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D"}
-    assert set(models.lora_target_modules(model)) == linear_leaves
+    assert set(adapters.lora_target_modules(model)) == linear_leaves
 
 
 def test_fresh_lora_adapters_leave_the_pruned_model_unchanged_and_merging_keeps_trained_ones():
     """LoRA's B matrix starts at zero: wrapping must not change the logits; after B is trained (here: set at
     random) the merged model must compute what the adapters compute (checks fan_in_fan_out on GPT-2's Conv1D)."""
-    from sweep.heal import lora_model
+    from sweep.extras.heal import lora_model
 
     model = tiny_model("gpt2")
     ids = torch.arange(1, 17)[None]
     cfg = build_config(lora_r=4, lora_alpha=8, lora_dropout=0.0)
     torch.manual_seed(0)
-    with models.pruned(model, [1]), torch.no_grad():
+    with adapters.pruned(model, [1]), torch.no_grad():
         want = model(input_ids=ids).logits
-        wrapped = lora_model(model, cfg, models.lora_target_modules(model)).eval()
+        wrapped = lora_model(model, cfg, adapters.lora_target_modules(model)).eval()
         assert torch.allclose(wrapped(input_ids=ids).logits, want, atol=1e-6)
         for name, param in wrapped.named_parameters():
             if "lora_B" in name:
@@ -183,7 +184,7 @@ def test_fresh_lora_adapters_leave_the_pruned_model_unchanged_and_merging_keeps_
         assert not torch.allclose(adapted, want, atol=1e-3)
         merged = wrapped.merge_and_unload()
         assert torch.allclose(merged(input_ids=ids).logits, adapted, atol=1e-5)
-    assert len(models.decoder_layers(model)) == 4  # the removed layer is back, untouched by LoRA
+    assert len(adapters.decoder_layers(model)) == 4  # the removed layer is back, untouched by LoRA
 
 
 @pytest.mark.parametrize("remove", [None, "1;2", ""])
@@ -206,8 +207,8 @@ def test_cli_bad_lora_value_names_the_flag(tmp_path, capsys, tiny_gpt2_dir):
 
 def test_missing_healing_data_names_heal_data(tmp_path, tiny_gpt2_dir, texts):
     from sweep.errors import DataError
-    from sweep.heal import heal_sequences
-    from sweep.worker import load_tokenizer
+    from sweep.extras.heal import heal_sequences
+    from sweep.engine.models import tokenizer_for as load_tokenizer
 
     cfg = heal_config(tiny_gpt2_dir, texts, tmp_path / "r.db", tmp_path / "cache", heal_data=str(tmp_path / "no.txt"))
     with pytest.raises(DataError, match="^--heal-data "):
@@ -215,8 +216,8 @@ def test_missing_healing_data_names_heal_data(tmp_path, tiny_gpt2_dir, texts):
 
 
 def test_a_local_healing_file_holds_out_its_last_tenth(tmp_path, tiny_gpt2_dir, texts):
-    from sweep.heal import heal_sequences
-    from sweep.worker import load_tokenizer
+    from sweep.extras.heal import heal_sequences
+    from sweep.engine.models import tokenizer_for as load_tokenizer
 
     cfg = heal_config(tiny_gpt2_dir, texts, tmp_path / "r.db", tmp_path / "cache")
     tokenizer = load_tokenizer(cfg)
@@ -229,7 +230,7 @@ def test_a_local_healing_file_holds_out_its_last_tenth(tmp_path, tiny_gpt2_dir, 
 def test_rows_heal_measures_are_complete_for_a_later_sweep_run(tmp_path, trained_dir, texts):
     """Baseline and variant rows that `sweep heal` had to measure carry latency and a log entry, like `sweep run`'s:
     a later `sweep run` of the setup keeps them and the speed columns of every row are filled."""
-    from sweep.runner import run_sweep
+    from sweep.engine.runner import run_sweep
 
     timing = {"latency": "shared", "latency_seq": 16, "decode_tokens": 0, "latency_warmup": 0}
     cfg = heal_config(trained_dir, texts, tmp_path / "r.db", tmp_path / "cache", heal_steps=2, heal_eval_every=1,

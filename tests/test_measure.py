@@ -7,10 +7,11 @@ import shutil
 import pytest
 import torch
 
-from sweep import measure, models
+from sweep.engine import adapters, device, latency, models, perplexity
 from sweep.config import SweepConfig
-from sweep.data import TokenizedText
-from sweep.worker import EvalSetup, Worker
+from sweep.engine.data import TokenizedText
+from sweep.engine.data import EvalSetup
+from sweep.engine.worker import Worker
 from tiny import tiny_model
 
 
@@ -70,7 +71,7 @@ def test_pruned_variant_perplexity_equals_recipe_on_pruned_model(gpt2_and_ids):
     model, ids = gpt2_and_ids
     worker = make_worker(model, ids[0], 128, 128)
     got = worker.evaluate([0, 2])
-    with models.pruned(model, [0, 2]):
+    with adapters.pruned(model, [0, 2]):
         want = recipe_perplexity(model, ids, 128, 128)
     assert got["ppl"] == pytest.approx(want, rel=1e-5)
     assert got["n_layers"] == 2 and got["removed"] == "0,2" and got["kept_layers"] == "1,3"
@@ -85,7 +86,7 @@ def test_batch_size_does_not_change_perplexity(gpt2_and_ids):
 
 def test_token_count_matches_recipe_definition():
     # 10 tokens, windows of 4 with stride 2: the guide counts (4-1) + 3 * (2-1) = 6 loss tokens.
-    assert [(w.begin, w.end, w.n_targets) for w in measure.windows(10, 4, 2)] == [
+    assert [(w.begin, w.end, w.n_targets) for w in perplexity.windows(10, 4, 2)] == [
         (0, 4, 4), (2, 6, 2), (4, 8, 2), (6, 10, 2)]
     model = tiny_model("gpt2", vocab=96)
     ids = torch.arange(10) % 96
@@ -104,7 +105,7 @@ def test_nan_perplexity_is_recorded_as_diverged(gpt2_and_ids):
     model, ids = gpt2_and_ids
     worker = make_worker(model, ids[0], 128, 128)
     with torch.no_grad():
-        layer = models.decoder_layers(model)[3]
+        layer = adapters.decoder_layers(model)[3]
         saved = layer.mlp.c_proj.weight.clone()
         layer.mlp.c_proj.weight.fill_(float("nan"))
         try:
@@ -125,7 +126,7 @@ def test_out_of_memory_is_a_failed_row_after_one_smaller_batch(gpt2_and_ids, mon
         tried.append(args[5])  # batch_size
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(measure, "perplexity", oom)
+    monkeypatch.setattr(perplexity, "perplexity", oom)
     row = worker.evaluate([1])
     assert tried == [4, 2]
     assert row["status"] == "failed" and "out of memory" in row["error"]
@@ -136,14 +137,14 @@ def test_out_of_memory_retry_with_smaller_batch_gives_the_same_result(gpt2_and_i
     model, ids = gpt2_and_ids
     worker = make_worker(model, ids[0], 128, 128, batch_size=4)
     want = worker.evaluate([1])["ppl"]
-    real = measure.perplexity
+    real = perplexity.perplexity
 
     def oom_once(*args, **kwargs):
         if args[5] == 4:
             raise torch.OutOfMemoryError("CUDA out of memory")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(measure, "perplexity", oom_once)
+    monkeypatch.setattr(perplexity, "perplexity", oom_once)
     row = worker.evaluate([1])
     assert row["status"] == "ok" and row["ppl"] == pytest.approx(want, rel=1e-6)
 
@@ -151,13 +152,13 @@ def test_out_of_memory_retry_with_smaller_batch_gives_the_same_result(gpt2_and_i
 def test_params_of_matches_pruned_model(gpt2_and_ids):
     model, ids = gpt2_and_ids
     worker = make_worker(model, ids[0], 128, 128)
-    with models.pruned(model, [1, 2]):
-        want = models.total_params(model)
+    with adapters.pruned(model, [1, 2]):
+        want = adapters.total_params(model)
     assert worker.params_of([1, 2])[0] == want
 
 
 def test_summarize_gives_median_and_iqr():
-    timing = measure.summarize([5.0, 1.0, 3.0, 2.0, 4.0])
+    timing = latency.summarize([5.0, 1.0, 3.0, 2.0, 4.0])
     assert timing.median_ms == 3.0 and timing.iqr_ms == 2.0 and timing.repeats == 5
 
 
@@ -192,9 +193,9 @@ def test_compiled_head_loss_equals_eager(gpt2_and_ids):
     hidden = torch.randn(3, 300, 32, generator=torch.Generator().manual_seed(1))
     input_ids = torch.randint(0, 96, (3, 300), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        compiled = measure.HeadLoss(head, compiled=True)
-        got, n_got = measure.window_nll(compiled, hidden, input_ids, 280)
-        want, n_want = measure.window_nll(head, hidden, input_ids, 280)
+        compiled = perplexity.HeadLoss(head, compiled=True)
+        got, n_got = perplexity.window_nll(compiled, hidden, input_ids, 280)
+        want, n_want = perplexity.window_nll(head, hidden, input_ids, 280)
     assert compiled.compiled, "fell back to eager: the test would compare eager with eager"
     assert n_got == n_want == 280
     assert torch.allclose(got, want, rtol=1e-5)
@@ -217,9 +218,9 @@ def test_head_never_sees_more_than_head_rows_and_chunking_does_not_change_the_nl
         return head(h)
 
     with torch.no_grad():
-        whole, _ = measure.window_nll(head, hidden, input_ids, 45)  # HEAD_ROWS = 4096: one chunk
-        monkeypatch.setattr(measure, "HEAD_ROWS", 8)
-        chunked, n_scored = measure.window_nll(spy, hidden, input_ids, 45)
+        whole, _ = perplexity.window_nll(head, hidden, input_ids, 45)  # HEAD_ROWS = 4096: one chunk
+        monkeypatch.setattr(perplexity, "HEAD_ROWS", 8)
+        chunked, n_scored = perplexity.window_nll(spy, hidden, input_ids, 45)
     assert n_scored == 45 and max(rows_seen) <= 8 * 2 and len(rows_seen) > 1  # sizes differ by <= 1 position
     assert sum(rows_seen) == batch * 45  # every scored position exactly once
     assert torch.allclose(chunked, whole, rtol=1e-6)
@@ -227,18 +228,18 @@ def test_head_never_sees_more_than_head_rows_and_chunking_does_not_change_the_nl
 
 @pytest.mark.parametrize("first,length,batch", [(1, 1024, 16), (1, 2048, 12), (5, 9, 1), (1, 300, 100), (1, 2, 64)])
 def test_head_chunks_cover_every_position_once_in_balanced_sizes(monkeypatch, first, length, batch):
-    chunks = measure.head_chunks(first, length, batch)
+    chunks = perplexity.head_chunks(first, length, batch)
     assert chunks[0][0] == first and chunks[-1][1] == length
     assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))  # contiguous, no overlap
     sizes = [stop - start for start, stop in chunks]
     assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
-    assert max(sizes) * batch <= max(measure.HEAD_ROWS, batch)  # the row budget holds (one position at least)
+    assert max(sizes) * batch <= max(perplexity.HEAD_ROWS, batch)  # the row budget holds (one position at least)
 
 
 def test_head_loss_falls_back_to_eager_when_compile_fails(gpt2_and_ids, monkeypatch):
     model, ids = gpt2_and_ids
     head = model.get_output_embeddings()
-    loss = measure.HeadLoss(head, compiled=True)
+    loss = perplexity.HeadLoss(head, compiled=True)
 
     def broken(*args):
         raise RuntimeError("no compiler here")
@@ -252,7 +253,7 @@ def test_head_loss_falls_back_to_eager_when_compile_fails(gpt2_and_ids, monkeypa
 
 def test_head_loss_does_not_blame_the_compiler_for_a_device_error(gpt2_and_ids, monkeypatch):
     model, ids = gpt2_and_ids
-    loss = measure.HeadLoss(model.get_output_embeddings(), compiled=True)
+    loss = perplexity.HeadLoss(model.get_output_embeddings(), compiled=True)
 
     def failing_gpu(*args):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
@@ -266,12 +267,12 @@ def test_head_loss_does_not_blame_the_compiler_for_a_device_error(gpt2_and_ids, 
 @pytest.mark.parametrize("free_gib,per_window_gib,n_windows", [(40, 1.5, 62), (1, 3, 10), (80, 0.01, 300), (8, 1, 3)])
 def test_batch_size_for_fits_free_memory(free_gib, per_window_gib, n_windows):
     gib = 2**30
-    batch = measure.batch_size_for(int(free_gib * gib), int(per_window_gib * gib), n_windows)
-    assert 1 <= batch <= min(measure.MAX_AUTO_BATCH, n_windows)
-    fits = batch * per_window_gib <= measure.MEMORY_HEADROOM * free_gib
+    batch = device.batch_size_for(int(free_gib * gib), int(per_window_gib * gib), n_windows)
+    assert 1 <= batch <= min(device.MAX_AUTO_BATCH, n_windows)
+    fits = batch * per_window_gib <= device.MEMORY_HEADROOM * free_gib
     assert fits or batch == 1  # a batch of 1 is always tried: its OOM is a failed row
-    if batch < min(measure.MAX_AUTO_BATCH, n_windows):  # not capped: one more window would not fit
-        assert (batch + 1) * per_window_gib > measure.MEMORY_HEADROOM * free_gib
+    if batch < min(device.MAX_AUTO_BATCH, n_windows):  # not capped: one more window would not fit
+        assert (batch + 1) * per_window_gib > device.MEMORY_HEADROOM * free_gib
 
 
 def test_worker_batch_size_auto_on_cpu_and_fixed_when_given(gpt2_and_ids):

@@ -7,12 +7,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from sweep import models
+from sweep.engine import adapters, models
 from sweep.errors import ArchitectureError
 from tiny import FAMILIES, tiny_model
 
 LAYER_PREFIX = {"gpt2": "transformer.h.", "gpt_neo": "transformer.h.", "opt": "model.decoder.layers."}
-"""Where each family keeps its layers, spelled out here independently of sweep.models."""
+"""Where each family keeps its layers, spelled out here independently of sweep.engine.adapters."""
 
 
 def physically_pruned(model, family: str, removed):
@@ -55,7 +55,7 @@ def test_every_subset_equals_physically_pruned_model(family):
     ids = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(1))
     for k in range(0, 5):
         for removed in itertools.combinations(range(4), k):
-            with models.pruned(model, removed):
+            with adapters.pruned(model, removed):
                 got = logits(model, ids)
             want = logits(physically_pruned(model, family, removed), ids)
             torch.testing.assert_close(got, want, rtol=0, atol=1e-5, msg=f"{family} without {removed}")
@@ -68,10 +68,10 @@ def test_removing_no_layer_and_restoring_leave_model_unchanged(family):
     before = logits(model, ids)
     config_before = model.config.to_dict()
     idx_before = [m.layer_idx for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)]
-    with models.pruned(model, []):
+    with adapters.pruned(model, []):
         torch.testing.assert_close(logits(model, ids), before, rtol=0, atol=0)
-    with models.pruned(model, [0, 2]):
-        assert models.n_layers_of(model.config) == 2
+    with adapters.pruned(model, [0, 2]):
+        assert adapters.n_layers_of(model.config) == 2
     torch.testing.assert_close(logits(model, ids), before, rtol=0, atol=0)
     assert model.config.to_dict() == config_before
     assert [m.layer_idx for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int)] == idx_before
@@ -80,9 +80,9 @@ def test_removing_no_layer_and_restoring_leave_model_unchanged(family):
 def test_pruned_restores_model_after_an_error():
     model = tiny_model("llama")
     with pytest.raises(RuntimeError):
-        with models.pruned(model, [1]):
+        with adapters.pruned(model, [1]):
             raise RuntimeError("boom")
-    assert len(models.decoder_layers(model)) == 4 and model.config.num_hidden_layers == 4
+    assert len(adapters.decoder_layers(model)) == 4 and model.config.num_hidden_layers == 4
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gpt_neo", "llama", "qwen2", "gemma2", "opt", "phi3"])
@@ -90,7 +90,7 @@ def test_export_reloads_with_same_logits_and_generates(family, tmp_path):
     model = tiny_model(family)
     removed = [1, 2]
     ids = torch.randint(2, 96, (1, 12), generator=torch.Generator().manual_seed(3))
-    with models.pruned(model, removed):
+    with adapters.pruned(model, removed):
         want = logits(model, ids)
     models.export_pruned(model, None, removed, tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=model.config._attn_implementation)
@@ -106,16 +106,16 @@ def test_export_reloads_with_same_logits_and_generates(family, tmp_path):
                             pad_token_id=0)
     assert out.shape == (1, 18)
     # The original model is untouched by the export.
-    assert models.n_layers_of(model.config) == 4 and len(models.decoder_layers(model)) == 4
+    assert adapters.n_layers_of(model.config) == 4 and len(adapters.decoder_layers(model)) == 4
 
 
 def test_parameters_drop_by_exactly_the_removed_blocks():
     model = tiny_model("llama")
-    per_layer = models.layer_params(model)
+    per_layer = adapters.layer_params(model)
     for removed in ([0], [1, 3], [0, 1, 2, 3]):
-        with models.pruned(model, removed):
-            pruned_total = models.total_params(model)
-        assert pruned_total == models.total_params(model) - sum(per_layer[i] for i in removed)
+        with adapters.pruned(model, removed):
+            pruned_total = adapters.total_params(model)
+        assert pruned_total == adapters.total_params(model) - sum(per_layer[i] for i in removed)
         reference = physically_pruned(model, "llama", removed)
         assert pruned_total == sum(p.numel() for p in reference.parameters())
 
@@ -123,22 +123,22 @@ def test_parameters_drop_by_exactly_the_removed_blocks():
 def test_embedding_params_count_tied_head_once():
     model = tiny_model("gpt2")  # GPT-2 ties lm_head to wte
     n_embd, vocab, positions = 32, 96, 128
-    assert models.embedding_params(model) == vocab * n_embd + positions * n_embd
+    assert adapters.embedding_params(model) == vocab * n_embd + positions * n_embd
 
 
 def test_gpt2_latency_signature_depends_only_on_layer_count():
     model = tiny_model("gpt2")
-    assert models.shape_signature(model, [0, 1]) == models.shape_signature(model, [2, 3])
-    assert models.shape_signature(model, [0, 1]) != models.shape_signature(model, [0, 1, 2])
+    assert adapters.shape_signature(model, [0, 1]) == adapters.shape_signature(model, [2, 3])
+    assert adapters.shape_signature(model, [0, 1]) != adapters.shape_signature(model, [0, 1, 2])
 
 
 def test_sliding_and_full_layers_have_different_signatures():
     model = tiny_model("gemma2")  # layer types alternate sliding/full
-    assert models.shape_signature(model, [0]) != models.shape_signature(model, [1])
-    assert models.shape_signature(model, [0]) == models.shape_signature(model, [2])
+    assert adapters.shape_signature(model, [0]) != adapters.shape_signature(model, [1])
+    assert adapters.shape_signature(model, [0]) == adapters.shape_signature(model, [2])
     # Order does not change cost: (sliding, full) and (full, sliding) share a measurement.
-    assert models.shape_signature(model, [0, 1]) == models.shape_signature(model, [1, 2])
-    assert models.shape_signature(model, [0, 2]) != models.shape_signature(model, [0, 1])
+    assert adapters.shape_signature(model, [0, 1]) == adapters.shape_signature(model, [1, 2])
+    assert adapters.shape_signature(model, [0, 2]) != adapters.shape_signature(model, [0, 1])
 
 
 def test_unknown_architecture_names_the_model_class():
@@ -149,13 +149,13 @@ def test_unknown_architecture_names_the_model_class():
             self.body = torch.nn.Linear(2, 2)
 
     with pytest.raises(ArchitectureError, match="NoLayers"):
-        models.adapter_for(NoLayers())
+        adapters.adapter_for(NoLayers())
 
 
 def test_generic_fallback_finds_layer_list_of_unlisted_type():
     model = tiny_model("llama")
     model.config.model_type = "llama-fork"
-    assert models.adapter_for(model).layers == "model.layers"
+    assert adapters.adapter_for(model).layers == "model.layers"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -163,7 +163,7 @@ def test_kv_cache_decoding_after_removal_matches_full_forward(family):
     """Each kept layer must find its own KV-cache slot (layer_idx / GPT-Neo's layer_id renumbered)."""
     model = tiny_model(family)
     ids = torch.randint(2, 96, (1, 12), generator=torch.Generator().manual_seed(5))
-    with models.pruned(model, [1]), torch.no_grad():
+    with adapters.pruned(model, [1]), torch.no_grad():
         want = model(input_ids=ids, use_cache=False).logits[:, -1]
         prefill = model(input_ids=ids[:, :-1], use_cache=True)
         step = model(input_ids=ids[:, -1:], past_key_values=prefill.past_key_values, use_cache=True)

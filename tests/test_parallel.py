@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from sweep import parallel, store
+from sweep import store
+from sweep.engine import parallel
 from sweep.config import SweepConfig
 from sweep.errors import ConfigError, StoreError, UnknownNameError
 from sweep.plan import variant_key
-from sweep.runner import run_sweep
+from sweep.engine.runner import run_sweep
 
 
 def quick_cfg(model_dir, data, db, tmp_path, **overrides) -> SweepConfig:
@@ -135,7 +136,7 @@ def test_bad_parallel_settings_name_the_flag(values, error):
 
 
 def test_fault_spec_is_parsed_per_kind_and_key(monkeypatch, tmp_path):
-    from sweep.worker import injected_fault
+    from sweep.engine.faults import injected_fault
 
     assert not injected_fault("oom", [1])  # unset: nothing is injected
     monkeypatch.setenv("SWEEP_FAULTS", "oom=1|2,3;oom-retry=baseline;kill-once=4")
@@ -147,7 +148,7 @@ def test_fault_spec_is_parsed_per_kind_and_key(monkeypatch, tmp_path):
 
 
 def test_sticky_cuda_errors_are_recognised():
-    from sweep.worker import is_sticky_error
+    from sweep.engine.device import is_sticky_error
 
     assert is_sticky_error(RuntimeError("CUDA error: device-side assert triggered"))
     assert not is_sticky_error(RuntimeError("shape mismatch"))
@@ -182,7 +183,7 @@ def test_mountinfo_gives_the_type_of_the_longest_mount_point():
 
 
 def test_network_filesystem_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(store, "filesystem_type", lambda path: "nfs4")
+    monkeypatch.setattr(store.db, "filesystem_type", lambda path: "nfs4")
     with pytest.raises(StoreError, match=r"network filesystem \(nfs4\)"):
         store.open_db(tmp_path / "r.db")
 
@@ -192,7 +193,7 @@ def test_read_only_filesystem_and_read_only_file_are_refused(tmp_path, monkeypat
     (tmp_path / "r.db").chmod(0o444)
     with pytest.raises(StoreError, match="not writable"):
         store.open_db(tmp_path / "r.db")
-    monkeypatch.setattr(store, "_read_only_filesystem", lambda path: True)
+    monkeypatch.setattr(store.db, "_read_only_filesystem", lambda path: True)
     with pytest.raises(StoreError, match="read-only filesystem"):
         store.open_db(tmp_path / "other.db")
 
@@ -247,7 +248,7 @@ def test_suspects_of_a_death_rerun_alone_so_only_the_culprit_fails(monkeypatch):
 
 
 def test_more_workers_than_gpus_is_refused_before_anything_loads(monkeypatch):
-    from sweep import parallel
+    from sweep.engine import parallel
     from sweep.config import build_config
     from sweep.errors import ClusterError
 

@@ -7,12 +7,13 @@ import sqlite3
 import pytest
 import torch
 
-from sweep import measure, prefix
+from sweep.engine import adapters, perplexity, trie
 from sweep.config import SweepConfig
-from sweep.data import TokenizedText
+from sweep.engine.data import TokenizedText
 from sweep.plan import kept_layers, variant_key
-from sweep.runner import run_sweep
-from sweep.worker import EvalSetup, Worker
+from sweep.engine.runner import run_sweep
+from sweep.engine.data import EvalSetup
+from sweep.engine.worker import Worker
 from tiny import FAMILIES, tiny_model
 
 ALL_SUBSETS = [r for k in range(5) for r in itertools.combinations(range(4), k)]
@@ -39,8 +40,8 @@ def test_trie_equals_per_variant_evaluation_on_every_subset(family):
 def test_exhaustive_trie_costs_one_layer_call_per_nonempty_prefix():
     for n_layers in (3, 4, 6):
         removals = [r for k in range(n_layers + 1) for r in itertools.combinations(range(n_layers), k)]
-        root = prefix.build_trie({variant_key(r): kept_layers(r, n_layers) for r in removals})
-        assert prefix.layer_calls(root) == 2**n_layers - 1
+        root = trie.build_trie({variant_key(r): kept_layers(r, n_layers) for r in removals})
+        assert trie.layer_calls(root) == 2**n_layers - 1
         per_variant = sum(n_layers - len(r) for r in removals)
         assert per_variant == n_layers * 2 ** (n_layers - 1)
 
@@ -48,8 +49,8 @@ def test_exhaustive_trie_costs_one_layer_call_per_nonempty_prefix():
 def test_trie_shares_prefixes_of_single_removals():
     # Removing each of 4 layers: [1,2,3], [0,2,3], [0,1,3], [0,1,2] + baseline [0,1,2,3].
     kept = {variant_key(r): kept_layers(r, 4) for r in [(), (0,), (1,), (2,), (3,)]}
-    root = prefix.build_trie(kept)
-    assert prefix.layer_calls(root) == 4 + 3 + 2 + 1  # vs 4 + 4*3 = 16 one by one
+    root = trie.build_trie(kept)
+    assert trie.layer_calls(root) == 4 + 3 + 2 + 1  # vs 4 + 4*3 = 16 one by one
     assert root.children[0].children[1].children[2].keys == ["3"]
 
 
@@ -76,7 +77,7 @@ def test_trie_reads_device_values_a_fixed_number_of_times_whatever_the_variant_c
         kept = {variant_key(r): kept_layers(r, 4) for r in removals}
         with monkeypatch.context() as patch:
             counts = count_device_reads(patch)
-            prefix.trie_perplexities(worker.model, kept, head, token_ids, 64, 32, 4)
+            trie.trie_perplexities(worker.model, kept, head, token_ids, 64, 32, 4)
         return counts["reads"]
 
     assert reads(ALL_SUBSETS) == reads([(), (1,)])
@@ -99,12 +100,12 @@ def test_runner_trie_and_per_variant_engines_store_the_same_perplexities(tiny_gp
 
 
 def test_architecture_that_cannot_replay_falls_back_to_per_variant(monkeypatch):
-    from sweep import models
+    from sweep.engine import adapters
 
     def broken(*args, **kwargs):
         raise RuntimeError("cannot replay")
 
-    monkeypatch.setattr(models, "capture_layer_calls", broken)
+    monkeypatch.setattr(adapters, "capture_layer_calls", broken)
     worker = worker_for(tiny_model("llama"))
     assert not worker.trie_ok
     rows = worker.evaluate_many([(), (1,)])
@@ -113,9 +114,9 @@ def test_architecture_that_cannot_replay_falls_back_to_per_variant(monkeypatch):
 
 def test_layer_that_writes_into_its_input_falls_back_to_per_variant(monkeypatch):
     # Its straight-path outputs are right, but in the trie it would corrupt the stream its siblings read.
-    from sweep import models
+    from sweep.engine import adapters
 
-    replay = models.call_layer
+    replay = adapters.call_layer
 
     def mutating(model, index, hidden, calls):
         out = replay(model, index, hidden, calls)
@@ -123,7 +124,7 @@ def test_layer_that_writes_into_its_input_falls_back_to_per_variant(monkeypatch)
             hidden.mul_(1.5)
         return out
 
-    monkeypatch.setattr(models, "call_layer", mutating)
+    monkeypatch.setattr(adapters, "call_layer", mutating)
     assert not worker_for(tiny_model("gpt2")).trie_ok
 
 
@@ -142,7 +143,7 @@ def test_trie_equals_per_variant_in_bfloat16_on_gpu(family):
 def test_time_estimate_counts_shared_layers_once(monkeypatch):
     worker = worker_for(tiny_model("gpt2"))  # 4 layers; 300 tokens in windows of 64, stride 32, batch 4
     monkeypatch.setattr(worker, "_batch_seconds", lambda: (13.0, 1.0))  # full, head only: 3 s per layer
-    n_batches = -(-len(measure.windows(300, 64, 32)) // 4)
+    n_batches = -(-len(perplexity.windows(300, 64, 32)) // 4)
     # Exhaustive over 4 layers: 16 heads; 15 trie nodes + 3 capture layers, or 32 layer calls one by one.
     assert worker.estimate_seconds(ALL_SUBSETS) == pytest.approx(n_batches * (16 * 1.0 + 3.0 * (15 + 3)))
     assert worker.estimate_seconds(ALL_SUBSETS, shared=False) == pytest.approx(n_batches * (16 * 1.0 + 3.0 * 32))

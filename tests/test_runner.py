@@ -13,7 +13,7 @@ import torch
 
 from conftest import GPT2_TOKENIZER, WIKITEXT_TEST, need_shared
 from sweep.config import SweepConfig
-from sweep.runner import run_sweep
+from sweep.engine.runner import run_sweep
 
 
 def rows(db, sql="select * from results_vs_baseline order by n_removed, removed"):
@@ -164,12 +164,12 @@ def test_changed_latency_settings_are_a_different_setup(tiny_gpt2_dir, sample_te
 
 
 def test_latency_failure_leaves_perplexity_and_says_why(tiny_gpt2_dir, sample_text_file, tmp_path, monkeypatch):
-    from sweep import measure
+    from sweep.engine import latency
 
     def broken(*args, **kwargs):
         raise RuntimeError("no kernel for this shape")
 
-    monkeypatch.setattr(measure, "time_decode", broken)
+    monkeypatch.setattr(latency, "time_decode", broken)
     db = tmp_path / "r.db"
     summary = run_sweep(quick_cfg(tiny_gpt2_dir, sample_text_file, db, tmp_path, strategy="single", max_tokens=256),
                         log=lambda s: None, progress=False)
@@ -181,7 +181,7 @@ def test_latency_failure_leaves_perplexity_and_says_why(tiny_gpt2_dir, sample_te
 
 def test_stop_during_latency_phase_measures_nothing_and_resumes(tiny_gpt2_dir, sample_text_file, tmp_path,
                                                                 monkeypatch):
-    from sweep import runner
+    from sweep.engine import runner
 
     class StopAtOnce(runner.StopFlag):
         def __enter__(self):
@@ -200,7 +200,7 @@ def test_stop_during_latency_phase_measures_nothing_and_resumes(tiny_gpt2_dir, s
 
 def test_perplexity_is_committed_before_latency_and_a_stopped_latency_phase_resumes(tiny_gpt2_dir, sample_text_file,
                                                                                     tmp_path, monkeypatch):
-    from sweep.worker import Worker
+    from sweep.engine.worker import Worker
 
     monkeypatch.setattr(Worker, "measure_latency", lambda self, needed, progress=None, should_stop=None: {})
     db = tmp_path / "r.db"

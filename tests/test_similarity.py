@@ -11,10 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from sweep import measure, models, similarity, store
+from sweep import store
+from sweep.engine import adapters, models, perplexity, similarity
 from sweep.cli import main
 from sweep.config import SweepConfig
-from sweep.runner import run_sweep
+from sweep.engine.runner import run_sweep
 from tiny import tiny_model
 
 IDENTITY_LAYERS = (1, 2)
@@ -100,7 +101,7 @@ def test_padding_does_not_change_the_signals():
 def test_residual_stream_ends_with_the_last_layer_output_before_the_final_norm():
     model = tiny_model("gpt2", n_layers=3)
     ids = torch.arange(2, 18)[None]
-    streams = models.capture_residual_stream(model, ids)
+    streams = adapters.capture_residual_stream(model, ids)
     assert len(streams) == 4
     with torch.no_grad():
         normed = model(ids, output_hidden_states=True).hidden_states
@@ -172,10 +173,9 @@ def identity_model_dir(tmp_path_factory, byte_tokenizer_dir, sample_text_file) -
 
 @pytest.fixture(scope="module")
 def calib_text_file(tmp_path_factory) -> Path:
-    """Calibration text distinct from the evaluation text (the tests' source rather than the package's)."""
-    text = "\n".join(p.read_text() for p in sorted(Path(__file__).parent.glob("test_*.py")))[:4000]
+    """Calibration text distinct from the evaluation text (fixed in tests/data, so it never drifts)."""
     out = tmp_path_factory.mktemp("calib") / "calib.txt"
-    out.write_text(text)
+    out.write_text((Path(__file__).parent / "data" / "calib.txt").read_text())
     return out
 
 
@@ -222,7 +222,7 @@ def test_identity_block_has_zero_distance_and_every_strategy_removes_it_first(
 
 
 def test_plan_says_signal_variants_are_not_counted(tiny_gpt2_dir, sample_text_file, tmp_path):
-    from sweep.runner import describe_plan
+    from sweep.engine import describe_plan
 
     logs: list[str] = []
     info = describe_plan(_cfg(tiny_gpt2_dir, tmp_path, data=str(sample_text_file), strategy="single,greedy",
@@ -233,7 +233,7 @@ def test_plan_says_signal_variants_are_not_counted(tiny_gpt2_dir, sample_text_fi
 def test_greedy_path_on_4_layers_matches_brute_force_of_each_round(tiny_gpt2_dir, sample_text_file, tmp_path):
     cfg = _cfg(tiny_gpt2_dir, tmp_path, calib_data=str(sample_text_file), max_length=32, calib_max_tokens=512)
     model = models.load_model(cfg.model, dtype="float32", device="cpu")
-    from sweep.worker import load_tokenizer
+    from sweep.engine.models import tokenizer_for as load_tokenizer
 
     db = store.open_db(cfg.db)
     cal = similarity.open_calibration(cfg, model, load_tokenizer(cfg), db)
@@ -241,8 +241,8 @@ def test_greedy_path_on_4_layers_matches_brute_force_of_each_round(tiny_gpt2_dir
     ids = cal.token_ids
 
     def brute_ppl(removed) -> float:  # the plain model on every window, no trie, no split head
-        with models.pruned(model, removed):
-            return measure.perplexity(lambda x: model(x).logits, lambda h: h, ids, 32, 32, 4, ids.device).ppl
+        with adapters.pruned(model, removed):
+            return perplexity.perplexity(lambda x: model(x).logits, lambda h: h, ids, 32, 32, 4, ids.device).ppl
 
     removed: tuple[int, ...] = ()
     for step in path:
@@ -311,7 +311,7 @@ def test_similarity_on_the_shared_wikitext_validation_split_with_the_real_tokeni
 
 def test_calibration_out_of_memory_halves_the_batch_and_gives_the_same_signals(
         tiny_gpt2_dir, sample_text_file, tmp_path, monkeypatch):
-    from sweep.worker import load_tokenizer
+    from sweep.engine.models import tokenizer_for as load_tokenizer
 
     cfg = _cfg(tiny_gpt2_dir, tmp_path, calib_data=str(sample_text_file), max_length=32, calib_max_tokens=512,
                batch_size=8)

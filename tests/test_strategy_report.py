@@ -6,8 +6,11 @@ import re
 
 import pytest
 
-from sweep import store, strategy_report
+from sweep import store
 from sweep.plan import variant_key
+from sweep.report import plotting, report_filename
+from sweep.report import signals as strategy_report
+from sweep.report.format import format_pct
 
 L = 4
 
@@ -31,12 +34,17 @@ def make_db(tmp_path, sizes=range(0, L + 1), choices=()):
     return db, setup, key
 
 
+def stored(db, setup):
+    """(view rows, strategy choices) of ``setup``, as the report reads them."""
+    return store.read_view(db, setup=setup), store.read_strategy_choices(db, setup)
+
+
 CHOICES = [("angular", 1, "2"), ("angular", 2, "1,2"), ("greedy", 1, "3"), ("greedy", 2, "2,3")]
 
 
 def test_oracle_is_the_best_variant_of_each_complete_size(tmp_path):
     db, setup, _ = make_db(tmp_path, choices=CHOICES)
-    points = strategy_report.strategy_points(db, setup)
+    points = strategy_report.strategy_points(*stored(db, setup))
     for n in range(1, L + 1):
         best = min(itertools.combinations(range(L), n), key=ppl_of)
         assert points["oracle"][n] == (variant_key(best), ppl_of(best))
@@ -48,36 +56,36 @@ def test_no_oracle_for_a_size_that_is_not_fully_measured(tmp_path):
     db, setup, _ = make_db(tmp_path, sizes=[0, 1], choices=CHOICES)
     extra = {"setup_id": setup, "removed": "1,2", "n_removed": 2, "n_layers": 2, "ppl": 99.0, "status": "ok"}
     store.record_result(db, extra)
-    points = strategy_report.strategy_points(db, setup)
+    points = strategy_report.strategy_points(*stored(db, setup))
     assert set(points["oracle"]) == {1}
     assert points["angular"][2] == ("1,2", 99.0)
 
 
 def test_table_gives_the_gap_to_the_oracle(tmp_path):
     db, setup, _ = make_db(tmp_path, choices=CHOICES)
-    table = strategy_report.strategy_table(db, setup)
+    table = strategy_report.strategy_table(*stored(db, setup))
     oracle_2 = min(ppl_of(r) for r in itertools.combinations(range(L), 2))
     angular_row = next(line for line in table.splitlines() if line.startswith("| angular"))
     gap = 100 * (ppl_of((1, 2)) / oracle_2 - 1)
-    assert f"{gap:+.1f}% vs oracle" in angular_row
-    assert re.search(r"\| greedy \| [\d.]+ \(3, \+0\.0% vs oracle\)", table)  # removing 3 is the best single
+    assert f"{format_pct(gap)} vs oracle" in angular_row
+    assert re.search(r"\| greedy \| [\d.]+ \(3, \+0\.00 % vs oracle\)", table)  # removing 3 is the best single
     assert table.splitlines()[0] == "| strategy | 1 removed | 2 removed |"
 
 
 def test_table_is_none_without_signal_strategies(tmp_path):
     db, setup, _ = make_db(tmp_path)
-    assert strategy_report.strategy_table(db, setup) is None
+    assert strategy_report.strategy_table(*stored(db, setup)) is None
 
 
 def test_table_without_oracle_says_how_to_get_one(tmp_path):
     db, setup, _ = make_db(tmp_path, sizes=[0], choices=[("greedy", 1, "3")])
     store.record_result(db, {"setup_id": setup, "removed": "3", "n_removed": 1, "n_layers": 3, "ppl": 5.0,
                              "status": "ok"})
-    assert "No oracle" in strategy_report.strategy_table(db, setup)
+    assert "No oracle" in strategy_report.strategy_table(*stored(db, setup))
     for removed in ("0", "1", "2"):  # now every single removal is measured: an oracle exists
         store.record_result(db, {"setup_id": setup, "removed": removed, "n_removed": 1, "n_layers": 3,
                                  "ppl": 6.0, "status": "ok"})
-    assert "No oracle" not in strategy_report.strategy_table(db, setup)
+    assert "No oracle" not in strategy_report.strategy_table(*stored(db, setup))
 
 
 def test_curve_and_heatmaps_are_written_as_png(tmp_path):
@@ -87,15 +95,16 @@ def test_curve_and_heatmaps_are_written_as_png(tmp_path):
     rows += [{"metric": "block-influence", "start": l, "size": 1, "value": 0.01 * (l + 1), "n_sequences": 2,
               "n_tokens": 10} for l in range(L)]
     store.record_layer_similarity(db, key, "calib.txt", rows)
-    paths = strategy_report.strategy_curve(db, setup, tmp_path / "out")
-    paths += strategy_report.similarity_heatmaps(db, tmp_path / "out")
-    assert [p.name for p in paths] == [f"org--tiny-{setup}-strategies.png", "org--tiny-similarity.png"]
+    curve = strategy_report.strategy_curve(*stored(db, setup), "org/tiny · setup s")
+    heatmaps = strategy_report.similarity_heatmaps(store.similarity_overview(db, "org/tiny"), "org/tiny")
+    paths = [plotting.save(fig, tmp_path / "out" / f"{name}.png")
+             for name, fig in (("curve", curve), ("heatmaps", heatmaps))]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
 
 
 def test_no_signals_no_heatmap(tmp_path):
     db, _, _ = make_db(tmp_path)
-    assert strategy_report.similarity_heatmaps(db, tmp_path / "out") == []
+    assert strategy_report.similarity_heatmaps(store.similarity_overview(db, "org/tiny"), "s") is None
 
 
 def test_old_db_without_the_new_tables_reads_as_empty(tmp_path):
@@ -108,7 +117,7 @@ def test_old_db_without_the_new_tables_reads_as_empty(tmp_path):
 
 @pytest.mark.parametrize("model,name", [("gpt2", "gpt2"), ("/a/b c", "a--b_c"), (".cache/demo/model", "demo--model")])
 def test_model_names_become_safe_file_names(model, name):
-    assert strategy_report._safe_name(model) == name
+    assert report_filename(model) == f"{name}.md"
 
 
 def test_model_report_has_similarity_and_strategy_sections(tmp_path):
@@ -122,8 +131,8 @@ def test_model_report_has_similarity_and_strategy_sections(tmp_path):
     [path] = write_reports(tmp_path / "r.db", out)
     text = path.read_text()
     assert "## Layer similarity" in text and "## Strategies" in text
-    assert f"![perplexity against the fraction of layers removed, per strategy](org--tiny-{setup}-strategies.png)" \
-        in text and (out / f"org--tiny-{setup}-strategies.png").exists()
+    assert "![perplexity against the fraction of layers removed, per strategy](org--tiny-strategies.png)" \
+        in text and (out / "org--tiny-strategies.png").exists()
     assert "(org--tiny-similarity.png)" in text and (out / "org--tiny-similarity.png").exists()
     assert text.index("## Strategies") < text.index("| angular |")
 
@@ -230,7 +239,7 @@ def test_similarity_table_uses_the_newest_calibration_pass(tmp_path):
 
 
 def test_similarity_table_of_a_deep_model_shows_a_readable_number_of_sizes(tmp_path):
-    from sweep.report import SIMILARITY_ROWS
+    from sweep.report.sections import SIMILARITY_ROWS
 
     _, _, signals = signals_db(tmp_path, n_layers=40)
     section = _report(tmp_path)

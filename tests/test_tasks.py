@@ -14,7 +14,7 @@ from toy_tasks import N_DOCS, arithmetic_docs, write_task
 from sweep import store
 from sweep.config import build_config
 from sweep.errors import ConfigError, MissingExtraError
-from sweep.tasks import best_per_size, check_task_names, pareto_front, run_tasks, task_manager
+from sweep.extras.tasks import check_task_names, run_tasks, task_manager
 
 
 @pytest.fixture(scope="module")
@@ -68,14 +68,14 @@ def measured_db(tmp_path_factory, tiny_gpt2_dir, task_dir) -> Path:
 def test_accuracy_of_each_pruned_variant_equals_the_reference(measured_db, tiny_gpt2_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sweep import models
+    from sweep.engine import adapters, models
 
     rows = task_rows(measured_db)
     assert set(rows) == {"", "1", "0,2"}  # the baseline comes along for the "base" column
     tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir).eval()
     for key, removed in (("", []), ("1", [1]), ("0,2", [0, 2])):
-        with models.pruned(model, removed):
+        with adapters.pruned(model, removed):
             want = reference_accuracy(model, tokenizer, arithmetic_docs())
         value, stderr, status, n_samples, _ = rows[key]
         assert status == "ok" and n_samples == N_DOCS
@@ -121,7 +121,7 @@ def test_unknown_task_names_the_close_one(task_dir):
 def test_missing_lm_eval_names_the_extra(monkeypatch):
     import sys
 
-    from sweep.tasks import require_lm_eval
+    from sweep.extras.tasks import require_lm_eval
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     with pytest.raises(MissingExtraError, match=r"sweep\[tasks\]"):
@@ -131,36 +131,9 @@ def test_missing_lm_eval_names_the_extra(monkeypatch):
 # ---------------------------------------------------------------------------------------------- selection
 
 
-def ppl_rows(spec: dict[str, tuple[int, int, float]]) -> list[dict]:
-    return [{"removed": k, "n_removed": n, "params": p, "ppl": ppl} for k, (n, p, ppl) in spec.items()]
-
-
-def test_best_per_size_keeps_the_lowest_perplexities_of_each_size():
-    rows = ppl_rows({"": (0, 10, 5.0), "0": (1, 8, 9.0), "1": (1, 8, 7.0), "2": (1, 8, 8.0),
-                     "0,1": (2, 6, 30.0), "1,2": (2, 6, 20.0), "0,2": (2, 6, float("nan"))})
-    assert best_per_size(rows, 1) == ["1", "1,2"]
-    assert best_per_size(rows, 2) == ["1", "2", "1,2", "0,1"]
-
-
-def test_pareto_front_equals_brute_force_dominance():
-    import random
-
-    rng = random.Random(0)
-    rows = ppl_rows({str(i): (0, rng.randint(1, 8), rng.choice([1.0, 2.0, 3.0, 4.0, 5.0])) for i in range(40)})
-
-    def dominated(r):
-        return any(o["params"] <= r["params"] and o["ppl"] <= r["ppl"] and
-                   (o["params"] < r["params"] or o["ppl"] < r["ppl"]) for o in rows)
-
-    front = pareto_front(rows)
-    undominated = {(r["params"], r["ppl"]) for r in rows if not dominated(r)}
-    assert {(r["params"], r["ppl"]) for r in rows if r["removed"] in front} == undominated
-    assert len(front) == len(undominated)  # one variant per front point
-
-
 def test_best_reads_perplexities_from_the_db(tmp_path, tiny_gpt2_dir, sample_text_file, task_dir):
-    from sweep.runner import run_sweep
-    from sweep.tasks import select_variants
+    from sweep.engine.runner import run_sweep
+    from sweep.extras.tasks import select_variants
 
     db = tmp_path / "results.db"
     run_sweep(build_config(model=str(tiny_gpt2_dir), data=str(sample_text_file), db=str(db), max_tokens=256,
@@ -174,7 +147,7 @@ def test_best_reads_perplexities_from_the_db(tmp_path, tiny_gpt2_dir, sample_tex
 
 def test_best_without_perplexities_says_to_run_first(tmp_path, tiny_gpt2_dir, task_dir):
     from sweep.errors import SweepError
-    from sweep.tasks import select_variants
+    from sweep.extras.tasks import select_variants
 
     cfg = tasks_config(tiny_gpt2_dir, task_dir, tmp_path / "r.db", remove=None, pareto=True)
     with pytest.raises(SweepError, match="sweep run"):
@@ -182,7 +155,7 @@ def test_best_without_perplexities_says_to_run_first(tmp_path, tiny_gpt2_dir, ta
 
 
 def test_only_one_way_of_choosing_variants(tmp_path, tiny_gpt2_dir, task_dir):
-    from sweep.tasks import select_variants
+    from sweep.extras.tasks import select_variants
 
     cfg = tasks_config(tiny_gpt2_dir, task_dir, tmp_path / "r.db", remove="1", best=2)
     with pytest.raises(ConfigError, match="--remove and --best"):
@@ -219,7 +192,7 @@ def test_cli_tasks_unknown_task_is_one_error_line(tmp_path, capsys, tiny_gpt2_di
 def test_signal_strategies_reuse_the_choices_sweep_run_stored(tmp_path):
     from sweep.config import build_config
     from sweep.errors import SweepError
-    from sweep.tasks import select_variants
+    from sweep.extras.tasks import select_variants
 
     db = store.open_db(tmp_path / "r.db")
     model_id = store.upsert_model(db, "toy", None, "float32", 4, "GPT2LMHeadModel")

@@ -1,14 +1,28 @@
-"""The task table and figure of issue #7, from an in-memory-built DB (no torch, no model)."""
+"""The task table and figure, from a hand-built DB (no torch, no model)."""
 from __future__ import annotations
 
 import sys
 
 import pytest
 
-from sweep import store
-from sweep.tasks_report import best_by_fraction, plot_tasks, steepest_drop, task_table
+from sweep import ranking, store
+from sweep.report import plotting
+from sweep.report.tasks import best_by_fraction, plot_tasks, steepest_drop, task_settings_text, task_table
 
 LAYERS = 4
+
+
+def table_of(db, model: str = "toy", setup: str | None = None) -> str | None:
+    """The task table of ``model`` from the rows the report reads."""
+    return task_table(store.read_task_results(db, model=model), store.read_heals(db, model=model), setup)
+
+
+def figure_of(db, out_dir, model: str = "toy", setup: str | None = None):
+    """The task figure as the report draws it (perplexity of ``setup``, default the newest), saved; or None."""
+    shown = setup or (ranking.newest_setup(store.setups_overview(db), model) or {}).get("setup")
+    fig = plot_tasks(store.read_task_results(db, model=model), store.read_heals(db, model=model),
+                     store.read_view(db, model=model, setup=shown), setup, f"{model} · setup {shown}")
+    return None if fig is None else plotting.save(fig, out_dir / "tasks.png")
 
 
 @pytest.fixture
@@ -46,7 +60,7 @@ def _task_row(db, tsetup: str, key: str, value: float, heal: str = "") -> None:
 
 
 def test_table_has_base_pruned_and_healed_with_changes_in_points(db):
-    table = task_table(db, "toy")
+    table = table_of(db, "toy")
     lines = table.splitlines()
     assert lines[0] == "| variant | task | base | pruned | pruned + healed |"
     assert "| −[3] (1 of 4) | boolq | 70.0 ± 2.0 | 66.0 ± 2.0 (-4.0) | 69.0 ± 2.0 (-1.0) |" in lines
@@ -58,8 +72,8 @@ def test_table_has_base_pruned_and_healed_with_changes_in_points(db):
 
 def test_no_task_data_gives_no_table(tmp_path):
     db = store.open_db(tmp_path / "empty.db")
-    assert task_table(db, "toy") is None
-    assert plot_tasks(db, "toy", tmp_path) is None
+    assert table_of(db, "toy") is None
+    assert figure_of(db, tmp_path) is None
 
 
 def test_only_the_newest_settings_of_a_task_are_tabled(db):
@@ -67,19 +81,19 @@ def test_only_the_newest_settings_of_a_task_are_tabled(db):
     newer = store.upsert_task_setup(db, model_id, {"task": "boolq", "num_fewshot": 5, "task_limit": 100})
     _task_row(db, newer, "", 0.9)
     _task_row(db, newer, "3", 0.8)
-    boolq = [line for line in task_table(db, "toy").splitlines() if "| boolq |" in line]
+    boolq = [line for line in table_of(db, "toy").splitlines() if "| boolq |" in line]
     assert boolq == ["| −[3] (1 of 4) | boolq | 90.0 ± 2.0 | 80.0 ± 2.0 (-10.0) | — |"]
 
 
 def test_figure_is_written_without_torch(db, tmp_path):
-    path = plot_tasks(db, "toy", tmp_path / "figs")
+    path = figure_of(db, tmp_path / "figs")
     assert path.exists() and path.suffix == ".png" and path.stat().st_size > 10_000
 
 
 def test_report_module_does_not_import_torch():
     import subprocess
 
-    code = "import sys, sweep.tasks_report; assert 'torch' not in sys.modules"
+    code = "import sys, sweep.report.tasks; assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
@@ -98,7 +112,7 @@ def test_an_older_db_gains_the_task_and_heal_tables_in_place(tmp_path):
     store.record_result(db, {"setup_id": setup, "removed": "", "n_removed": 0, "ppl": 10.0, "status": "ok"})
     with db.conn:
         for table in ("task_results", "task_setups", "heals"):
-            db[table].drop()  # as written by a sweep from before issue #7
+            db[table].drop()  # as written by a sweep from before `sweep tasks` and `sweep heal` existed
     db.conn.close()
     assert store.read_task_results(path) == [] and store.read_heals(path) == []
     reopened = store.open_db(path)
@@ -161,10 +175,8 @@ def test_report_names_the_task_setups_it_shows_and_the_older_ones(db, tmp_path):
 
 
 def test_tasks_with_the_same_settings_are_named_in_one_group(db):
-    from sweep.tasks_report import task_settings_text
-
     ids = _task_setups(db)
-    text = task_settings_text(db, "toy")
+    text = task_settings_text(store.read_task_results(db, model="toy"), store.read_heals(db, model="toy"))
     assert text == (f"Task settings (the newest of each task): boolq, arc_easy: 0-shot, limit 100 (task setups "
                     f"`{ids[('boolq', 0)]}`, `{ids[('arc_easy', 0)]}`).")
 
@@ -190,6 +202,6 @@ def test_task_figure_of_a_setup_without_heals_is_drawn(db, tmp_path):
     model_id = store.find_model(db, "toy", None, "float32")
     new = store.upsert_setup(db, model_id, {"data": "t", "max_length": 128})
     store.record_result(db, {"setup_id": new, "removed": "", "n_removed": 0, "ppl": 8.0, "status": "ok"})
-    assert "perplexity (heal" not in task_table(db, "toy", setup=new)
-    path = plot_tasks(db, "toy", tmp_path / "figs", setup=new)  # the heal of the other setup is left out
+    assert "perplexity (heal" not in table_of(db, "toy", setup=new)
+    path = figure_of(db, tmp_path / "figs", setup=new)  # the heal of the other setup is left out
     assert path.exists() and path.stat().st_size > 10_000

@@ -1,0 +1,404 @@
+"""Where each architecture keeps its decoder layers, and everything that depends on it: removing layers in place,
+counting their parameters, shape signatures, replaying one layer at a time, and capturing the residual stream.
+The only module that knows attribute names such as ``transformer.h`` or ``model.layers``.
+
+Layer removal is reversible and cheap: :func:`remove_layers` swaps the decoder ``ModuleList`` for one holding
+only the kept layers (no weight is copied), makes the config agree (layer count and every per-layer list such
+as ``layer_types``) and renumbers each kept module's ``layer_idx`` so the KV cache is indexed correctly. It
+returns an ``undo`` callable; :func:`pruned` wraps both in a context manager. Export applies the same removal
+without undo and saves, so the in-memory variant and the exported model are the same code path.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sweep.errors import ArchitectureError, ConfigError
+
+@dataclass(frozen=True)
+class Adapter:
+    """Where an architecture keeps its decoder layers and final norm (dotted attribute paths)."""
+
+    name: str
+    layers: str
+    final_norm: str | None
+
+
+_GPT2_STYLE = Adapter("gpt2-style", "transformer.h", "transformer.ln_f")
+_LLAMA_STYLE = Adapter("llama-style", "model.layers", "model.norm")
+ADAPTERS: dict[str, Adapter] = {
+    "gpt2": _GPT2_STYLE,
+    "gpt_neo": _GPT2_STYLE,
+    "gptj": _GPT2_STYLE,
+    "opt": Adapter("opt", "model.decoder.layers", "model.decoder.final_layer_norm"),
+    **{t: _LLAMA_STYLE for t in (
+        "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
+        "gemma3_text", "phi3", "olmo", "olmo2", "granite", "starcoder2", "smollm3", "cohere",
+    )},
+}
+"""model_type -> adapter. Types not listed fall back to :func:`_find_layers`."""
+
+
+def _get(obj: object, dotted: str) -> object:
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _find_layers(model: nn.Module, n_layers: int) -> str | None:
+    """Generic fallback: the dotted path of the ModuleList whose length is the config's layer count."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers and n_layers > 0:
+            return name
+    return None
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    """The adapter of a loaded model.
+
+    Raises:
+        ArchitectureError: naming the model class when no decoder-layer list can be found.
+    """
+    model_type = getattr(model.config, "model_type", "")
+    known = ADAPTERS.get(model_type)
+    if known is not None:
+        with contextlib.suppress(AttributeError):
+            if isinstance(_get(model, known.layers), nn.ModuleList):
+                return known
+    path = _find_layers(model, n_layers_of(model.config))
+    if path is None:
+        raise ArchitectureError(
+            f"cannot find the decoder layers of {type(model).__name__} (model_type {model_type!r}); "
+            f"supported: {', '.join(sorted(ADAPTERS))} and models with one ModuleList of num_hidden_layers layers"
+        )
+    return Adapter(f"generic:{model_type}", path, _find_final_norm(model, path))
+
+
+FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "norm_f")
+
+
+def _find_final_norm(model: nn.Module, layers_path: str) -> str | None:
+    """The final norm beside the layer list, under one of the names architectures use for it."""
+    parent = layers_path.rsplit(".", 1)[0] if "." in layers_path else ""
+    for name in FINAL_NORM_NAMES:
+        path = f"{parent}.{name}" if parent else name
+        with contextlib.suppress(AttributeError):
+            if isinstance(_get(model, path), nn.Module):
+                return path
+    return None
+
+
+def n_layers_of(config) -> int:
+    return int(getattr(config, "num_hidden_layers", 0) or 0)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return _get(model, adapter_for(model).layers)
+
+
+# ---------------------------------------------------------------------------------------------- removal
+
+
+def _per_layer_config_lists(config, n_layers: int) -> list[str]:
+    """Config attributes holding one entry per layer (``layer_types``, GPT-Neo's ``attention_layers``...)."""
+    names = []
+    for name, value in vars(config).items():
+        if (isinstance(value, (list, tuple)) and len(value) == n_layers and not name.startswith("_")
+                and not name.endswith("token_id")):  # e.g. a list of eos ids that happens to have that length
+            names.append(name)
+    return names
+
+
+def _config_changes(config, kept: Sequence[int]) -> dict[str, object]:
+    """New values of every config attribute that depends on the layer count."""
+    n_layers = n_layers_of(config)
+    changes: dict[str, object] = {"num_hidden_layers": len(kept)}
+    for name in _per_layer_config_lists(config, n_layers):
+        values = getattr(config, name)
+        changes[name] = type(values)(values[i] for i in kept)
+    if getattr(config, "model_type", "") == "gpt_neo":
+        # GPT-Neo derives attention_layers from the run-length list attention_types when it is (re)loaded.
+        changes["attention_types"] = [[[t], 1] for t in changes.get("attention_layers", [])]
+    return changes
+
+
+def remove_layers(model: nn.Module, removed: Sequence[int]) -> Callable[[], None]:
+    """Remove decoder layers in place; return a callable that restores the model exactly.
+
+    Example: on a 4-layer model, ``remove_layers(model, [1, 2])`` leaves layers ``[0, 3]``; the old layer 3 is
+    now at index 1 and its attention's ``layer_idx`` is 1, so ``generate()`` indexes a 2-layer KV cache.
+
+    Raises:
+        ConfigError: a removed index is out of range or repeated.
+    """
+    adapter = adapter_for(model)
+    layers: nn.ModuleList = _get(model, adapter.layers)
+    n_layers = len(layers)
+    removed = list(removed)
+    if any(not 0 <= i < n_layers for i in removed) or len(set(removed)) != len(removed):
+        raise ConfigError(f"cannot remove layers {removed} from a model with layers 0-{n_layers - 1}")
+    kept = [i for i in range(n_layers) if i not in set(removed)]
+    parent_path, list_name = adapter.layers.rsplit(".", 1)
+    parent = _get(model, parent_path)
+    config = model.config
+    changes = _config_changes(config, kept)
+    old_config = {name: getattr(config, name) for name in changes}
+    old_idx = _renumber(layers, kept)
+    setattr(parent, list_name, nn.ModuleList([layers[i] for i in kept]))
+    for name, value in changes.items():
+        setattr(config, name, value)
+
+    def undo() -> None:
+        setattr(parent, list_name, layers)
+        for name, value in old_config.items():
+            setattr(config, name, value)
+        for module, attr, idx in old_idx:
+            setattr(module, attr, idx)
+
+    return undo
+
+
+LAYER_INDEX_ATTRS = ("layer_idx", "layer_id")
+"""Attributes through which a module finds its KV-cache slot (GPT-Neo's attention uses ``layer_id``)."""
+
+
+def _renumber(layers: nn.ModuleList, kept: Sequence[int]) -> list[tuple[nn.Module, str, int]]:
+    """Set the layer index of every module inside kept layer ``kept[j]`` to ``j``; return the old values."""
+    old = []
+    for new_idx, old_layer in enumerate(kept):
+        for module in layers[old_layer].modules():
+            for attr in LAYER_INDEX_ATTRS:
+                idx = getattr(module, attr, None)
+                if isinstance(idx, int) and not isinstance(idx, bool):
+                    old.append((module, attr, idx))
+                    setattr(module, attr, new_idx)
+    return old
+
+
+@contextlib.contextmanager
+def pruned(model: nn.Module, removed: Sequence[int]) -> Iterator[nn.Module]:
+    """Context in which ``model`` runs without the ``removed`` layers; restored on exit, even on error."""
+    undo = remove_layers(model, removed)
+    try:
+        yield model
+    finally:
+        undo()
+
+
+# ---------------------------------------------------------------------------------------------- parameters
+
+
+def embedding_params(model: nn.Module) -> int:
+    """Parameters of token and position embeddings, plus the output head when it is not tied to them."""
+    layers = decoder_layers(model)
+    inside = {id(p) for p in layers.parameters()}
+    seen: set[int] = set()
+    total = 0
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            for p in module.parameters(recurse=False):
+                if id(p) not in inside and id(p) not in seen:
+                    seen.add(id(p))
+                    total += p.numel()
+    head = model.get_output_embeddings()
+    if head is not None and id(head.weight) not in seen:
+        total += head.weight.numel()
+    return total
+
+
+def layer_params(model: nn.Module) -> list[int]:
+    """Parameter count of each decoder layer."""
+    return [sum(p.numel() for p in layer.parameters()) for layer in decoder_layers(model)]
+
+
+def total_params(model: nn.Module) -> int:
+    """All unique parameters (tied weights counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------- signatures
+
+
+def layer_signature(layer: nn.Module) -> str:
+    """What decides a layer's cost: its parameter shapes and dtypes and its attention type (sliding or full)."""
+    parts = [f"{name}:{tuple(p.shape)}:{p.dtype}" for name, p in layer.named_parameters()]
+    for module in layer.modules():
+        for attr in ("attention_type", "layer_type", "sliding_window", "is_sliding"):
+            value = getattr(module, attr, None)
+            if isinstance(value, (str, int, bool)):
+                parts.append(f"{attr}={value}")
+    return "|".join(parts)
+
+
+def shape_signature(model: nn.Module, kept: Sequence[int]) -> str:
+    """Cost signature of a variant: how many kept layers there are of each kind, in no particular order.
+
+    A forward's cost is the sum of its layers' costs, so order does not matter. Example: GPT-2 keeping
+    [0, 5, 7] -> ``"3xa1b2c3d4"``, the same as keeping [1, 2, 3]; Gemma 2 keeping [0, 1] (sliding, full) and
+    [2, 3] (sliding, full) share one measurement too.
+    """
+    layers = decoder_layers(model)
+    codes = Counter(hashlib.sha1(layer_signature(layers[i]).encode()).hexdigest()[:8] for i in kept)
+    return "+".join(f"{n}x{code}" for code, n in sorted(codes.items())) or "0"
+
+
+
+# ---------------------------------------------------------------------------------------------- replay
+
+
+@dataclass
+class LayerCalls:
+    """How the model called each decoder layer in one unpruned forward, for replaying layers one by one.
+
+    ``hidden`` is the residual stream entering layer 0, (B, T, H); ``calls[i]`` holds the other positional and
+    keyword arguments layer i received (attention mask for its own layer type, rotary position embeddings, ...).
+    Calling layer i as ``layer(h, *args, **kwargs)`` with any residual stream h is exactly what the model would
+    do with the layers before it removed, because a layer's inputs other than h do not depend on earlier layers.
+    """
+
+    hidden: torch.Tensor
+    calls: list[tuple[tuple, dict]]
+
+
+class _StopForward(Exception):
+    """Raised by the last layer's hook: the rest of the forward is not needed."""
+
+
+def capture_layer_calls(model: nn.Module, input_ids: torch.Tensor) -> LayerCalls:
+    """Run the model's backbone just far enough to record every decoder layer's call arguments."""
+    layers = decoder_layers(model)
+    calls: list[tuple[tuple, dict]] = [((), {})] * len(layers)
+    first: dict[str, torch.Tensor] = {}
+
+    def make_hook(i: int):
+        def hook(module, args, kwargs):
+            if i == 0:
+                first["hidden"] = args[0] if args else kwargs["hidden_states"]
+            rest_kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            calls[i] = (tuple(args[1:]), rest_kwargs)
+            if i == len(layers) - 1:
+                raise _StopForward  # the last layer's arguments are known: skip its work and the head
+        return hook
+
+    handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            model.base_model(input_ids=input_ids, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return LayerCalls(first["hidden"], calls)
+
+
+def call_layer(model: nn.Module, index: int, hidden: torch.Tensor, calls: LayerCalls) -> torch.Tensor:
+    """Replay decoder layer ``index`` on the residual stream ``hidden`` (B, T, H) with its captured arguments."""
+    args, kwargs = calls.calls[index]
+    out = decoder_layers(model)[index](hidden, *args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def final_norm_fn(model: nn.Module):
+    """The residual stream after the last kept layer -> the backbone's output (final norm, OPT's project_out)."""
+    adapter = adapter_for(model)
+    norm = _get(model, adapter.final_norm) if adapter.final_norm else None
+    project_out = getattr(getattr(model.base_model, "decoder", None), "project_out", None)
+
+    def finish(hidden: torch.Tensor) -> torch.Tensor:
+        if norm is not None:
+            hidden = norm(hidden)
+        if project_out is not None:
+            hidden = project_out(hidden)
+        return hidden
+
+    return finish
+
+
+# ---------------------------------------------------------------------------------------------- residual stream
+
+
+def capture_residual_stream(model: nn.Module, input_ids: torch.Tensor,
+                            attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """The residual stream entering every decoder layer, plus the last layer's output, from one forward.
+
+    Returns L + 1 tensors of shape (B, T, H): entry l is the input of layer l, entry L the output of the last
+    layer BEFORE the final norm. (``output_hidden_states`` cannot be used: for GPT-2 and others its last entry
+    is taken after the final norm.) The final norm and LM head are skipped.
+    """
+    layers = decoder_layers(model)
+    streams: list[torch.Tensor | None] = [None] * (len(layers) + 1)
+
+    def make_pre_hook(i: int):
+        def hook(module, args, kwargs):
+            streams[i] = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    def last_hook(module, args, kwargs, output):
+        streams[-1] = output[0] if isinstance(output, tuple) else output
+        raise _StopForward  # the final norm and the head are not needed
+
+    handles = [layer.register_forward_pre_hook(make_pre_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    handles.append(layers[-1].register_forward_hook(last_hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return streams
+
+
+# ---------------------------------------------------------------------------------------------- LoRA healing
+
+_LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_TARGETS: dict[str, tuple[str, ...]] = {
+    "gpt2": ("c_attn", "c_proj", "c_fc"),  # Conv1D; c_proj is both the attention output and the MLP output
+    "gpt_neo": ("q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"),
+    "gptj": ("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"),
+    "opt": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+    "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+    **{t: _LLAMA_PROJECTIONS for t in (
+        "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
+        "gemma3_text", "olmo", "olmo2", "granite", "smollm3", "cohere",
+    )},
+}
+"""model_type -> module names of every attention and MLP projection (LoRA targets, as in the QLoRA paper)."""
+
+
+def _projection_names(layer: nn.Module) -> list[str]:
+    """Leaf names of the linear maps (nn.Linear or transformers' Conv1D) inside one decoder layer."""
+    names = []
+    for path, module in layer.named_modules():
+        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+            leaf = path.rsplit(".", 1)[-1]
+            if leaf not in names:
+                names.append(leaf)
+    return names
+
+
+def lora_target_modules(model: nn.Module) -> list[str]:
+    """Names of the attention and MLP projections of ``model``'s decoder layers (LoRA's target modules).
+
+    Known families use :data:`LORA_TARGETS` (keeping only names present in the model); other families fall back
+    to every linear map inside a decoder layer, e.g. ``['c_attn', 'c_proj', 'c_fc']`` for GPT-2.
+
+    Raises:
+        ArchitectureError: no linear map found inside the decoder layers.
+    """
+    layers = decoder_layers(model)
+    present = _projection_names(layers[0]) if len(layers) else []
+    known = [n for n in LORA_TARGETS.get(getattr(model.config, "model_type", ""), ()) if n in present]
+    targets = known or present
+    if not targets:
+        raise ArchitectureError(f"no linear projections found inside the decoder layers of {type(model).__name__}; "
+                                "pass --lora-targets")
+    return targets

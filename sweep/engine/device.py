@@ -1,0 +1,63 @@
+"""The device a worker runs on: its name, errors that poison it, freeing its memory, and batch sizes that fit."""
+from __future__ import annotations
+
+import gc
+
+import torch
+
+
+def device_name(device: torch.device) -> str:
+    """``"cpu"``, or the GPU's name (e.g. ``NVIDIA H100 80GB HBM3``): part of every setup."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"
+
+
+STICKY_ERRORS = ("device-side assert", "illegal memory access", "unspecified launch failure",
+                 "misaligned address", "CUDA error: an illegal instruction", "uncorrectable ECC error")
+"""CUDA errors after which the process's CUDA context is unusable: only a new process recovers."""
+
+
+def is_sticky_error(exc: BaseException) -> bool:
+    """A sticky CUDA error (see ``STICKY_ERRORS``): the worker process must be replaced."""
+    return isinstance(exc, RuntimeError) and any(s in str(exc) for s in STICKY_ERRORS)
+
+
+def is_device_error(exc: BaseException) -> bool:
+    """A runtime error of the device itself (a sticky one, or any CUDA error), which eager would hit too."""
+    accelerator_error = getattr(torch, "AcceleratorError", ())
+    return isinstance(exc, accelerator_error) or is_sticky_error(exc) or "CUDA error" in str(exc)
+
+
+
+def free_memory(device: torch.device) -> None:
+    """Return freed GPU memory to the device. Collect first: a compiled head holds its module in a reference
+    cycle (torch.compile keeps the bound method), which only the cycle collector frees."""
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def retry_batch_sizes(batch_size: int) -> list[int]:
+    """The configured batch size, then half of it once (when that is smaller): an out-of-memory batch's retry."""
+    return [batch_size] + ([batch_size // 2] if batch_size > 1 else [])
+
+
+MEMORY_HEADROOM = 0.85
+"""Fraction of free GPU memory a batch may plan to use (the allocator fragments; other tenants grow)."""
+MAX_AUTO_BATCH = 64
+"""Upper bound of an automatic batch: beyond it GPUs gain little and a failure loses more work."""
+
+
+def batch_size_for(free_bytes: int, per_window_bytes: int, n_windows: int, cap: int = MAX_AUTO_BATCH) -> int:
+    """Largest batch of windows whose planned memory fits in ``MEMORY_HEADROOM`` of the free memory.
+
+    ``per_window_bytes`` is what one window costs at peak: its transient activations (measured) plus its share of
+    the trie cache, (depth + 1) x T x H residual streams. Example: 40 GiB free, 1.5 GiB per window, 62 windows
+    -> floor(0.85 * 40 / 1.5) = 22. Never below 1 (an OOM then becomes a failed row, not a crash), never above
+    ``cap`` or the number of windows.
+    """
+    if per_window_bytes <= 0:
+        return max(1, min(cap, n_windows))
+    fits = int(MEMORY_HEADROOM * free_bytes // per_window_bytes)
+    return max(1, min(fits, cap, max(n_windows, 1)))

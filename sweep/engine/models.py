@@ -1,0 +1,256 @@
+"""Loading causal LMs and tokenizers (hub id or local directory), identifying their weights, and exporting a
+physically pruned copy that reloads with ``from_pretrained``. Which attributes hold the layers is
+:mod:`sweep.engine.adapters`' business.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sweep.config import SweepConfig
+from sweep.engine.adapters import adapter_for, pruned
+from sweep.errors import ConfigError, ExportError, ModelLoadError
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> first CUDA GPU if present, else CPU.
+
+    Raises:
+        ConfigError: CUDA asked for but unavailable.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` -> bfloat16 on CUDA, float32 on CPU."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16 -> "bfloat16"``: a dtype as results.db and the flags spell it."""
+    return str(dtype).removeprefix("torch.")
+
+
+def model_dtype(model: nn.Module) -> str:
+    """The dtype name of a loaded model's weights."""
+    return dtype_name(next(model.parameters()).dtype)
+
+
+def model_class_name(config) -> str:
+    """The class ``AutoModelForCausalLM`` builds for ``config`` (e.g. ``GPT2LMHeadModel``), without building it."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(getattr(config, "model_type", ""))
+    return name or next(iter(getattr(config, "architectures", None) or []), "unknown")
+
+
+def _looks_local(name: str) -> bool:
+    """Paths start with ./ / ~ or exist; anything else is taken for a hub id (``org/name``)."""
+    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
+
+
+def _load_error(name: str, what: str, exc: Exception) -> ModelLoadError:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if _looks_local(name) and not Path(name).expanduser().exists():
+        return ModelLoadError(f"{what} {name!r}: no such directory")
+    if Path(name).expanduser().is_dir():
+        return ModelLoadError(f"cannot load {what} from {name}: {text}")
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in text.lower() or "connect" in text.lower() \
+        or "resolve" in text.lower() or "network" in text.lower() or "couldn't" in text.lower()
+    hint = (" — no network to reach the hub? Download it elsewhere and pass the local directory, e.g. "
+            f"--model /path/to/{name.split('/')[-1]}") if offline else ""
+    return ModelLoadError(f"cannot load {what} {name!r} from the Hugging Face hub{hint} ({text})")
+
+
+def load_config(name: str, revision: str | None = None, trust_remote_code: bool = False):
+    """The model's config alone (cheap: no weights), to check a plan before loading anything big.
+
+    Raises:
+        ModelLoadError: unknown id or path, or no network for a hub id.
+    """
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise _load_error(name, "model", exc) from None
+
+
+def weights_fingerprint(name: str, config, random_init: bool = False) -> str:
+    """What identifies the weights, without reading them: part of every setup id.
+
+    Random init -> ``"random-init"``; a local directory -> hash of its weight files' names, sizes and
+    modification times (retrained weights make a new setup); a hub id -> the resolved commit hash.
+    """
+    if random_init:
+        return "random-init"
+    path = Path(name).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
+        blob = "|".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+        return "local:" + hashlib.sha256(blob.encode()).hexdigest()[:12]
+    return "hub:" + str(getattr(config, "_commit_hash", None) or "unknown")
+
+
+def checkpoint_dtype(config) -> str:
+    """The dtype the checkpoint was saved in, as a --dtype name (float32 when unknown)."""
+    dtype = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
+    dtype = dtype.replace("torch.", "")
+    return dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
+
+
+def load_model(name: str, revision: str | None = None, dtype: str = "auto", device: str = "auto",
+               random_init: bool = False, trust_remote_code: bool = False) -> nn.Module:
+    """Load a causal LM by hub id or local directory, in eval mode on the chosen device.
+
+    Args:
+        random_init: build from the config with random weights (timing and shape studies; needs no weights).
+
+    Raises:
+        ModelLoadError: unknown id/path, no network, or no weights; ArchitectureError: no decoder layers found.
+    """
+    from transformers import AutoModelForCausalLM
+
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    config = load_config(name, revision, trust_remote_code)
+    try:
+        if random_init:
+            torch.manual_seed(0)  # seeds every device's generator
+            # Initialised where it will run: on a GPU this takes a fraction of a second, on the CPU's generator
+            # about 30 s for a 1B model (so the weights differ between CPU and GPU; the device is in the setup).
+            with torch.device(torch_device):
+                model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype,
+                                                         trust_remote_code=trust_remote_code)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                name, revision=revision, dtype=torch_dtype, trust_remote_code=trust_remote_code
+            )
+    except (OSError, ValueError, KeyError) as exc:
+        raise _load_error(name, "model", exc) from None
+    model.to(torch_device).eval()
+    adapter_for(model)  # fail now, with the class name, if the layers cannot be found
+    return model
+
+
+def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False):
+    """Load the tokenizer saved with a model (or given with --tokenizer).
+
+    Raises:
+        ModelLoadError: no tokenizer files at that id or path.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        err = _load_error(name, "tokenizer", exc)
+        raise ModelLoadError(f"{err} — pass --tokenizer DIR to use another tokenizer") from None
+    # transformers 5 builds an empty tokenizer (no vocabulary) from a directory without tokenizer files.
+    if len(tokenizer) <= 1 or not tokenizer("a")["input_ids"]:
+        raise ModelLoadError(f"no tokenizer files at {name} — pass --tokenizer DIR to use another tokenizer")
+    return tokenizer
+
+
+def tokenizer_for(cfg: SweepConfig):
+    """The tokenizer of a sweep: ``--tokenizer`` if given, else the one saved with the model."""
+    if cfg.tokenizer:
+        return load_tokenizer(cfg.tokenizer, None, cfg.trust_remote_code)
+    return load_tokenizer(cfg.model, cfg.revision, cfg.trust_remote_code)
+
+
+def model_for(cfg: SweepConfig) -> nn.Module:
+    """The model of a sweep, as ``--model``, ``--revision``, ``--dtype``, ``--device`` and ``--random-init`` say."""
+    return load_model(cfg.model, cfg.revision, cfg.dtype, cfg.device, cfg.random_init, cfg.trust_remote_code)
+
+
+def config_for(cfg: SweepConfig):
+    """The config of ``--model`` (cheap: no weights)."""
+    return load_config(cfg.model, cfg.revision, cfg.trust_remote_code)
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+def export_pruned(model: nn.Module, tokenizer, removed: Sequence[int], out_dir: str | Path) -> Path:
+    """Save a physically pruned copy of ``model`` that reloads with ``from_pretrained``.
+
+    The saved config's layer count and per-layer lists and every ``layer_idx`` agree with the kept layers,
+    so the reloaded model gives the in-memory variant's logits and ``generate()`` works with the KV cache.
+
+    Raises:
+        ExportError: the architecture makes a layer's function depend on its index (would not reload faithfully).
+    """
+    if getattr(model.config, "scale_attn_by_inverse_layer_idx", False) and removed:
+        raise ExportError("this GPT-2 config scales attention by 1/(layer_idx+1); a pruned export would change it")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    probe = torch.arange(min(16, model.config.vocab_size), device=next(model.parameters()).device)[None] % 7 + 1
+    with pruned(model, removed), torch.no_grad():
+        want = model(input_ids=probe, use_cache=False).logits.float().cpu()
+        model.save_pretrained(out_dir)  # saves only the kept layers, renumbered; no copy of the weights
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    _verify_export(out_dir, probe.cpu(), want, model.config._attn_implementation)
+    return out_dir
+
+
+def _verify_export(out_dir: Path, probe: torch.Tensor, want: torch.Tensor, attn: str | None) -> None:
+    """Reload the export and check it computes the in-memory variant's logits.
+
+    Raises:
+        ExportError: a config field that refers to layers by index (e.g. MoE layer lists) was not remapped.
+    """
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, attn_implementation=attn).eval()
+    with torch.no_grad():
+        got = reloaded(input_ids=probe, use_cache=False).logits.float()
+    tol = 1e-4 if want.dtype == torch.float32 else 5e-2
+    if got.shape != want.shape or not torch.allclose(got, want.to(got.dtype), rtol=tol, atol=tol * max(1.0, float(want.abs().max()))):
+        raise ExportError(
+            f"the model saved in {out_dir} does not reproduce the pruned variant's logits; its config probably "
+            "has a field that refers to layers by index (MoE layer lists...) that sweep does not remap yet"
+        )
+
+
+
+def load_model_4bit(name: str, revision: str | None = None, device: str = "cuda",
+                    trust_remote_code: bool = False) -> nn.Module:
+    """Load a causal LM with 4-bit NF4 base weights (QLoRA, Dettmers et al. 2023) on a CUDA device.
+
+    Raises:
+        ModelLoadError: not on CUDA, bitsandbytes missing, or the model cannot be loaded.
+    """
+    torch_device = resolve_device(device)
+    if torch_device.type != "cuda":
+        raise ModelLoadError("--qlora needs a CUDA GPU (4-bit weights via bitsandbytes); heal without --qlora on CPU")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelLoadError("--qlora needs bitsandbytes: pip install bitsandbytes (or heal without --qlora)") from None
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                               bnb_4bit_compute_dtype=torch.bfloat16)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, revision=revision, quantization_config=quant,
+                                                     device_map={"": torch_device.index or 0},
+                                                     trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as exc:
+        raise _load_error(name, "model", exc) from None
+    adapter_for(model)
+    return model.eval()

@@ -1,0 +1,323 @@
+"""Orchestration: plan -> perplexity per variant (sub-tries) -> latency per shape signature -> one DB row each.
+
+Reads like a table of contents; the work happens in ``plan``, ``worker`` and ``store``.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from tqdm.auto import tqdm
+
+from sweep import store
+from sweep.config import SweepConfig, plan_spec
+from sweep.engine import identity, models, parallel
+from sweep.engine.adapters import n_layers_of
+from sweep.engine.device import is_sticky_error
+from sweep.engine.similarity import signal_removals
+from sweep.engine.worker import Worker, load_worker
+from sweep.plan import Removal, format_duration, kept_layers, parse_key, plan_variants, variant_key
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class Summary:
+    """What a run did, for the closing line."""
+
+    planned: int = 0
+    already_done: int = 0
+    measured: int = 0
+    failed: int = 0
+    interrupted: bool = False
+    seconds: float = 0.0
+    setup: str = ""
+    batch_size: int = 0
+    """Windows per forward pass the worker used (the automatic choice when --batch-size is 0)."""
+
+
+def open_setup(cfg: SweepConfig, worker: Worker):
+    """Open the DB and register the model and evaluation setup of ``worker`` (:mod:`identity`); (db, setup id)."""
+    db = store.open_db(cfg.db)
+    setup = identity.evaluation_setup(cfg, worker.model.config, worker.tokens, worker.setup, worker.device)
+    return db, identity.register_setup(db, setup)
+
+
+class StopFlag:
+    """First Ctrl-C: finish the current variant, then stop. Second Ctrl-C: stop at once."""
+
+    def __init__(self, log: Log):
+        self.stop = False
+        self.log = log
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: no handler, Ctrl-C behaves as usual
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        if self.stop:
+            raise KeyboardInterrupt
+        self.stop = True
+        self.log("\nstopping after the current variant or chunk (Ctrl-C again to stop now; results so far are saved)")
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def run_sweep(cfg: SweepConfig, log: Log = print, progress: bool = True) -> Summary:
+    """Measure every planned variant not yet in the DB, writing each row as soon as it is measured.
+
+    Raises:
+        SweepError subclasses for bad input, before anything is written to the DB.
+    """
+    start = time.perf_counter()
+    store.check_writable(cfg.db)
+    n_layers = n_layers_of(models.config_for(cfg))
+    variants = plan_variants(n_layers, plan_spec(cfg))  # bad plans fail before the model loads
+    parallel.resolve_workers(cfg)  # so do worker counts the machine cannot pin
+    worker = load_worker(cfg)
+    db, setup = open_setup(cfg, worker)
+    variants = with_signal_variants(cfg, worker, db, variants, log, progress)
+    store.reap_dead_runs(db, setup)  # a crashed earlier run is closed even when nothing is left to measure
+    done = store.done_keys(db, setup)
+    todo = [v for v in variants if variant_key(v) not in done]
+    summary = Summary(planned=len(variants), already_done=len(variants) - len(todo), setup=setup,
+                      batch_size=worker.batch_size)
+    log(f"{cfg.model}: {n_layers} layers, {len(variants):,} variants planned ({cfg.strategy}), "
+        f"{summary.already_done:,} already in {cfg.db}, {len(todo):,} to measure on {worker.device_name} "
+        f"({_engine_line(cfg, worker)}) [setup {setup}]")
+    if todo:
+        run_id = store.start_run(db, setup, len(variants), len(todo), " ".join(sys.argv))
+        status = "failed"
+        try:
+            _announce_estimate(cfg, worker, todo, log)
+            with StopFlag(log) as stop:
+                _measure_all(cfg, worker, db, setup, todo, summary, stop, log, progress,
+                             beat=lambda: store.heartbeat(db, run_id, summary.measured), run_id=run_id)
+            status = "interrupted" if summary.interrupted else "done"
+        finally:
+            store.finish_run(db, run_id, status, summary.measured)
+    elif cfg.latency == "shared" and store.awaiting_latency(db, setup):  # an earlier run stopped before its timing
+        with StopFlag(log) as stop:
+            _latency_for(cfg, worker, db, setup, [], log, progress, should_stop=lambda: stop.stop)
+        summary.interrupted = bool(store.awaiting_latency(db, setup))
+    summary.seconds = time.perf_counter() - start
+    log(closing_line(cfg, summary))
+    return summary
+
+
+def _engine_line(cfg: SweepConfig, worker) -> str:
+    """How variants are evaluated, e.g. "trie engine, 16 windows per batch, compiled head"."""
+    engine = "trie" if cfg.engine == "trie" and worker.trie_ok else "per-variant"
+    head = "compiled head" if worker.head_loss.compiled else "eager head"
+    auto = " (auto)" if not cfg.batch_size else ""
+    return f"{engine} engine, {worker.batch_size} windows per batch{auto}, {head}"
+
+
+PER_VARIANT_GROUP = 16
+"""With --latency per-variant, variants are timed (interleaved) in groups of this many, so results keep flowing."""
+
+
+def _signature(cfg: SweepConfig, worker, removed: Removal) -> str:
+    """Latency is shared between variants with equal signatures; per-variant mode makes every variant unique."""
+    return f"variant:{variant_key(removed)}" if cfg.latency == "per-variant" else worker.signature(removed)
+
+
+CHUNK_SECONDS = 30.0
+"""Target evaluation time of one chunk (sub-trie): results reach the DB at least this often (roughly)."""
+
+
+def _measure_all(cfg, worker, db, setup, todo: list[Removal], summary: Summary, stop: StopFlag, log: Log,
+                 progress: bool, beat: Callable[[], None] = lambda: None, run_id: int | None = None) -> None:
+    """Evaluate ``todo`` in chunks (sub-tries), committing each chunk's rows as soon as it is measured."""
+    n_workers = parallel.resolve_workers(cfg)
+    if n_workers > 1 or cfg.backend == "dask":
+        return _measure_parallel(cfg, worker, db, setup, todo, summary, stop, log, progress, beat, run_id, n_workers)
+    per_variant_latency = cfg.latency == "per-variant"
+    # Perplexity first, so results reach the DB from the first chunk on; rows of signatures not timed yet are
+    # completed by the latency phase at the end (_latency_for with nothing new to plan).
+    latency = {} if per_variant_latency else store.latency_by_signature(db, setup)
+    order = _trie_order(todo, worker.n_layers) if cfg.engine == "trie" and worker.trie_ok else list(todo)
+    bar = tqdm(total=len(todo), desc="variants", unit="variant", disable=not progress, dynamic_ncols=True)
+    size, first = (8 if cfg.engine == "trie" else 1), 0
+    while first < len(order) and not stop.stop:
+        chunk = order[first : first + min(size, PER_VARIANT_GROUP if per_variant_latency else size)]
+        if per_variant_latency:
+            latency.update(_latency_for(cfg, worker, db, setup, chunk, log, False))
+        rows = _evaluate_in_process(worker, chunk, stop, log)
+        _record_chunk(cfg, worker, db, setup, chunk, rows, latency, summary, run_id)
+        beat()
+        bar.update(len(chunk))
+        if first == 0 and len(todo) > len(chunk):
+            _first_estimate(rows[0], len(todo))
+        first += len(chunk)
+        if cfg.engine == "trie":  # per-variant chunks stay at one variant: Ctrl-C stops after the current one
+            size = _next_chunk_size(rows, size)
+    summary.interrupted = first < len(order)
+    bar.close()
+    if not summary.interrupted and not per_variant_latency:
+        _latency_for(cfg, worker, db, setup, [], log, progress, should_stop=lambda: stop.stop)
+        summary.interrupted = bool(store.awaiting_latency(db, setup))  # stopped during the latency phase
+
+
+def _record_chunk(cfg, worker, db, setup, chunk: list[Removal], rows: list[dict], latency: dict, summary: Summary,
+                  run_id: int | None) -> None:
+    """Add latency columns to a chunk's rows and commit them together (one transaction, measurement log too)."""
+    records = []
+    for removed, row in zip(chunk, rows):
+        signature = _signature(cfg, worker, removed)
+        timing = dict(latency.get(signature, {}))
+        if "latency_error" in timing:  # perplexity stands; say why the speed columns are empty
+            row = {**row, "error": "; ".join(x for x in (row.get("error"), "latency failed: "
+                                                         + timing.pop("latency_error")) if x)}
+        records.append({**row, **timing, "setup_id": setup,
+                        "latency_signature": signature if cfg.latency != "off" else None})
+        summary.failed += row["status"] != "ok"
+    store.record_results(db, records, run_id)
+    summary.measured += len(chunk)
+
+
+def measure_variants(cfg: SweepConfig, worker, db, setup: str, variants: list[Removal], log: Log = print) -> None:
+    """Measure a few variants in process and commit them exactly as `sweep run` does (perplexity, latency per
+    signature unless --latency off, measurement log), for commands that need rows `sweep run` has not made yet."""
+    latency = _latency_for(cfg, worker, db, setup, variants, log, progress=False)
+    _record_chunk(cfg, worker, db, setup, variants, worker.evaluate_many(variants), latency, Summary(), None)
+
+
+def _evaluate_in_process(worker, chunk: list[Removal], stop: StopFlag, log: Log) -> list[dict]:
+    """Rows of a chunk; a sticky CUDA error (the process's CUDA context is lost) fails the chunk and stops."""
+    try:
+        return worker.evaluate_many(chunk)
+    except RuntimeError as exc:
+        if not is_sticky_error(exc):
+            raise
+        error = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+        log(f"\n{error}\nthis process can no longer use the GPU; the same command resumes in a new process "
+            "(the failed variants are retried); --workers 2 or more recycles worker processes automatically")
+        stop.stop = True
+        return [worker.failed_row(r, error) for r in chunk]
+
+
+def _measure_parallel(cfg, worker, db, setup, todo: list[Removal], summary: Summary, stop: StopFlag, log: Log,
+                      progress: bool, beat: Callable[[], None], run_id: int | None, n_workers: int) -> None:
+    """Measure ``todo`` on worker processes; this process (the coordinator) alone writes the DB.
+
+    Latency is measured here first, for every signature of the plan, while no perplexity work competes for
+    the device; then this process's copy of the model leaves the GPU and the workers take over.
+    """
+    if cfg.backend == "dask" and cfg.workers is None:  # the cluster's size, not this machine's GPUs
+        n_workers = parallel.cluster_workers(cfg)
+    latency = _latency_for(cfg, worker, db, setup, todo, log, progress, should_stop=lambda: stop.stop)
+    if stop.stop:
+        summary.interrupted = True
+        return
+    prefix_sharing = cfg.engine == "trie" and worker.trie_ok
+    order = _trie_order(todo, worker.n_layers) if prefix_sharing else list(todo)
+    # Priced one by one: a chunk is a small sub-trie that shares far less than the whole plan.
+    per_variant = worker.estimate_seconds(order, shared=False) / len(order) if prefix_sharing else 1.0
+    worker.release_device()
+    chunks = parallel.chunked(order, parallel.chunk_size(len(order), n_workers, per_variant, prefix_sharing,
+                                                         CHUNK_SECONDS))
+    where = f"Dask cluster {cfg.scheduler} ({n_workers} workers)" if cfg.backend == "dask" \
+        else f"{n_workers} worker processes"
+    log(f"{len(order):,} variants in {len(chunks):,} chunks on {where}")
+    bar = tqdm(total=len(todo), desc="variants", unit="variant", disable=not progress, dynamic_ncols=True)
+    for chunk, rows in parallel.run_chunks(cfg, chunks, n_workers, _failed_rows(worker),
+                                           should_stop=lambda: stop.stop, log=tqdm.write if progress else log):
+        _record_chunk(cfg, worker, db, setup, chunk, rows, latency, summary, run_id)
+        beat()
+        bar.update(len(chunk))
+    bar.close()
+    summary.interrupted = summary.measured < len(todo)
+
+
+def _failed_rows(worker):
+    return lambda chunk, error: [{**worker.failed_row(r, error), "eval_seconds": None} for r in chunk]
+
+
+def _trie_order(todo: list[Removal], n_layers: int) -> list[Removal]:
+    """Variants sorted by kept-layer sequence, so that consecutive chunks are sub-tries sharing long prefixes.
+
+    Example, 3 layers: kept [] (all removed), [0], [0, 1], [0, 1, 2] (baseline), [0, 2], [1], [1, 2], [2].
+    """
+    return sorted(todo, key=lambda removed: kept_layers(removed, n_layers))
+
+
+def _next_chunk_size(rows: list[dict], size: int) -> int:
+    """Grow or shrink chunks so that one takes about CHUNK_SECONDS."""
+    per_variant = max(sum(r.get("eval_seconds") or 0.0 for r in rows) / max(len(rows), 1), 1e-3)
+    return max(1, min(512, int(CHUNK_SECONDS / per_variant)))
+
+
+def _latency_for(cfg, worker, db, setup, todo, log, progress, should_stop=lambda: False) -> dict[str, dict]:
+    """Latency columns for every signature in ``todo`` and of rows stored without them: reuse stored
+    measurements, measure the rest interleaved, and complete the waiting rows in the DB."""
+    if cfg.latency == "off":
+        return {}
+    known = store.latency_by_signature(db, setup)
+    waiting = store.awaiting_latency(db, setup)
+    needed: dict[str, Sequence[int]] = {sig: parse_key(key) for sig, key in waiting.items() if sig not in known}
+    for removed in todo:
+        sig = _signature(cfg, worker, removed)
+        if sig not in known and sig not in needed:
+            needed[sig] = removed
+    if needed:
+        if progress:
+            log(f"latency: {len(needed)} shape signature(s), {cfg.latency_repeats} interleaved repeats each "
+                f"(prefill of {cfg.latency_seq} tokens"
+                f"{f', decode of {cfg.decode_tokens} tokens' if cfg.decode_tokens else ''})")
+        bar = tqdm(total=cfg.latency_warmup + cfg.latency_repeats, desc="latency", unit="round",
+                   disable=not progress, dynamic_ncols=True)
+        known.update(worker.measure_latency(needed, progress=lambda done, total: bar.update(1),
+                                            should_stop=should_stop))
+        bar.close()
+    for sig in waiting:
+        if sig in known:
+            store.fill_latency(db, setup, sig, known[sig])
+    return known
+
+
+def _announce_estimate(cfg: SweepConfig, worker, todo: list[Removal], log: Log) -> None:
+    """Tell the user within seconds how long the plan will take, and how to make it shorter when it is long."""
+    seconds = worker.estimate_seconds(todo)
+    log(f"estimate: about {format_duration(seconds)} of perplexity evaluation for {len(todo):,} variants "
+        f"({len(worker.token_ids):,} tokens each), plus latency")
+    if seconds > 600:
+        log("  shorter: --max-tokens 20000 (evaluate a prefix), --strategy single, --latency off, or a GPU; "
+            "Ctrl-C stops cleanly and the same command resumes")
+
+
+def _first_estimate(row: dict, n_todo: int) -> None:
+    per_variant = row.get("eval_seconds") or 0.0
+    total = per_variant * n_todo
+    if total > 120:
+        tqdm.write(f"one variant took {per_variant:.1f} s: about {format_duration(total)} for all {n_todo:,}. "
+                   "Shorter: --max-tokens 20000, --strategy single, or a GPU; Ctrl-C stops cleanly and a re-run resumes.")
+
+
+def closing_line(cfg: SweepConfig, summary: Summary) -> str:
+    state = "interrupted" if summary.interrupted else "done"
+    failed = f", {summary.failed} failed/diverged" if summary.failed else ""
+    return (f"{state}: measured {summary.measured:,} variants in {format_duration(summary.seconds)}{failed}; "
+            f"{summary.already_done + summary.measured:,}/{summary.planned:,} of the plan are in {cfg.db}. "
+            f"Next: sweep report --db {cfg.db}")
+
+
+def with_signal_variants(cfg: SweepConfig, worker, db, variants: list[Removal], log: Log = print,
+                         progress: bool = True) -> list[Removal]:
+    """The plan plus the removals chosen by the signal strategies (angular, block-influence, greedy).
+
+    Their signals are computed on the calibration text with the loaded model (or read from the DB), and the
+    chosen variants are then measured like any other, on the evaluation setup.
+    """
+    extra = signal_removals(cfg, worker.model, db, log, progress)
+    return sorted(set(variants) | {tuple(sorted(r)) for r in extra}, key=lambda r: (len(r), r))

@@ -1,0 +1,88 @@
+"""Prefix sharing: evaluate many variants of one model as a trie over their kept-layer sequences.
+
+Variants that keep the same leading layers compute the same residual stream up to the first difference, so
+for each batch of windows the trie is walked depth-first, keeping the residual stream at each depth, and only
+the layers below a branch are run again. Final norm + LM head + loss run once per variant (at its node).
+
+Example, 3 layers, variants keeping [0,1,2] (baseline), [0,2], [1,2] and [0]::
+
+    root (embeddings)
+    ├── 0 ── 1 ── 2      baseline
+    │    ├── 2           [0,2]   (shares layer 0 with the baseline)
+    │    └── (end)       [0]     (its node is layer 0's output)
+    └── 1 ── 2           [1,2]
+
+Per-variant evaluation runs 3+2+2+1 = 8 layer calls; the trie runs 6. Exhaustive over L layers costs
+2^L - 1 layer calls instead of L * 2^(L-1).
+
+Each layer is called exactly as the model calls it: its arguments are captured once per batch by
+:func:`sweep.engine.adapters.capture_layer_calls` and replayed (see that function for why this is exact).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from sweep.engine import adapters
+from sweep.engine.perplexity import Perplexity, scored_batches, window_nll
+
+
+@dataclass
+class Node:
+    """A trie node: the variants whose kept sequence ends here, and children by next kept layer."""
+
+    keys: list[str] = field(default_factory=list)
+    children: dict[int, Node] = field(default_factory=dict)
+
+
+def build_trie(kept_sequences: dict[str, Sequence[int]]) -> Node:
+    """Trie over kept-layer sequences, e.g. ``{"": [0, 1, 2], "1": [0, 2]}``."""
+    root = Node()
+    for key, kept in kept_sequences.items():
+        node = root
+        for layer in kept:
+            node = node.children.setdefault(layer, Node())
+        node.keys.append(key)
+    return root
+
+
+def layer_calls(root: Node) -> int:
+    """Layer calls one batch costs (one per non-root node)."""
+    return sum(1 + layer_calls(child) for child in root.children.values())
+
+
+@torch.no_grad()
+def trie_perplexities(model, kept_sequences: dict[str, Sequence[int]], head: Callable, token_ids: torch.Tensor,
+                      max_length: int, stride: int, batch_size: int) -> dict[str, Perplexity]:
+    """Perplexity of every variant, with the guide's windowing and weighting (as :func:`perplexity.perplexity`).
+
+    Args:
+        kept_sequences: variant key -> kept layers (ascending).
+        head: a :class:`perplexity.HeadLoss`, or a logits function backbone output (B, t, H) -> logits (B, t, V).
+        token_ids: (N,) tokens on the model's device.
+    """
+    root = build_trie(kept_sequences)
+    finish = adapters.final_norm_fn(model)
+    index = {key: i for i, key in enumerate(kept_sequences)}
+    # NLL sums stay on the device and are read once at the end: a read per leaf would stall the GPU
+    # thousands of times per batch (one sync per variant per batch).
+    nll = torch.zeros(len(index), dtype=torch.float64, device=token_ids.device)  # (n_variants,)
+    n_tokens = {key: 0 for key in kept_sequences}
+    for batch in scored_batches(token_ids, max_length, stride, batch_size):
+        calls = adapters.capture_layer_calls(model, batch.input_ids)
+
+        def score(node: Node, hidden: torch.Tensor) -> None:
+            if node.keys:
+                sums, n_scored = window_nll(head, finish(hidden), batch.input_ids, batch.n_targets)
+                weighted, tokens = batch.weighted(sums, n_scored)
+                for key in node.keys:
+                    nll[index[key]] += weighted
+                    n_tokens[key] += tokens
+            for layer, child in node.children.items():
+                score(child, adapters.call_layer(model, layer, hidden, calls))
+
+        score(root, calls.hidden)
+    sums = nll.tolist()
+    return {key: Perplexity(sums[index[key]], n_tokens[key]) for key in kept_sequences}

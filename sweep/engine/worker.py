@@ -1,0 +1,278 @@
+"""One device's work: hold a loaded model and its evaluation tokens, evaluate variants without reloading.
+
+A worker knows nothing about the database or the plan: it turns a removal into a result row (a dict with the
+columns of ``store.RESULT_COLUMNS``), and measurement failures (out of memory, NaN) into rows with a status.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import socket
+import time
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from sweep.config import CPU_BATCH_SIZE, SweepConfig
+from sweep.engine import adapters, latency, models, perplexity, trie
+from sweep.engine.device import batch_size_for, device_name, free_memory, retry_batch_sizes
+from sweep.engine.data import EvalSetup, TokenizedText, load_tokens, resolve_windows
+from sweep.engine.faults import injected_delay, injected_fault
+from sweep.plan import kept_layers, variant_key
+
+
+class Worker:
+    """A model on one device plus the tokens to evaluate it on."""
+
+    def __init__(self, model: nn.Module, tokens: TokenizedText, setup: EvalSetup, cfg: SweepConfig):
+        self.model = model
+        self.tokens = tokens
+        self.cfg = cfg
+        self.setup = setup
+        self.device = next(model.parameters()).device
+        n_eval = min(len(tokens.ids), setup.max_tokens or len(tokens.ids))
+        self.token_ids = torch.as_tensor(tokens.ids[:n_eval]).to(self.device)  # (N,) moved once
+        # Bytes covered by the evaluated tokens, pro rata when --max-tokens cuts the text.
+        self.tokens_per_byte = len(tokens.ids) / tokens.n_bytes
+        self.n_layers = adapters.n_layers_of(model.config)
+        self.layer_params = adapters.layer_params(model)
+        self.total_params = adapters.total_params(model)
+        self.embedding_params = adapters.embedding_params(model)
+        self.hidden_fn, self.logits_fn, self.split_head = self._split_head()
+        self.trie_ok = self.split_head and self._trie_reproduces_backbone()
+        use_compile = cfg.compile == "on" or (cfg.compile == "auto" and self.device.type == "cuda")
+        self.head_loss = perplexity.HeadLoss(self.logits_fn, compiled=use_compile)
+        self.batch_size = cfg.batch_size or self._auto_batch_size()
+        self.host = socket.gethostname()
+        self.device_name = device_name(self.device)
+
+    # ------------------------------------------------------------------------------------------ head
+
+    def _auto_batch_size(self) -> int:
+        """Windows per batch from free GPU memory (``--batch-size 0``); CPU_BATCH_SIZE on CPU.
+
+        One window of the full model is run and its peak memory above the resident weights measured (activations,
+        attention mask, a head chunk's logits); the trie adds one residual stream (1, T, H) per depth, up to L + 1
+        of them. Both grow linearly with the batch, so the batch is free memory / per-window cost
+        (:func:`batch_size_for`).
+        """
+        if self.device.type != "cuda":
+            return CPU_BATCH_SIZE
+        length = min(self.setup.max_length, len(self.token_ids))
+        probe = self.token_ids[:length][None]  # (1, T)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        resident = torch.cuda.memory_allocated(self.device)
+        with torch.no_grad():
+            hidden = self.hidden_fn(probe)  # (1, T, H)
+            perplexity.window_nll(self.head_loss, hidden, probe, length)
+        transient = torch.cuda.max_memory_allocated(self.device) - resident
+        depth = self.n_layers + 1 if self.trie_ok and self.cfg.engine == "trie" else 1
+        per_window = transient + depth * hidden.numel() * hidden.element_size()
+        del hidden
+        free, _ = torch.cuda.mem_get_info(self.device)
+        n_windows = len(perplexity.windows(len(self.token_ids), self.setup.max_length, self.setup.stride))
+        return batch_size_for(free, per_window, n_windows)
+
+    def _split_head(self):
+        """Run backbone and LM head separately (so the head can be chunked) when that reproduces the model.
+
+        The split is checked once against the model's own logits; architectures that post-process logits in
+        ways we do not know fall back to full-model logits.
+        """
+        model = self.model
+        backbone = model.base_model
+        head = model.get_output_embeddings()
+        softcap = getattr(model.config, "final_logit_softcapping", None)
+
+        def hidden_fn(ids: torch.Tensor) -> torch.Tensor:
+            return backbone(input_ids=ids, use_cache=False).last_hidden_state  # (B, T, H)
+
+        def logits_fn(hidden: torch.Tensor) -> torch.Tensor:
+            logits = head(hidden)  # (B, t, V)
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+            return logits
+
+        probe = self.token_ids[: min(16, len(self.token_ids))][None]
+        with torch.no_grad():
+            want = model(input_ids=probe, use_cache=False).logits.float()
+            got = logits_fn(hidden_fn(probe)).float()
+        tol = 1e-4 if want.dtype == torch.float32 and next(model.parameters()).dtype == torch.float32 else 2e-2
+        if got.shape == want.shape and torch.allclose(got, want, rtol=tol, atol=tol):
+            return hidden_fn, logits_fn, True
+        return (lambda ids: model(input_ids=ids, use_cache=False).logits), (lambda logits: logits), False
+
+    def _trie_reproduces_backbone(self) -> bool:
+        """Replaying captured layer calls must give the backbone's own output, or the trie engine is not used."""
+        probe = self.token_ids[: min(16, len(self.token_ids))][None]
+        # The full model, and a variant without layer 0 and a middle layer (catches layer arguments that
+        # carry state from earlier layers, which a full replay alone would not).
+        checks = [[], sorted({0, self.n_layers // 2})] if self.n_layers > 1 else [[]]
+        # Same kernels on the same shapes: equal up to float32 rounding; half precision gets the head check's margin.
+        tol = 1e-4 if next(self.model.parameters()).dtype == torch.float32 else 2e-2
+        try:
+            with torch.no_grad():
+                calls = adapters.capture_layer_calls(self.model, probe)
+                finish = adapters.final_norm_fn(self.model)
+                for removed in checks:
+                    hidden = calls.hidden
+                    for i in kept_layers(removed, self.n_layers):
+                        before = hidden.clone()
+                        hidden_in, hidden = hidden, adapters.call_layer(self.model, i, hidden, calls)
+                        # The trie feeds one stream to several children: a layer that writes into its input
+                        # would corrupt its siblings' input.
+                        if not torch.equal(hidden_in, before):
+                            return False
+                    got = finish(hidden).float()
+                    with adapters.pruned(self.model, removed):
+                        want = self.hidden_fn(probe).float()
+                    if got.shape != want.shape or not torch.allclose(got, want, rtol=tol, atol=tol):
+                        return False
+        except Exception:  # an architecture whose layers cannot be replayed: use the per-variant engine
+            return False
+        return True
+
+    # ------------------------------------------------------------------------------------------ variants
+
+    def params_of(self, removed: Sequence[int]) -> tuple[int, int]:
+        """(total, non-embedding) parameters of a variant: exact, without building it."""
+        total = self.total_params - sum(self.layer_params[i] for i in removed)
+        return total, total - self.embedding_params
+
+    def _base_row(self, removed: Sequence[int]) -> dict:
+        total, non_embedding = self.params_of(removed)
+        kept = kept_layers(removed, self.n_layers)
+        return {"removed": variant_key(removed), "n_removed": len(removed), "n_layers": len(kept),
+                "kept_layers": variant_key(kept), "params": total, "params_non_embedding": non_embedding,
+                "device": self.device_name, "host": self.host}
+
+    def failed_row(self, removed: Sequence[int], error: str) -> dict:
+        """A ``failed`` result row for a variant whose measurement could not finish (the error says why)."""
+        return {**self._base_row(removed), "status": "failed", "error": error}
+
+    def release_device(self) -> None:
+        """Move the model off the GPU (the coordinator's copy, once worker processes take over the GPUs)."""
+        if self.device.type == "cuda":
+            self.model.to("cpu")
+            free_memory(self.device)
+
+    def _row(self, removed: Sequence[int], result: perplexity.Perplexity, seconds: float) -> dict:
+        """A result row from a perplexity; NaN or inf perplexity makes it ``diverged``."""
+        if injected_fault("nan", removed):
+            result = perplexity.Perplexity(nll_sum=math.nan, n_tokens=result.n_tokens)
+        ppl = result.ppl
+        row = {**self._base_row(removed), "nll_sum": result.nll_sum, "n_tokens": result.n_tokens,
+               "n_bytes": round(len(self.token_ids) / self.tokens_per_byte), "ppl": ppl,
+               "bpb": perplexity.bits_per_byte(result.nll_sum, result.n_tokens, self.tokens_per_byte),
+               "eval_seconds": seconds, "status": "ok", "error": None}
+        if not math.isfinite(ppl):
+            row.update(status="diverged", error=f"perplexity is {ppl} (NLL sum {result.nll_sum})")
+        return row
+
+    def evaluate(self, removed: Sequence[int]) -> dict:
+        """Perplexity and parameters of one variant, as a result row (status ok, diverged or failed).
+
+        Out of memory: retried once with half the batch, then recorded as ``failed`` with the error.
+        """
+        start = time.perf_counter()
+        for batch_size in retry_batch_sizes(self.batch_size):
+            try:
+                if injected_fault("oom", removed, batch_size < self.batch_size):
+                    raise torch.OutOfMemoryError("injected by SWEEP_FAULTS")
+                with adapters.pruned(self.model, removed):
+                    result = perplexity.perplexity(self.hidden_fn, self.head_loss, self.token_ids,
+                                                self.setup.max_length, self.setup.stride, batch_size, self.device)
+                return self._row(removed, result, time.perf_counter() - start)
+            except torch.OutOfMemoryError as exc:
+                free_memory(self.device)
+                error = f"out of memory at batch size {batch_size}: {str(exc).splitlines()[0]}"
+        return {**self._base_row(removed), "status": "failed", "eval_seconds": time.perf_counter() - start,
+                "error": error}
+
+    def estimate_seconds(self, variants: Sequence[Sequence[int]], shared: bool = True) -> float:
+        """Seconds to evaluate ``variants``, extrapolated from timing one batch of windows (takes seconds).
+
+        Cost model: a variant keeping k of L layers costs ``head + k/L * (full - head)`` per batch, where
+        ``full`` is the unpruned batch time and ``head`` the time with every layer removed. With prefix sharing the
+        layers are counted once per trie node instead (plus one capture forward per batch): an exhaustive GPT-2
+        sweep runs 4,095 layer calls per batch, not 24,576. ``shared=False`` prices each variant alone (an upper
+        bound for a small sub-trie).
+        """
+        n_batches = math.ceil(len(perplexity.windows(len(self.token_ids), self.setup.max_length, self.setup.stride))
+                              / self.batch_size)
+        full, head = self._batch_seconds()
+        per_layer = max(full - head, 0.0) / max(self.n_layers, 1)
+        if shared and self.cfg.engine == "trie" and self.trie_ok and len(variants) > 1:
+            variants_trie = trie.build_trie({variant_key(v): kept_layers(v, self.n_layers) for v in variants})
+            layer_calls = trie.layer_calls(variants_trie) + self.n_layers - 1  # nodes + the capture forward
+            return n_batches * (head * len(variants) + per_layer * layer_calls)
+        return sum(n_batches * (head + per_layer * (self.n_layers - len(v))) for v in variants)
+
+    def _batch_seconds(self) -> tuple[float, float]:
+        """Seconds of one batch of windows through the full model and with every layer removed (after a warm-up)."""
+        # The first batch of equal-length windows (a shorter last window is never stacked with full ones).
+        ids = next(perplexity.scored_batches(self.token_ids, self.setup.max_length, self.setup.stride,
+                                             self.batch_size)).input_ids  # (B, T)
+
+        def seconds(removed: Sequence[int]) -> float:
+            with adapters.pruned(self.model, removed), torch.no_grad():
+                start = time.perf_counter()
+                perplexity.window_nll(self.head_loss, self.hidden_fn(ids), ids, ids.shape[1])
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                return time.perf_counter() - start
+
+        seconds([])  # warm-up
+        return seconds([]), seconds(range(self.n_layers))
+
+    def evaluate_many(self, removals: Sequence[Sequence[int]]) -> list[dict]:
+        """Result rows of several variants: one prefix-sharing trie pass when possible, else one by one."""
+        injected_delay(len(removals))
+        for removed in removals:
+            if injected_fault("kill", removed):
+                os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer or a segfault would
+            if injected_fault("sticky", removed):
+                raise RuntimeError("CUDA error: an illegal memory access was encountered (injected by SWEEP_FAULTS)")
+        if self.cfg.engine != "trie" or not self.trie_ok or len(removals) == 1:
+            return [self.evaluate(r) for r in removals]
+        kept = {variant_key(r): kept_layers(r, self.n_layers) for r in removals}
+        start = time.perf_counter()
+        for batch_size in retry_batch_sizes(self.batch_size):
+            try:
+                if any(injected_fault("oom", r, batch_size < self.batch_size, once=False) for r in removals):
+                    raise torch.OutOfMemoryError("injected by SWEEP_FAULTS")
+                results = trie.trie_perplexities(self.model, kept, self.head_loss, self.token_ids,
+                                                 self.setup.max_length, self.setup.stride, batch_size)
+                seconds = (time.perf_counter() - start) / len(removals)
+                return [self._row(r, results[variant_key(r)], seconds) for r in removals]
+            except torch.OutOfMemoryError:
+                free_memory(self.device)
+        return [self.evaluate(r) for r in removals]  # the trie's cache did not fit: one variant at a time
+
+    # ------------------------------------------------------------------------------------------ latency
+
+    def signature(self, removed: Sequence[int]) -> str:
+        return adapters.shape_signature(self.model, kept_layers(removed, self.n_layers))
+
+    def measure_latency(self, representatives: dict[str, Sequence[int]], progress=None,
+                        should_stop=lambda: False) -> dict[str, dict]:
+        """Latency columns of one variant per shape signature (:func:`latency.measure_latency`, interleaved)."""
+        cfg = self.cfg
+        return latency.measure_latency(self.model, representatives, seq=cfg.latency_seq,
+                                       decode_tokens=cfg.decode_tokens, repeats=cfg.latency_repeats,
+                                       warmup=cfg.latency_warmup, seed=cfg.seed, progress=progress,
+                                       should_stop=should_stop)
+
+
+def load_worker(cfg: SweepConfig) -> Worker:
+    """Load model, tokenizer and tokens for ``cfg`` (cheap checks first, weights last).
+
+    Raises:
+        ModelLoadError, ArchitectureError, DataError, ConfigError.
+    """
+    windows = resolve_windows(cfg, models.config_for(cfg))
+    tokens = load_tokens(cfg, models.tokenizer_for(cfg), windows)
+    return Worker(models.model_for(cfg), tokens, windows, cfg)

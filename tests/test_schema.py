@@ -1,0 +1,117 @@
+"""The schema is defined once (sweep/store/schema.py); files of older versions upgrade in place, others are refused."""
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from sweep import store
+from sweep.errors import StoreError
+from sweep.store import schema
+
+V1_DUMP = Path(__file__).parent / "data" / "results-v1.sql"
+
+
+def _load_dump(path: Path) -> Path:
+    conn = sqlite3.connect(path)
+    conn.executescript(V1_DUMP.read_text())
+    conn.close()
+    return path
+
+
+def _contents(path: Path) -> dict[str, list[tuple]]:
+    """Every row of every table, sorted, read without sweep."""
+    conn = sqlite3.connect(path)
+    try:
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+        return {t: sorted(conn.execute(f'SELECT * FROM "{t}"').fetchall(), key=repr) for t in tables}
+    finally:
+        conn.close()
+
+
+def test_a_version_1_file_upgrades_in_place_keeping_every_row(tmp_path):
+    path = _load_dump(tmp_path / "v1.db")
+    before = _contents(path)
+    assert dict(before["meta"]) == {"schema_version": "1"}
+    db = store.open_db(path)
+    assert store.schema_version(db) == schema.SCHEMA_VERSION == 2
+    after = _contents(path)
+    for table, rows in before.items():
+        if table == "meta":
+            continue
+        width = len(rows[0]) if rows else 0
+        assert [row[:width] for row in after[table]] == rows, table  # nothing lost or changed
+    assert [(v, d) for v, d, _ in after["schema_migrations"]] == [(2, schema.MIGRATIONS[2])]
+    assert db.execute("PRAGMA application_id").fetchone()[0] == schema.APPLICATION_ID
+    assert len(store.read_view(db)) == len(before["results"]) == 8
+    assert store.read_greedy_steps(db, {"model_id": 1, "weights": "local:abc", "calib_fingerprint": "f00d"})
+
+
+def test_an_upgraded_file_is_left_alone_on_the_next_open(tmp_path):
+    path = _load_dump(tmp_path / "v1.db")
+    store.open_db(path).close()
+    upgraded = _contents(path)
+    store.open_db(path).close()
+    assert _contents(path) == upgraded
+
+
+def test_a_new_file_has_exactly_the_schema(tmp_path):
+    db = store.open_db(tmp_path / "new.db")
+    assert set(db.table_names()) == {t.name for t in schema.TABLES}
+    assert set(db.view_names()) == {v.name for v in schema.VIEWS}
+    for table in schema.TABLES:
+        columns = [(r[1], r[2]) for r in db.execute(f'PRAGMA table_info("{table.name}")')]
+        assert columns == [(c.name, schema.SQL_TYPES[c.type]) for c in table.columns], table.name
+    view_columns = [d[0] for d in db.execute("SELECT * FROM results_vs_baseline LIMIT 0").description]
+    assert view_columns == [c.name for c in schema.RESULTS_VS_BASELINE.columns]
+    assert [(v, d) for v, d, _ in db.execute("SELECT * FROM schema_migrations")] == [
+        (2, "created at schema version 2")]
+
+
+def test_every_column_is_documented_with_a_type_and_measurements_say_which_way_is_better():
+    for item in (*schema.TABLES, *schema.VIEWS):
+        assert item.doc, item.name
+        for column in item.columns:
+            assert column.doc and column.type in schema.SQL_TYPES, (item.name, column.name)
+            assert column.better in (None, "lower", "higher"), (item.name, column.name)
+    assert {c.name: c.better for c in schema.RESULTS.columns}["ppl"] == "lower"
+    assert {c.name: c.unit for c in schema.RESULTS.columns}["prefill_ms"] == "ms"
+
+
+def _foreign_file(path: Path) -> bytes:
+    conn = sqlite3.connect(path)
+    conn.executescript("CREATE TABLE results (id INTEGER PRIMARY KEY, score REAL); INSERT INTO results VALUES (1, 2.5);")
+    conn.close()
+    return path.read_bytes()
+
+
+def test_another_applications_sqlite_file_is_refused_untouched(tmp_path):
+    path = tmp_path / "theirs.db"
+    original = _foreign_file(path)
+    with pytest.raises(StoreError, match="another application"):
+        store.open_db(path)
+    assert path.read_bytes() == original  # no table added, still in rollback-journal mode
+    assert not Path(f"{path}-wal").exists()
+
+
+@pytest.mark.parametrize("version", ["3", "1a"])
+def test_a_newer_or_unreadable_schema_version_is_refused_untouched(tmp_path, version):
+    path = tmp_path / "r.db"
+    store.open_db(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA journal_mode=DELETE")  # a plain file, so any change to it would show in its bytes
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [version])
+    conn.commit()
+    conn.close()
+    original = path.read_bytes()
+    with pytest.raises(StoreError, match="newer than this sweep" if version == "3" else "unreadable schema version"):
+        store.open_db(path)
+    assert path.read_bytes() == original
+
+
+def test_schema_page_is_generated_from_the_schema():
+    page = schema.schema_markdown()
+    for item in (*schema.TABLES, *schema.VIEWS):
+        assert f"`{item.name}`" in page
+        assert all(f"| `{c.name}` |" in page for c in item.columns)
