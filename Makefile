@@ -38,11 +38,15 @@ plan: install  ## show the plan, how much is measured, and an estimate
 report: install  ## reports/<model>.md + figures + reports/index.md from the DB: make report [DB=..] [SETUP=id] [ARGS="--format csv"]
 	$(BIN)/sweep report --db $(DB) $(if $(SETUP),--setup $(SETUP)) $(ARGS)
 
-test: install  ## run the whole test suite (offline, CPU, a few minutes)
-	$(BIN)/python -m pytest -q $(ARGS)
+# Two test processes of one thread each (tests/conftest.py): the models are tiny, so processes side by side use the
+# cores better than threads; tests that start worker processes share one group and never run at the same time.
+TEST_FLAGS := -q -n 2 --dist loadgroup
 
-test-fast: install  ## the quick inner loop: every test not marked slow (under a minute)
-	$(BIN)/python -m pytest -q -m "not slow" $(ARGS)
+test: install  ## run the whole test suite (offline, CPU, a few minutes)
+	$(BIN)/python -m pytest $(TEST_FLAGS) $(ARGS)
+
+test-fast: install  ## the quick inner loop: every test not marked slow
+	$(BIN)/python -m pytest $(TEST_FLAGS) -m "not slow" $(ARGS)
 
 docs: install  ## regenerate docs/cli.md and docs/schema.md from the code
 	$(BIN)/python -m sweep.docgen

@@ -11,6 +11,8 @@ from tokenizers import pre_tokenizers
 
 from sweep.extras import demo
 
+pytestmark = pytest.mark.slow  # trains the demo model, several times
+
 TEXT = "déf grüße(x):  # naïve ✓ 日本語 🙂\n\treturn x <|endoftext|> \r\n"
 
 
@@ -112,13 +114,13 @@ def test_other_settings_are_not_reused(built):
 
 
 def test_builds_are_identical_whatever_the_callers_thread_count(tmp_path):
-    """The model depends on seeds and steps only: a busy machine (here: a caller limited to one thread) gets the
-    same weights, bit for bit, as an idle one."""
+    """The model depends on seeds and steps only: whatever threads the caller uses (here: one, then two), every
+    build gets the same weights, bit for bit."""
     import torch
 
     first = demo.build_demo(tmp_path / "a", steps=20, seed=0, log=lambda _: None)
     saved = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(2)
     try:
         second = demo.build_demo(tmp_path / "b", steps=20, seed=0, log=lambda _: None)
     finally:

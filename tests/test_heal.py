@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # trains a tiny model, heals it with LoRA and evaluates tasks
+
 pytest.importorskip("peft")
 
 from tiny import FAMILIES, tiny_model
@@ -19,16 +21,16 @@ from sweep.errors import MissingExtraError
 from sweep.extras.heal import heal_variant, sequences
 
 ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).parent / "data"
 
 
 @pytest.fixture(scope="module")
 def texts(tmp_path_factory) -> tuple[Path, Path]:
-    """(evaluation text, healing text): different files of this package's source."""
+    """(evaluation text, healing text): two different fixed texts from tests/data."""
     out = tmp_path_factory.mktemp("heal-text")
-    sources = sorted((ROOT / "sweep").glob("*.py"))
     evaluation, healing = out / "eval.txt", out / "heal.txt"
-    evaluation.write_text("\n".join(p.read_text() for p in sources[:3])[:4000])
-    healing.write_text("\n".join(p.read_text() for p in sources[3:])[:4000])
+    evaluation.write_text((DATA / "calib.txt").read_text()[:4000])
+    healing.write_text((DATA / "sample.txt").read_text()[:4000])
     return evaluation, healing
 
 

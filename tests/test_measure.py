@@ -186,6 +186,7 @@ def test_one_token_last_window_adds_nothing(gpt2_and_ids):
 
 @pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
                     reason="torch.compile (inductor) on CPU needs a C compiler")
+@pytest.mark.slow
 def test_compiled_head_loss_equals_eager(gpt2_and_ids):
     """The fused (compiled) head + loss gives the eager NLL: same float32 math, different kernels."""
     model, ids = gpt2_and_ids

@@ -35,6 +35,8 @@ def measurement_counts(db) -> list[int]:
 # ---------------------------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("processes")  # worker processes: never two such tests at once
 def test_two_loky_workers_give_the_in_process_rows(tiny_gpt2_dir, sample_text_file, tmp_path):
     alone = run_sweep(quick_cfg(tiny_gpt2_dir, sample_text_file, tmp_path / "one.db", tmp_path, workers=1),
                       log=lambda s: None, progress=False)
@@ -49,6 +51,8 @@ def test_two_loky_workers_give_the_in_process_rows(tiny_gpt2_dir, sample_text_fi
     assert measurement_counts(tmp_path / "two.db") == [1] * 16  # each variant measured exactly once
 
 
+@pytest.mark.slow
+@pytest.mark.xdist_group("processes")  # worker processes: never two such tests at once
 def test_dask_local_cluster_gives_the_in_process_rows(tiny_gpt2_dir, sample_text_file, tmp_path):
     distributed = pytest.importorskip("distributed")
     alone = quick_cfg(tiny_gpt2_dir, sample_text_file, tmp_path / "one.db", tmp_path, strategy="single")

@@ -91,6 +91,7 @@ def test_per_variant_latency_times_every_variant(tiny_gpt2_dir, sample_text_file
     assert sorted(r["latency_from"] for r in results) == sorted(r["removed"] for r in results)
 
 
+@pytest.mark.slow
 def test_sigint_stops_after_current_variant_and_resume_completes(tiny_gpt2_dir, sample_text_file, tmp_path):
     db = tmp_path / "r.db"
     args = [sys.executable, "-m", "sweep", "run", "--model", str(tiny_gpt2_dir), "--data", str(sample_text_file),
@@ -116,6 +117,7 @@ def test_sigint_stops_after_current_variant_and_resume_completes(tiny_gpt2_dir, 
     assert len(final) == 16 and len({r["removed"] for r in final}) == 16
 
 
+@pytest.mark.slow
 def test_wikitext_with_real_gpt2_tokenizer_matches_recipe(tmp_path):
     """Integration: the real GPT-2 tokenizer and WikiText-2 test split from ../shared."""
     need_shared(WIKITEXT_TEST)

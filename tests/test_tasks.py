@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # lm-eval imports and indexes its tasks, then evaluates tiny models
+
 pytest.importorskip("lm_eval")
 
 from toy_tasks import N_DOCS, arithmetic_docs, write_task

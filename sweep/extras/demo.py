@@ -46,9 +46,10 @@ HELDOUT_CAP = 100_000
 STEPS = 800
 """Training steps of the demo model: enough for the report to show layers that matter differently (about 50 s on two
 idle cores; a busy machine takes longer and gets the same model)."""
-THREADS = 2
+THREADS = 1
 """Training threads, fixed: the order of floating-point sums, and so the trained weights, depend on the thread
-count; 64-wide matmuls gain little from more."""
+count. One: 64-wide matmuls gain little from more, and threads that spin-wait for each other slow training down
+many times over on a busy machine."""
 SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
 
 Log = Callable[[str], object]
@@ -287,7 +288,7 @@ def build_demo(out_dir: str | Path, steps: int = STEPS, seed: int = 0, force: bo
         # fork_rng: seeding for this build must not change the caller's global RNG stream.
         with torch.random.fork_rng(devices=[]):
             model = build_model(seed)
-            log(f"training a {N_LAYER}-layer byte GPT-2 for {steps} steps on {THREADS} threads")
+            log(f"training a {N_LAYER}-layer byte GPT-2 for {steps} steps on {THREADS} thread(s)")
             result = train(model, data, steps, seed, log)
             ppl = byte_perplexity(model, text)
     finally:
