@@ -14,7 +14,7 @@ TORCH_VERSION ?= 2.13.0
 PRESET  := $(if $(wildcard configs/$(MODEL).yaml),--config configs/$(MODEL).yaml,--model $(MODEL))
 RUN_FLAGS := $(PRESET) --db $(DB) $(if $(DATA),--data $(DATA)) $(if $(STRATEGY),--strategy $(STRATEGY)) $(ARGS)
 
-.PHONY: help install sweep plan report test test-fast docs demo bench clean reliability
+.PHONY: help install sweep plan report browse test test-fast docs demo bench clean reliability
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -37,6 +37,9 @@ plan: install  ## show the plan, how much is measured, and an estimate
 
 report: install  ## reports/<model>.md + figures + reports/index.md from the DB: make report [DB=..] [SETUP=id] [ARGS="--format csv"]
 	$(BIN)/sweep report --db $(DB) $(if $(SETUP),--setup $(SETUP)) $(ARGS)
+
+browse: install  ## the DB in a browser, read-only (Datasette): make browse [DB=demo.db] [ARGS="--port 8002"]
+	$(BIN)/sweep browse --db $(DB) $(ARGS)
 
 # Two test processes of one thread each (tests/conftest.py): the models are tiny, so processes side by side use the
 # cores better than threads; tests that start worker processes share one group and never run at the same time.

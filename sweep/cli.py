@@ -1,4 +1,4 @@
-"""Command line: ``sweep run | plan | status | report | export | similarity | tasks | heal``.
+"""Command line: ``sweep run | plan | status | report | export | similarity | tasks | heal | browse``.
 
 The only place that turns errors into exit codes. Torch-free: each command imports the engine (or an extra) when it
 runs, so ``sweep report`` and ``sweep --help`` never load torch.
@@ -119,6 +119,13 @@ def _add_tasks_and_heal_parsers(sub) -> None:
                       help="save the healed (LoRA-merged, physically pruned) model to DIR; reloads with from_pretrained")
     heal.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    browse = sub.add_parser("browse", help="explore the DB in a browser (Datasette, read-only): tables, one-click "
+                            "queries and interactive charts; needs sweep[browse]")
+    browse.add_argument("--db", default="results.db", help="results database (default: results.db)")
+    browse.add_argument("--port", type=int, default=8001, help="port to serve on (default: 8001)")
+    browse.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on; 0.0.0.0 exposes it to the network (default: 127.0.0.1)")
+
 
 def _config_from(args: argparse.Namespace, names: tuple[str, ...] | None = None) -> SweepConfig:
     given = {f.name: getattr(args, f.name) for f in fields(SweepConfig)
@@ -214,8 +221,15 @@ def cmd_heal(args: argparse.Namespace) -> int:
     return 0 if row["status"] == "ok" else 1
 
 
+def cmd_browse(args: argparse.Namespace) -> int:
+    from sweep.extras.browse import serve  # deferred: datasette
+
+    serve(args.db, host=args.host, port=args.port)
+    return 0
+
+
 COMMANDS = {"run": cmd_run, "plan": cmd_plan, "report": cmd_report, "export": cmd_export, "status": cmd_status}
-COMMANDS.update(similarity=cmd_similarity, tasks=cmd_tasks, heal=cmd_heal)
+COMMANDS.update(similarity=cmd_similarity, tasks=cmd_tasks, heal=cmd_heal, browse=cmd_browse)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """The layout is the architecture: these tests check its import rules on the source (AST) and at run time.
 
-- the core (``sweep/*.py``, ``sweep/store/``) and ``sweep/report/`` never import torch;
+- the core (``sweep/*.py``, ``sweep/store/``), ``sweep/report/`` and ``sweep/extras/browse.py`` never import torch;
 - only ``sweep/store/`` runs SQL;
 - only ``sweep/engine/adapters.py`` names model attributes such as ``transformer.h`` or ``model.layers``;
 - dependencies point one way (cli -> extras -> engine -> core; report -> core), with no cycles;
@@ -60,14 +60,23 @@ def _sweep_imports(module: str) -> list[tuple[str, int, bool]]:
             if target.split(".")[0] == "sweep" and target != module]
 
 
+TORCH_FREE_EXTRAS = ("sweep.extras.browse",)
+"""Extras that never measure: they read results.db only, so they neither import torch nor use the engine."""
+
+
+def _torch_free(module: str) -> bool:
+    return _layer(module) in ("core", "store", "report") or module in TORCH_FREE_EXTRAS
+
+
 def test_core_and_report_never_import_torch_in_source():
-    offenders = [f"{m}:{line}" for m, path in MODULES.items() if _layer(m) in ("core", "store", "report")
-                 for target, line, _ in _imports(path) if target.split(".")[0] == "torch"]
+    offenders = [f"{m}:{line}" for m, path in MODULES.items() if _torch_free(m)
+                 for target, line, _ in _imports(path) if target.split(".")[0] == "torch"
+                 or (m in TORCH_FREE_EXTRAS and _layer(target) == "engine")]
     assert not offenders, f"torch imported by torch-free modules: {offenders}"
 
 
 def test_core_and_report_never_import_torch_at_run_time():
-    torch_free = [m for m in MODULES if _layer(m) in ("core", "store", "report") and m != "sweep.__main__"]
+    torch_free = [m for m in MODULES if _torch_free(m) and m != "sweep.__main__"]
     code = ("import sys, importlib\n"
             f"for name in {torch_free!r}: importlib.import_module(name)\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n"

@@ -275,8 +275,18 @@ def _footer(info: Row, rows: list[Row], model: str) -> str:
         "```sql",
         _example_query(model, info.get("setup"), "n_removed <= 2"),
         "```",
+        "",
+        BROWSE_LINE,
     ]
     return "\n".join(lines)
+
+
+BROWSE_QUERIES = ("best-and-worst", "pareto-speed", "pareto-params", "pair-interactions", "strategies-vs-oracle",
+                  "tasks-vs-perplexity", "variant", "compare-setups", "setups")
+"""Names of the canned queries of `sweep browse` (the report cannot import the extra; a test keeps them equal)."""
+BROWSE_LINE = ("In a browser: `sweep browse --db results.db` (`pip install 'sweep[browse]'`) serves the database "
+               "read-only with sortable tables, interactive charts (`/-/dashboards/sweep`) and one-click queries: "
+               + ", ".join(f"`{name}`" for name in BROWSE_QUERIES) + ".")
 
 
 # --- sections as registered builders --------------------------------------------------------------

@@ -35,6 +35,16 @@ class Column:
     better: str | None = None
     """``lower`` or ``higher`` for measurements; None otherwise."""
 
+    @property
+    def description(self) -> str:
+        """What the column holds, with its unit and which way is better, e.g. ``median prefill time at batch 1
+        (unit: ms; lower is better)``: the text of docs/schema.md and of the column descriptions `sweep browse`
+        shows."""
+        extra = [f"unit: {self.unit}"] if self.unit else []
+        if self.better:
+            extra.append(f"{self.better} is better")
+        return self.doc + (f" ({'; '.join(extra)})" if extra else "")
+
 
 @dataclass(frozen=True)
 class Table:
@@ -416,11 +426,7 @@ def ddl() -> list[str]:
 
 
 def _doc_cell(column: Column) -> str:
-    extra = [f"unit: {column.unit}"] if column.unit else []
-    if column.better:
-        extra.append(f"{column.better} is better")
-    text = column.doc + (f" ({'; '.join(extra)})" if extra else "")
-    return text.replace("|", "\\|")
+    return column.description.replace("|", "\\|")
 
 
 def _columns_table(columns: tuple[Column, ...]) -> list[str]:
