@@ -436,42 +436,53 @@ def concurrent_sweeps(work: Path) -> Figures:
     return audit(db, figures, set())
 
 
-def slow_chunk(work: Path, window: float = 3.0, delay: float = 8.0) -> Figures:
-    """A live sweep whose chunk takes far longer than the heartbeat window (``SWEEP_RUN_STALE_SECONDS`` shortened
-    to ``window``): ``sweep status`` shows it running, a second sweep of the setup started during the chunk is
-    refused (not run next to it, measuring the same variants), and its heartbeat stays fresh throughout (the
-    background thread)."""
+def slow_chunk(work: Path, window: float = 3.0, hold: float = 120.0) -> Figures:
+    """A live sweep whose first chunk lasts far longer than the heartbeat window (``SWEEP_RUN_STALE_SECONDS``
+    shortened to ``window``; the chunk is held by the ``hold`` fault until the campaign releases it): during it,
+    ``sweep status`` shows the sweep running, a second sweep of the setup is refused (not run next to it,
+    measuring the same variants), and its heartbeat stays fresh throughout (the background thread)."""
     model_dir, text = make_fixture(work)
     db = fresh(work / "slow.db")
     args = sweep_args(model_dir, text, db, work / "cache", "--strategy", "explicit", "--remove", "0")
-    # baseline + 1 variant: one trie chunk of `delay` seconds per variant
-    env = _env(work, f"delay={delay}", SWEEP_RUN_STALE_SECONDS=str(window))
-    figures, seen = Figures(f"a slow chunk ({2 * delay:.0f} s) beyond the heartbeat window ({window:.0f} s)",
-                            planned=2), set()
-    first = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + TIMEOUT
-    while first.poll() is None and time.time() < deadline and not _query_ok(db, "SELECT 1 FROM runs"):
+    held_env = _env(work, f"hold={hold}", SWEEP_RUN_STALE_SECONDS=str(window))
+    faults_dir = Path(held_env["SWEEP_FAULTS_DIR"])
+    figures, seen = Figures(f"a chunk held beyond the heartbeat window ({window:.0f} s)", planned=2), set()
+    first = subprocess.Popen(args, env=held_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline, oldest_beat = time.time() + TIMEOUT, 0.0
+
+    def watch_while(proc: subprocess.Popen) -> float:
+        """The oldest heartbeat of the held sweep seen while ``proc`` runs (its row polled every 0.2 s)."""
+        oldest = 0.0
+        while proc.poll() is None and time.time() < deadline:
+            for (beat,) in _query(db, "SELECT heartbeat_at FROM runs WHERE status = 'running' AND pid = ?",
+                                  (first.pid,)):
+                oldest = max(oldest, _age(beat))
+            time.sleep(0.2)
+        return oldest
+
+    while first.poll() is None and time.time() < deadline and not (faults_dir / "held").exists():
         time.sleep(0.1)
-    time.sleep(window + 1)  # into the first chunk: without the thread, its heartbeat is stale from here on
-    status = run([sys.executable, "-m", "sweep", "status", "--db", str(db)], env)
-    second = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    oldest_beat = 0.0
-    while first.poll() is None and time.time() < deadline:
-        seen |= result_keys(db)
-        for (beat,) in _query(db, "SELECT heartbeat_at FROM runs WHERE status = 'running' AND pid = ?", (first.pid,)):
-            oldest_beat = max(oldest_beat, _age(beat))
-        time.sleep(0.2)
+    held_at = time.time()
+    time.sleep(window + 1)  # into the held chunk: without the thread, its heartbeat is stale from here on
+    status = run([sys.executable, "-m", "sweep", "status", "--db", str(db)], held_env)
+    second = subprocess.Popen(args, env=_env(work, SWEEP_RUN_STALE_SECONDS=str(window)), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    oldest_beat = watch_while(second)
     _, second_err = second.communicate(timeout=TIMEOUT)
+    held_seconds = time.time() - held_at
+    (faults_dir / "release").touch()
+    oldest_beat = max(oldest_beat, watch_while(first))
     first.communicate(timeout=TIMEOUT)
+    seen |= result_keys(db)
     figures.runs = 2
     figures.check("sweep status shows it running", " running " in status.stdout and "abandoned" not in status.stdout)
     figures.check("second sweep refused: another sweep is measuring this setup",
                   second.returncode == 2 and one_line_error(second_err, "another sweep"))
-    figures.check("the slow sweep completes (exit 0)", first.returncode == 0)
+    figures.check("the held sweep completes (exit 0)", first.returncode == 0)
     figures.check(f"heartbeat never older than the window ({window:.0f} s)", oldest_beat <= window)
-    figures.notes.append(f"`sweep status` during the first chunk: {'running' if ' running ' in status.stdout else '?'}; "
+    figures.notes.append(f"`sweep status` during the held chunk: {'running' if ' running ' in status.stdout else '?'}; "
                          f"second sweep: exit {second.returncode}, `{last_line(second_err)[:90]}`; "
-                         f"oldest heartbeat seen {oldest_beat:.1f} s")
+                         f"chunk held {held_seconds:.0f} s; oldest heartbeat seen {oldest_beat:.1f} s")
     return audit(db, figures, seen)
 
 
