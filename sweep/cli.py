@@ -6,6 +6,7 @@ runs, so ``sweep report`` and ``sweep --help`` never load torch.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import fields
@@ -141,7 +142,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sweep.engine import run_sweep  # deferred: torch
 
     summary = run_sweep(_config_from(args), progress=not args.quiet)
-    return 130 if summary.interrupted else 0
+    return 128 + (summary.stop_signal or signal.SIGINT) if summary.interrupted else 0  # 130 Ctrl-C, 143 SIGTERM
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -19,6 +19,8 @@ BACKENDS = ("loky", "dask")
 COMPILE_MODES = ("auto", "on", "off")
 CPU_BATCH_SIZE = 8
 """Windows per forward pass on CPU when --batch-size is 0 (auto)."""
+DEFAULT_CACHE_DIR = ".cache/sweep"
+"""The default --cache-dir, relative to the working directory (the user's cache directory if that is read-only)."""
 
 
 def batch_size_or_default(cfg: "SweepConfig") -> int:
@@ -90,8 +92,8 @@ class SweepConfig:
 
     db: str = "results.db"
     """SQLite file that receives every result as soon as it is measured."""
-    cache_dir: str = ".cache/sweep"
-    """Where tokenized text is cached between runs."""
+    cache_dir: str = DEFAULT_CACHE_DIR
+    """Where tokenized text is cached between runs (default: ~/.cache/sweep instead when the working directory is read-only)."""
     seed: int = 0
     """Seed for anything random (latency prompts)."""
 
@@ -180,6 +182,8 @@ def validate(cfg: SweepConfig) -> None:
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise ConfigError(f"`--{flag(name)}` must be a positive integer, got {value}")
+    if cfg.max_length == 1:  # its only token has no context: every window would score nothing
+        raise ConfigError("`--max-length` must be at least 2: a window of one token scores no token")
     if cfg.batch_size < 0:
         raise ConfigError(f"`--batch-size` must be 0 (auto) or a positive integer, got {cfg.batch_size}")
     if cfg.compile not in COMPILE_MODES:
@@ -322,34 +326,67 @@ def build_config(preset: str | Path | None = None, **flags: Any) -> SweepConfig:
     """Defaults < preset < flags (flags whose value is None are treated as not given).
 
     Raises:
-        ConfigError: bad preset or bad value.
+        ConfigError: bad preset or bad value (a value of the wrong type, or null for a field that needs one,
+            names the key and the preset).
     """
-    values: dict[str, Any] = load_preset(preset) if preset else {}
-    values.update({k: v for k, v in flags.items() if v is not None})
-    types = {f.name: f.type for f in fields(SweepConfig)}
-    for name, value in values.items():
-        values[name] = _coerce(name, value, types[name])
+    values: dict[str, Any] = {}
+    if preset:
+        values = {name: _coerce(name, value, f"`{name}` in {preset}") for name, value in load_preset(preset).items()}
+    values.update({k: _coerce(k, v, f"`--{flag(k)}`") for k, v in flags.items() if v is not None})
     return SweepConfig(**values)
 
 
-def _coerce(name: str, value: Any, type_text: str) -> Any:
-    """YAML may give ints for string fields (``k: 2``) and strings for numbers; normalise to the field type."""
+TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+
+
+def _coerce(name: str, value: Any, where: str) -> Any:
+    """A preset or flag value checked against the field's type, converting only what loses nothing.
+
+    YAML gives ints for string fields (``k: 2`` -> "2") and strings for numbers (``max_length: "64"`` -> 64);
+    booleans may be written yes/no/true/false/on/off/1/0. Anything else of the wrong type is refused rather than
+    guessed: ``max_length: 64.9`` is not 64, ``force: maybe`` is not False, and ``device: null`` is not a device.
+
+    Raises:
+        ConfigError: naming ``where`` (the flag, or the key and its preset) and the expected type.
+    """
+    field = next(f for f in fields(SweepConfig) if f.name == name)
+    kind = field.type.split(" ")[0]  # "int", "str", "bool" or "float" ("int | None" -> "int")
     if value is None:
+        if "None" in field.type:
+            return None
+        raise ConfigError(f"{where} cannot be null: `--{flag(name)}` needs a {kind} value "
+                          f"(leave the key out for the default, {field.default!r})")
+    converted = _converted(kind, value)
+    if converted is None:
+        raise ConfigError(f"{where} expects {kind}{_KIND_HINTS.get(kind, '')}, got {value!r}")
+    return converted
+
+
+_KIND_HINTS = {"int": " (a whole number)", "bool": " (true or false)", "float": " (a number)", "str": " (text)"}
+
+
+def _converted(kind: str, value: Any) -> Any:
+    """``value`` as ``kind`` when that is lossless and unambiguous, else None."""
+    if isinstance(value, (list, dict)):
         return None
-    try:
-        if type_text.startswith("int"):
-            return int(value)
-        if type_text.startswith("bool"):
-            if isinstance(value, str):
-                return value.lower() in ("1", "true", "yes", "on")
-            return bool(value)
-        if type_text.startswith("str"):
-            return str(value)
-        if type_text.startswith("float"):  # float fields: --lora-dropout, --heal-lr
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        word = str(value).strip().lower()
+        return True if word in TRUE_WORDS else False if word in FALSE_WORDS else None
+    if isinstance(value, bool):  # True is not 1 here, nor "True" a strategy name
+        return None
+    if kind == "int":
+        if isinstance(value, int):
+            return value
+        return int(value) if isinstance(value, str) and value.strip().lstrip("+-").isdigit() else None
+    if kind == "float":
+        try:
             return float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"`--{flag(name)}` expects {type_text.split(' ')[0]}, got {value!r}") from None
-    return value
+        except (TypeError, ValueError):
+            return None
+    return str(value) if isinstance(value, (str, int, float)) else None
 
 
 def replace(cfg: SweepConfig, **changes: Any) -> SweepConfig:

@@ -187,9 +187,22 @@ def strategy_names(text: str) -> list[str]:
     return names
 
 
+def _check_remove_is_used(names: list[str], spec: PlanSpec) -> None:
+    """``--remove`` is read only by ``explicit``: given with other strategies alone it would be silently ignored.
+
+    Refused rather than taken to imply ``explicit``: the strategy may come from a preset or the default, and
+    guessing which plan was meant could measure variants nobody asked for.
+    """
+    if spec.remove and "explicit" not in names:
+        raise PlanError(f"`--remove` is only used by `--strategy explicit`, and the strategy is "
+                        f"`{','.join(names)}`; add `--strategy explicit` (or `--strategy {','.join(names)},explicit` "
+                        "for both), or drop --remove")
+
+
 def count_variants(n_layers: int, spec: PlanSpec) -> int:
     """Number of variants of a plan, computed without enumerating it (for huge exhaustive plans)."""
     names = strategy_names(spec.strategy)
+    _check_remove_is_used(names, spec)
     if "exhaustive" not in names:
         return len(plan_variants(n_layers, spec))
     _check_exhaustive(n_layers, spec)
@@ -211,12 +224,14 @@ def plan_variants(n_layers: int, spec: PlanSpec) -> list[Removal]:
         [(), (0,), (1,), (2,), (1, 2)]
 
     Raises:
-        PlanError / UnknownNameError: bad strategy or parameters.
+        PlanError / UnknownNameError: bad strategy or parameters (``--remove`` without ``explicit`` included).
     """
     if n_layers < 1:
         raise PlanError(f"the model has {n_layers} decoder layers; nothing to remove")
+    names = strategy_names(spec.strategy)
+    _check_remove_is_used(names, spec)
     removals: set[Removal] = {()}
-    for name in strategy_names(spec.strategy):
+    for name in names:
         removals.update(tuple(sorted(r)) for r in STRATEGIES[name](n_layers, spec))
     return sorted(removals, key=lambda r: (len(r), r))
 

@@ -202,6 +202,33 @@ def test_bad_dtype_lists_the_valid_ones(bad_run):
     bad_run("--dtype", "fp8", fragments=("'fp8'", "float32", "bfloat16"))
 
 
+def test_remove_without_the_explicit_strategy_is_refused_before_anything_is_written(bad_run, tmp_path):
+    bad_run("--remove", "1,3", fragments=("`--remove` is only used by `--strategy explicit`",))
+    assert not (tmp_path / "cache").exists()
+
+
+def test_plan_with_remove_but_no_explicit_strategy_is_refused(capsys, tmp_path, tiny_gpt2_dir):
+    code, _, err = sweep(capsys, "plan", "--model", tiny_gpt2_dir, "--db", tmp_path / "r.db", "--remove", "1,3")
+    assert_one_line_error(code, err, "--strategy explicit")
+
+
+def test_max_length_of_one_is_bad_input_not_a_sweep_of_diverged_rows(bad_run, tmp_path):
+    bad_run("--max-length", "1", fragments=("`--max-length` must be at least 2",))
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("preset_text, fragments", [
+    ("device: null\n", ("`device` in", "cannot be null")),
+    ("max_length: 64.9\n", ("`max_length` in", "expects int", "64.9")),
+    ("force: maybe\n", ("`force` in", "expects bool", "'maybe'")),
+])
+def test_preset_value_of_the_wrong_type_is_one_line_naming_the_key(bad_run, tmp_path, preset_text, fragments):
+    preset = tmp_path / "preset.yaml"
+    preset.write_text(preset_text)
+    bad_run("--config", preset, fragments=("preset.yaml", *fragments))
+    assert not (tmp_path / "cache").exists()
+
+
 # ------------------------------------------------------------------------------------------ bad DB path
 
 
@@ -248,6 +275,51 @@ def test_bad_input_leaves_an_existing_db_unchanged(capsys, tmp_path, single_db, 
                                            "--strategy", "explicit", "--remove", "0,9"))
     assert_one_line_error(code, err, "layer 9")
     assert dump(db) == before
+
+
+def _foreign_sqlite_file(path: Path) -> bytes:
+    """Another application's SQLite file, with a table of its own called `results`."""
+    conn = sqlite3.connect(path)
+    conn.executescript("CREATE TABLE results (id INTEGER PRIMARY KEY, score REAL); INSERT INTO results VALUES (1, 2.5);"
+                       "CREATE TABLE notes (body TEXT);")
+    conn.close()
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("command", ["run", "plan", "report", "status"])
+def test_another_applications_sqlite_file_is_refused_untouched(capsys, tmp_path, tiny_gpt2_dir, sample_text_file,
+                                                             command):
+    db = tmp_path / "theirs.db"
+    original = _foreign_sqlite_file(db)
+    argv = {"run": run_args(tiny_gpt2_dir, sample_text_file, db, tmp_path / "cache"),
+            "plan": ["plan", "--model", tiny_gpt2_dir, "--data", sample_text_file, "--db", db, "--cache-dir",
+                     tmp_path / "cache", *FAST[:-1]],
+            "report": ["report", "--db", db, "--out", tmp_path / "reports"],
+            "status": ["status", "--db", db]}[command]
+    code, _, err = sweep(capsys, *argv)
+    assert_one_line_error(code, err, str(db), "another application", "left untouched")
+    assert db.read_bytes() == original  # no table added, not switched to WAL
+    assert not Path(f"{db}-wal").exists() and not (tmp_path / "reports").exists()
+    assert not (tmp_path / "cache").exists()  # refused before the text was even tokenized
+
+
+@pytest.mark.parametrize("version, fragment", [("1a", "unreadable schema version '1a'"),
+                                               (str(store.SCHEMA_VERSION + 1), "newer than this sweep")])
+def test_a_db_of_an_unreadable_or_newer_schema_is_refused_untouched(capsys, tmp_path, single_db, tiny_gpt2_dir,
+                                                                   sample_text_file, version, fragment):
+    db = tmp_path / "results.db"
+    with sqlite3.connect(single_db) as source, sqlite3.connect(db) as copy:
+        source.backup(copy)
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA journal_mode=DELETE")  # a plain file: any change would show in its bytes
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [version])
+    conn.commit()
+    conn.close()
+    original = db.read_bytes()
+    for argv in (run_args(tiny_gpt2_dir, sample_text_file, db, tmp_path / "cache"), ["status", "--db", db]):
+        code, _, err = sweep(capsys, *argv)
+        assert_one_line_error(code, err, fragment)
+        assert db.read_bytes() == original and not Path(f"{db}-wal").exists()
 
 
 # ------------------------------------------------------------------------------------------ run

@@ -142,9 +142,42 @@ def test_yaml_string_for_a_bool_field_is_read_as_a_bool(tmp_path):
     assert build_config(write_preset(tmp_path, 'force: "no"\n')).force is False
 
 
-def test_non_numeric_value_for_an_int_field_names_the_flag(tmp_path):
-    with pytest.raises(ConfigError, match="`--max-length` expects int"):
+def test_non_numeric_value_for_an_int_field_names_the_key_and_the_preset(tmp_path):
+    with pytest.raises(ConfigError, match=r"`max_length` in .*preset.yaml expects int"):
         build_config(write_preset(tmp_path, "max_length: abc\n"))
+
+
+@pytest.mark.parametrize("text, key, expected", [
+    ("max_length: 64.9\n", "max_length", "expects int"),  # not silently 64
+    ("force: maybe\n", "force", "expects bool"),  # not silently False
+    ("batch_size: true\n", "batch_size", "expects int"),  # a bool is not a number
+    ("strategy: yes\n", "strategy", "expects str"),  # YAML's yes is a bool, not a strategy name "True"
+    ("strategy: [single, blocks]\n", "strategy", "expects str"),
+    ("heal_lr: fast\n", "heal_lr", "expects float"),
+])
+def test_preset_value_of_the_wrong_type_is_refused_naming_the_key(tmp_path, text, key, expected):
+    with pytest.raises(ConfigError, match=f"`{key}` in .*preset.yaml {expected}"):
+        build_config(write_preset(tmp_path, text))
+
+
+@pytest.mark.parametrize("key", ["device", "strategy", "max_tokens_typo"])
+def test_preset_null_for_a_field_that_needs_a_value_is_refused_naming_the_key(tmp_path, key):
+    if key == "max_tokens_typo":  # a field that may be null keeps null: all tokens
+        assert build_config(write_preset(tmp_path, "max_tokens: null\n")).max_tokens is None
+        return
+    with pytest.raises(ConfigError, match=f"`{key}` in .*preset.yaml cannot be null"):
+        build_config(write_preset(tmp_path, f"{key}: null\n"))
+
+
+def test_lossless_preset_values_are_still_accepted(tmp_path):
+    cfg = build_config(write_preset(tmp_path, "max_length: '64'\nforce: on\nk: 2\nheal_lr: 1e-4\nlora_dropout: 0\n"))
+    assert (cfg.max_length, cfg.force, cfg.k, cfg.heal_lr, cfg.lora_dropout) == (64, True, "2", 1e-4, 0.0)
+
+
+def test_max_length_of_one_is_refused_as_a_window_that_scores_nothing():
+    with pytest.raises(ConfigError, match="`--max-length` must be at least 2"):
+        build_config(max_length=1)
+    assert build_config(max_length=2).max_length == 2
 
 
 # ------------------------------------------------------------------------------------------ validation

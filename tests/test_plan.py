@@ -128,7 +128,8 @@ def test_repeated_strategy_name_adds_nothing():
 
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
 def test_baseline_is_first_in_every_plan(strategy):
-    variants = plan_variants(4, PlanSpec(strategy=strategy, remove="1,2", k="2", n="2"))
+    remove = "1,2" if strategy == "explicit" else None
+    variants = plan_variants(4, PlanSpec(strategy=strategy, remove=remove, k="2", n="2"))
     assert variants[0] == ()
     assert variants.count(()) == 1
 
@@ -243,3 +244,16 @@ def test_unknown_strategy_lists_valid_names_and_suggests_a_close_one():
 def test_empty_strategy_raises_listing_valid_names():
     with pytest.raises(PlanError, match="exhaustive"):
         plan_variants(4, PlanSpec(strategy=" , "))
+
+
+@pytest.mark.parametrize("strategy", ["single", "exhaustive", "single,last-n"])
+def test_remove_without_the_explicit_strategy_is_refused_not_ignored(strategy):
+    spec = PlanSpec(strategy=strategy, remove="1,3")
+    for planner in (plan_variants, count_variants):
+        with pytest.raises(PlanError, match="`--remove` is only used by `--strategy explicit`"):
+            planner(4, spec)
+
+
+def test_remove_with_explicit_among_other_strategies_adds_its_groups():
+    assert plan_variants(4, PlanSpec(strategy="single,explicit", remove="1,3")) == \
+        [(), (0,), (1,), (2,), (3,), (1, 3)]

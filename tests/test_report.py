@@ -260,3 +260,51 @@ def test_report_module_imports_neither_torch_nor_sql():
     for path in (root / "sweep" / "report").glob("*.py"):
         source = path.read_text()
         assert "import sqlite3" not in source and ".execute(" not in source, path
+
+
+# ------------------------------------------------------------------------------------------ user text in names
+
+
+def _db_of_models(path: Path, names: list[str]) -> Path:
+    """One setup of singles (baseline included) per model name, with TINY's perplexities."""
+    db = store.open_db(path)
+    for name in names:
+        model = store.upsert_model(db, name, None, "float32", N_LAYERS, "GPT2LMHeadModel")
+        setup = store.upsert_setup(db, model, _setup_fields(512))
+        for key in ("", "0", "1", "2", "3"):
+            store.record_result(db, _result(setup, key, TINY_PPL[key], "2024-02-01T00:00:00+00:00"))
+    db.close()
+    return path
+
+
+MATH_NAME = "/data/models/m $\\frac{1}{$ x"
+"""A model directory whose name matplotlib's mathtext cannot parse (it used to stop every report)."""
+HTML_NAME = "/data/models/<img src=x onerror=alert(1)>"
+
+
+def test_model_names_are_never_markup_in_figures_or_markdown(tmp_path, capsys):
+    from sweep.cli import main
+
+    db = _db_of_models(tmp_path / "r.db", [MATH_NAME, HTML_NAME, TINY])
+    out = tmp_path / "reports"
+    assert main(["report", "--db", str(db), "--out", str(out)]) == 0, capsys.readouterr().err
+    reports = {p.name: p.read_text() for p in out.glob("*.md") if p.name != "index.md"}
+    assert len(reports) == 3 and (out / "index.md").exists()
+    assert len(list(out.glob("*.png"))) >= 3 * 2  # every model's figures were drawn, the $-name's included
+    math_report = next(text for text in reports.values() if "frac" in text.splitlines()[0])
+    assert math_report.splitlines()[0] == "# Layer removal: /data/models/m \\$\\\\frac\\{1\\}\\{\\$ x"
+    html_report = next(text for text in reports.values() if "onerror" in text.splitlines()[0])
+    assert "<img" not in html_report.splitlines()[0] and "&lt;img src=x onerror=alert\\(1\\)&gt;" in html_report
+    index = (out / "index.md").read_text()
+    assert "<img" not in index and "&lt;img" in index and "\\$\\\\frac" in index
+
+
+def test_models_with_the_same_directory_name_get_their_own_reports(tmp_path):
+    names = ["/x/models/m", "/y/models/m"]
+    db = _db_of_models(tmp_path / "r.db", names)
+    paths = write_reports(db, tmp_path / "reports", figures=False)
+    assert len({p.name for p in paths}) == 2  # both written, neither overwriting the other
+    assert [p.read_text().splitlines()[0] for p in paths] == [f"# Layer removal: {name}" for name in names]
+    index = (tmp_path / "reports" / "index.md").read_text()
+    links = {line.split("](", 1)[1].split(")", 1)[0] for line in index.splitlines() if "](" in line}
+    assert links == {p.name for p in paths}

@@ -11,11 +11,12 @@ from sweep.errors import StoreError
 from sweep.store import schema
 
 V1_DUMP = Path(__file__).parent / "data" / "results-v1.sql"
+V2_DUMP = Path(__file__).parent / "data" / "results-v2.sql"
 
 
-def _load_dump(path: Path) -> Path:
+def _load_dump(path: Path, dump: Path = V1_DUMP) -> Path:
     conn = sqlite3.connect(path)
-    conn.executescript(V1_DUMP.read_text())
+    conn.executescript(dump.read_text())
     conn.close()
     return path
 
@@ -35,17 +36,33 @@ def test_a_version_1_file_upgrades_in_place_keeping_every_row(tmp_path):
     before = _contents(path)
     assert dict(before["meta"]) == {"schema_version": "1"}
     db = store.open_db(path)
-    assert store.schema_version(db) == schema.SCHEMA_VERSION == 2
+    assert store.schema_version(db) == schema.SCHEMA_VERSION == 3
     after = _contents(path)
     for table, rows in before.items():
         if table == "meta":
             continue
         width = len(rows[0]) if rows else 0
         assert [row[:width] for row in after[table]] == rows, table  # nothing lost or changed
-    assert [(v, d) for v, d, _ in after["schema_migrations"]] == [(2, schema.MIGRATIONS[2])]
+    assert [(v, d) for v, d, _ in after["schema_migrations"]] == [(2, schema.MIGRATIONS[2]), (3, schema.MIGRATIONS[3])]
     assert db.execute("PRAGMA application_id").fetchone()[0] == schema.APPLICATION_ID
     assert len(store.read_view(db)) == len(before["results"]) == 8
     assert store.read_greedy_steps(db, {"model_id": 1, "weights": "local:abc", "calib_fingerprint": "f00d"})
+
+
+def test_a_version_2_file_upgrades_in_place_and_its_runs_gain_a_process_start(tmp_path):
+    path = _load_dump(tmp_path / "v2.db", V2_DUMP)
+    before = _contents(path)
+    assert dict(before["meta"]) == {"schema_version": "2"} and len(before["results"]) == 8
+    db = store.open_db(path)
+    assert store.schema_version(db) == 3
+    after = _contents(path)
+    for table, rows in before.items():
+        if table not in ("meta", "schema_migrations"):
+            assert [row[: len(rows[0])] for row in after[table]] == rows, table
+    assert [v for v, _, _ in after["schema_migrations"]] == [2, 3]
+    run = db.execute("SELECT status, process_start FROM runs").fetchall()
+    assert run == [("done", None)]  # unknown for runs of the older release
+    assert len(store.read_view(db)) == 8
 
 
 def test_an_upgraded_file_is_left_alone_on_the_next_open(tmp_path):
@@ -66,7 +83,7 @@ def test_a_new_file_has_exactly_the_schema(tmp_path):
     view_columns = [d[0] for d in db.execute("SELECT * FROM results_vs_baseline LIMIT 0").description]
     assert view_columns == [c.name for c in schema.RESULTS_VS_BASELINE.columns]
     assert [(v, d) for v, d, _ in db.execute("SELECT * FROM schema_migrations")] == [
-        (2, "created at schema version 2")]
+        (3, "created at schema version 3")]
 
 
 def test_every_column_is_documented_with_a_type_and_measurements_say_which_way_is_better():
@@ -95,7 +112,7 @@ def test_another_applications_sqlite_file_is_refused_untouched(tmp_path):
     assert not Path(f"{path}-wal").exists()
 
 
-@pytest.mark.parametrize("version", ["3", "1a"])
+@pytest.mark.parametrize("version", [str(schema.SCHEMA_VERSION + 1), "1a"])
 def test_a_newer_or_unreadable_schema_version_is_refused_untouched(tmp_path, version):
     path = tmp_path / "r.db"
     store.open_db(path).close()
@@ -105,7 +122,7 @@ def test_a_newer_or_unreadable_schema_version_is_refused_untouched(tmp_path, ver
     conn.commit()
     conn.close()
     original = path.read_bytes()
-    with pytest.raises(StoreError, match="newer than this sweep" if version == "3" else "unreadable schema version"):
+    with pytest.raises(StoreError, match="unreadable schema version" if version == "1a" else "newer than this sweep"):
         store.open_db(path)
     assert path.read_bytes() == original
 

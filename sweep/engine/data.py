@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sweep.config import SweepConfig
+from sweep.config import DEFAULT_CACHE_DIR, SweepConfig
 from sweep.errors import ConfigError, DataError
 
 LOCAL_SUFFIXES = (".parquet", ".txt", ".jsonl", ".json")
@@ -120,20 +120,68 @@ def tokenize(text: str, tokenizer, name: str, cache_dir: str | Path | None = Non
 
     The cache key is the text hash and the tokenizer fingerprint, so a changed text or tokenizer never reuses
     stale ids.
+
+    Raises:
+        ConfigError: an explicit ``--cache-dir`` that cannot be written (checked before tokenizing).
     """
     text_hash = hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
     fingerprint = hashlib.sha256(f"{text_hash}:{tokenizer_fingerprint(tokenizer)}".encode()).hexdigest()[:16]
     n_bytes = len(text.encode("utf-8"))
-    cache = Path(cache_dir) / f"tokens-{fingerprint}.npy" if cache_dir else None
-    if cache is not None and cache.exists():
-        return TokenizedText(np.load(cache), n_bytes, fingerprint, name)
+    file_name = f"tokens-{fingerprint}.npy"
+    if cache_dir and (Path(cache_dir) / file_name).exists():  # also from a read-only cache someone prepared
+        return TokenizedText(np.load(Path(cache_dir) / file_name), n_bytes, fingerprint, name)
+    directory = writable_cache_dir(cache_dir)
+    if directory is not None and (directory / file_name).exists():
+        return TokenizedText(np.load(directory / file_name), n_bytes, fingerprint, name)
     ids = _encode(tokenizer, text)
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp.npy")
-        np.save(tmp, ids)
-        os.replace(tmp, cache)  # atomic: a concurrent run never reads half a file
+    if directory is not None:
+        _save_ids(directory / file_name, ids)
     return TokenizedText(ids, n_bytes, fingerprint, name)
+
+
+def user_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/sweep``, by default ``~/.cache/sweep``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sweep"
+
+
+def writable_cache_dir(cache_dir: str | Path | None) -> Path | None:
+    """Where token ids are cached: ``cache_dir`` when it can be written (created if needed).
+
+    The default (``.cache/sweep`` in the working directory) falls back to :func:`user_cache_dir` when the
+    working directory is read-only, then to no cache at all: a cache must never stop a run. An explicit
+    ``--cache-dir`` that cannot be written is an error, so a mistyped path is not silently ignored.
+
+    Raises:
+        ConfigError: naming the explicit ``--cache-dir``.
+    """
+    if cache_dir is None:
+        return None
+    if _can_create(Path(cache_dir)):
+        return Path(cache_dir)
+    if str(cache_dir) != DEFAULT_CACHE_DIR:
+        raise ConfigError(f"`--cache-dir` {cache_dir} cannot be written (tokenized text is cached there); give a "
+                          "writable directory")
+    return user_cache_dir() if _can_create(user_cache_dir()) else None
+
+
+def _can_create(directory: Path) -> bool:
+    """``directory`` exists and is writable, or its nearest existing parent is (read-only filesystems count)."""
+    existing = directory.expanduser().absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)
+
+
+def _save_ids(path: Path, ids: np.ndarray) -> None:
+    """Write the cache file atomically (a concurrent run never reads half a file); a failed write (disk full)
+    only means the next run tokenizes again."""
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(tmp, ids)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
 
 
 def _encode(tokenizer, text: str) -> np.ndarray:

@@ -21,7 +21,9 @@ separated by ``|`` (``baseline`` for the unpruned model). Kinds:
 - ``nan``: the variant's NLL becomes NaN (-> ``diverged`` row);
 - ``kill``: the process evaluating a chunk with the variant kills itself with SIGKILL;
 - ``sticky``: the chunk raises a CUDA "illegal memory access" error (a sticky error that poisons the process);
-- ``delay=SECONDS``: every variant takes this much longer (gives fault tests time to strike mid-sweep).
+- ``delay=SECONDS``: every variant takes this much longer (gives fault tests time to strike mid-sweep);
+- ``hold=SECONDS``: every chunk waits until the file ``$SWEEP_FAULTS_DIR/release`` exists (at most SECONDS),
+  after creating ``$SWEEP_FAULTS_DIR/held``: a chunk as slow as a test needs, ended when the test says.
 
 A ``-once`` suffix (``kill-once``) fires only the first time across all processes, using marker files in
 ``$SWEEP_FAULTS_DIR`` (required then).
@@ -61,7 +63,14 @@ def injected_fault(kind: str, removed: Sequence[int], retrying: bool = False, on
 
 
 def injected_delay(n_variants: int) -> None:
+    """Sleep ``delay`` seconds per variant, then wait for a ``hold`` to be released (see ``FAULTS_ENV``)."""
     spec = os.environ.get(FAULTS_ENV)
-    delay = _parse_faults(spec).get("delay") if spec else None
-    if delay:
-        time.sleep(float(next(iter(delay))) * n_variants)
+    faults = _parse_faults(spec) if spec else {}
+    if faults.get("delay"):
+        time.sleep(float(next(iter(faults["delay"]))) * n_variants)
+    if faults.get("hold"):
+        deadline = time.monotonic() + float(next(iter(faults["hold"])))
+        folder = os.environ["SWEEP_FAULTS_DIR"]
+        open(os.path.join(folder, "held"), "a").close()
+        while not os.path.exists(os.path.join(folder, "release")) and time.monotonic() < deadline:
+            time.sleep(0.05)

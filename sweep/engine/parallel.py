@@ -31,6 +31,8 @@ import math
 import os
 import signal
 import tempfile
+import threading
+import time
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -134,6 +136,29 @@ def _claim_device(slots_dir: str | None, n_slots: int, default: str) -> str:
     raise ClusterError(f"more worker processes than the {n_slots} GPU slots")
 
 
+PARENT_POLL_SECONDS = 1.0
+"""How often a local worker process checks that its coordinator is still alive."""
+
+
+def _exit_with_coordinator(coordinator: int) -> None:
+    """Kill this worker process as soon as the coordinator (its parent, pid ``coordinator``) is gone.
+
+    After a kill -9 of the coordinator nothing tells loky's workers to stop: each kept its model (~500 MB for
+    GPT-2) for minutes. A daemon thread polls the parent pid; when the process has been re-parented (the
+    coordinator died), it kills its own process. Started once per process; torch releases the GIL in its
+    kernels, so the thread runs during long chunks too.
+    """
+    if os.getppid() != coordinator or any(t.name == "sweep-coordinator-watch" for t in threading.enumerate()):
+        return  # not a child of the coordinator (a worker of another kind), or already watching
+
+    def watch() -> None:
+        while os.getppid() == coordinator:
+            time.sleep(PARENT_POLL_SECONDS)
+        os.kill(os.getpid(), signal.SIGKILL)  # nothing to save: only the coordinator writes the DB
+
+    threading.Thread(target=watch, name="sweep-coordinator-watch", daemon=True).start()
+
+
 def _cached_worker(cfg: SweepConfig, device: str, threads: int | None):
     """The Worker of this process for ``cfg`` on ``device``, loaded on first use and kept across tasks."""
     key = (cfg, device)
@@ -148,8 +173,15 @@ def _cached_worker(cfg: SweepConfig, device: str, threads: int | None):
 
 
 def measure_chunk(cfg: SweepConfig, index: int, chunk: list[Removal], markers_dir: str | None,
-                  slots_dir: str | None = None, n_slots: int = 0, threads: int | None = None) -> ChunkResult:
-    """Task run in a worker process: the result rows of one chunk (failures as rows, sticky errors returned)."""
+                  slots_dir: str | None = None, n_slots: int = 0, threads: int | None = None,
+                  coordinator: int | None = None) -> ChunkResult:
+    """Task run in a worker process: the result rows of one chunk (failures as rows, sticky errors returned).
+
+    ``coordinator``: pid of the coordinator of a local (loky) worker, which then dies with it; None on Dask,
+    whose workers belong to their cluster.
+    """
+    if coordinator is not None and coordinator != os.getpid():  # not when joblib runs the task in-process
+        _exit_with_coordinator(coordinator)
     _mark(markers_dir, index, "start")
     worker = _cached_worker(cfg, _claim_device(slots_dir, n_slots, cfg.device), threads)
     try:
@@ -307,10 +339,11 @@ def _parallel(n_workers: int):
 def _tasks(cfg, chunks, pending, markers, slots_dir, n_slots, threads, should_stop):
     from joblib import delayed
 
+    coordinator = None if cfg.backend == "dask" else os.getpid()
     for index in pending:
         if should_stop():
             return
-        yield delayed(measure_chunk)(cfg, index, chunks[index], markers, slots_dir, n_slots, threads)
+        yield delayed(measure_chunk)(cfg, index, chunks[index], markers, slots_dir, n_slots, threads, coordinator)
 
 
 def _blame(chunks, indices, failures: Counter, error: str, failed_rows: FailedRows, log):

@@ -19,6 +19,7 @@ from sweep.engine.adapters import n_layers_of
 from sweep.engine.device import is_sticky_error
 from sweep.engine.similarity import signal_removals
 from sweep.engine.worker import Worker, load_worker
+from sweep.errors import StoreError
 from sweep.plan import Removal, format_duration, kept_layers, parse_key, plan_variants, variant_key
 
 Log = Callable[[str], None]
@@ -37,6 +38,8 @@ class Summary:
     setup: str = ""
     batch_size: int = 0
     """Windows per forward pass the worker used (the automatic choice when --batch-size is 0)."""
+    stop_signal: int | None = None
+    """The signal (SIGINT, SIGTERM) that stopped the run early, if one did."""
 
 
 def open_setup(cfg: SweepConfig, worker: Worker):
@@ -47,29 +50,37 @@ def open_setup(cfg: SweepConfig, worker: Worker):
 
 
 class StopFlag:
-    """First Ctrl-C: finish the current variant, then stop. Second Ctrl-C: stop at once."""
+    """First Ctrl-C or SIGTERM (what a scheduler sends): finish the current variant or chunk, then stop.
+    A second one: stop at once. Either way the run is recorded ``interrupted`` and the same command resumes."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, log: Log):
         self.stop = False
+        self.signal: int | None = None
+        """The signal that asked to stop (None while none did, or when a sticky device error stopped the run)."""
         self.log = log
-        self._previous = None
+        self._previous: dict[int, object] = {}
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread: no handler, Ctrl-C behaves as usual
-            self._previous = None
+        for signum in self.SIGNALS:
+            try:
+                self._previous[signum] = signal.signal(signum, self._handle)
+            except ValueError:  # not the main thread: no handler, signals behave as usual
+                pass
         return self
 
     def _handle(self, signum, frame):
         if self.stop:
             raise KeyboardInterrupt
-        self.stop = True
-        self.log("\nstopping after the current variant or chunk (Ctrl-C again to stop now; results so far are saved)")
+        self.stop, self.signal = True, signum
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        self.log(f"\n{name}: stopping after the current variant or chunk (again to stop now; results so far are "
+                 "saved and the same command resumes)")
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
         return False
 
 
@@ -77,7 +88,8 @@ def run_sweep(cfg: SweepConfig, log: Log = print, progress: bool = True) -> Summ
     """Measure every planned variant not yet in the DB, writing each row as soon as it is measured.
 
     Raises:
-        SweepError subclasses for bad input, before anything is written to the DB.
+        SweepError subclasses for bad input, before anything is written to the DB; StoreError when the DB
+        cannot be written mid-run (disk full...): the run is then recorded ``failed`` and every committed row kept.
     """
     start = time.perf_counter()
     store.check_writable(cfg.db)
@@ -95,24 +107,50 @@ def run_sweep(cfg: SweepConfig, log: Log = print, progress: bool = True) -> Summ
     log(f"{cfg.model}: {n_layers} layers, {len(variants):,} variants planned ({cfg.strategy}), "
         f"{summary.already_done:,} already in {cfg.db}, {len(todo):,} to measure on {worker.device_name} "
         f"({_engine_line(cfg, worker)}) [setup {setup}]")
-    if todo:
-        run_id = store.start_run(db, setup, len(variants), len(todo), " ".join(sys.argv))
-        status = "failed"
-        try:
-            _announce_estimate(cfg, worker, todo, log)
-            with StopFlag(log) as stop:
-                _measure_all(cfg, worker, db, setup, todo, summary, stop, log, progress,
-                             beat=lambda: store.heartbeat(db, run_id, summary.measured), run_id=run_id)
-            status = "interrupted" if summary.interrupted else "done"
-        finally:
-            store.finish_run(db, run_id, status, summary.measured)
-    elif cfg.latency == "shared" and store.awaiting_latency(db, setup):  # an earlier run stopped before its timing
-        with StopFlag(log) as stop:
-            _latency_for(cfg, worker, db, setup, [], log, progress, should_stop=lambda: stop.stop)
-        summary.interrupted = bool(store.awaiting_latency(db, setup))
+    # An earlier run stopped before its latency phase leaves rows waiting for their timing: also a run's work.
+    if todo or (cfg.latency == "shared" and store.awaiting_latency(db, setup)):
+        _registered_run(cfg, worker, db, setup, len(variants), todo, summary, log, progress)
     summary.seconds = time.perf_counter() - start
     log(closing_line(cfg, summary))
     return summary
+
+
+def _registered_run(cfg: SweepConfig, worker, db, setup: str, planned: int, todo: list[Removal], summary: Summary,
+                    log: Log, progress: bool) -> None:
+    """Measure ``todo`` (or only the latency an earlier run left waiting) as a run in the ``runs`` table.
+
+    While it works a background thread keeps its heartbeat fresh; Ctrl-C and SIGTERM stop it cleanly. It ends
+    ``done``, ``interrupted`` (a signal, even a second one that stops at once) or ``failed`` (an error, re-raised).
+    """
+    run_id = store.start_run(db, setup, planned, len(todo), " ".join(sys.argv))
+    with StopFlag(log) as stop:
+        try:
+            with store.beating(db, run_id):
+                if todo:
+                    _announce_estimate(cfg, worker, todo, log)
+                    _measure_all(cfg, worker, db, setup, todo, summary, stop, log, progress,
+                                 beat=lambda: store.heartbeat(db, run_id, summary.measured), run_id=run_id)
+                else:
+                    _latency_for(cfg, worker, db, setup, [], log, progress, should_stop=lambda: stop.stop)
+                    summary.interrupted = bool(store.awaiting_latency(db, setup))
+        except BaseException as exc:
+            summary.interrupted = isinstance(exc, KeyboardInterrupt)
+            _close_run(db, run_id, "interrupted" if summary.interrupted else "failed", summary, log, failing=True)
+            raise
+        summary.stop_signal = stop.signal
+        _close_run(db, run_id, "interrupted" if summary.interrupted else "done", summary, log)
+
+
+def _close_run(db, run_id: int, status: str, summary: Summary, log: Log, failing: bool = False) -> None:
+    """Record how the run ended. While an error is already on its way out (``failing``), a DB that cannot take
+    even this (the disk still full) is said in one line instead of hiding that error."""
+    try:
+        store.finish_run(db, run_id, status, summary.measured)
+    except StoreError as exc:
+        if not failing:
+            raise
+        log(f"run {run_id} could not be recorded {status} ({exc}); `sweep status` shows it abandoned once this "
+            "process has exited")
 
 
 def _engine_line(cfg: SweepConfig, worker) -> str:

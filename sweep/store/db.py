@@ -6,10 +6,15 @@ anything in it changes (no table added, no switch to WAL).
 """
 from __future__ import annotations
 
+import functools
 import os
+import random
 import sqlite3
+import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TypeVar
 
 import sqlite_utils
 
@@ -43,13 +48,91 @@ def open_db(path: str | Path, create: bool = True) -> Database:
         conn = sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_SECONDS)
         db = sqlite_utils.Database(conn)
         if create:
-            db.execute("PRAGMA journal_mode=WAL")
+            _use_wal(conn)
             # FULL: a committed result survives power loss, not only a process crash (WAL's NORMAL default).
             db.execute("PRAGMA synchronous=FULL")
             _upgrade(db, version)
+    except sqlite3.OperationalError as exc:  # locked beyond the timeout, disk full while creating the schema
+        raise store_error(exc, path) from None
     except sqlite3.DatabaseError as exc:
         raise StoreError(f"{path} is not a usable SQLite database ({exc})") from None
     return db
+
+
+def _is_locked(exc: sqlite3.Error) -> bool:
+    return getattr(exc, "sqlite_errorcode", None) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) \
+        or "locked" in str(exc)
+
+
+def _use_wal(conn: sqlite3.Connection) -> None:
+    """Switch the file to WAL, waiting out other processes doing the same.
+
+    Changing the journal mode needs an exclusive lock, and SQLite answers "database is locked" at once (its busy
+    handler is not called for this lock) while another process opening the same new file holds one: three sweeps
+    started together on a new --db failed that way. So the switch is retried with jittered backoff for up to
+    :data:`BUSY_TIMEOUT_SECONDS`; a file already in WAL is left as it is (no lock needed).
+    """
+    deadline, delay = time.monotonic() + BUSY_TIMEOUT_SECONDS, 0.005
+    while True:
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if not _is_locked(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay * (0.5 + random.random()))
+            delay = min(delay * 2, 0.25)
+
+
+def store_error(exc: sqlite3.Error, where: str | Path) -> StoreError:
+    """A one-line :class:`StoreError` naming the cause of a failed SQLite write and the way out.
+
+    Every result committed before the failure is kept (each chunk is one transaction), so the way out is always
+    to remove the cause and run the same command again.
+    """
+    code = getattr(exc, "sqlite_errorcode", None)
+    again = "then run the same command again: every result committed so far is kept and is not measured again"
+    if code == sqlite3.SQLITE_FULL or "full" in str(exc):
+        return StoreError(f"cannot write to {where}: the disk is full ({exc}); free space on it (or give another "
+                          f"--db), {again}")
+    if _is_locked(exc):
+        return StoreError(f"{where} stayed locked by another process for more than {BUSY_TIMEOUT_SECONDS} s "
+                          f"({exc}); {again} when that process is done")
+    if code == sqlite3.SQLITE_READONLY or "readonly" in str(exc):
+        return StoreError(f"cannot write to {where}: it became read-only ({exc}); make it writable, {again}")
+    if code == sqlite3.SQLITE_IOERR or "disk I/O" in str(exc):
+        return StoreError(f"cannot write to {where}: disk I/O error ({exc}); check the disk, {again}")
+    return StoreError(f"cannot write to {where}: {exc}; {again}")
+
+
+Write = TypeVar("Write", bound=Callable)
+
+
+def writes(function: Write) -> Write:
+    """Decorate a store function whose first argument is the open DB: SQLite's operational errors (disk full,
+    locked beyond the busy timeout, I/O error) become one-line :class:`StoreError` s (:func:`store_error`).
+
+    The failed transaction is rolled back first by the function itself, and only while SQLite has not already
+    rolled it back (``conn.in_transaction``), so "cannot rollback - no transaction is active" never hides the cause.
+    """
+    @functools.wraps(function)
+    def wrapper(db, *args, **kwargs):
+        try:
+            return function(db, *args, **kwargs)
+        except sqlite3.OperationalError as exc:
+            raise store_error(exc, filename(db)) from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
+def filename(db: Database) -> str:
+    """The file of an open DB (as SQLite names it), for messages."""
+    try:
+        return next((row[2] for row in db.conn.execute("PRAGMA database_list") if row[1] == "main"), "") \
+            or "the results database"
+    except sqlite3.Error:
+        return "the results database"
 
 
 def as_db(path_or_db: str | Path | Database) -> Database:
@@ -165,10 +248,11 @@ NETWORK_FILESYSTEMS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse.sshfs", "ss
 
 
 def check_writable(path: str | Path) -> None:
-    """Fail early, before any model is loaded, if results cannot be written to ``path``.
+    """Fail early, before any model is loaded, if results cannot be written to ``path``. Reads, never writes.
 
     Raises:
-        StoreError: the file or its directory is not writable, or the path is a directory.
+        StoreError: the file or its directory is not writable, the path is a directory, or an existing file is not
+            a sweep database of a version this sweep can write (:func:`_recognise`).
     """
     path = Path(path)
     if path.is_dir():
@@ -177,6 +261,10 @@ def check_writable(path: str | Path) -> None:
         if not os.access(path, os.W_OK):
             raise StoreError(f"--db {path} is not writable")
         check_local_and_writable(path)
+        try:
+            _recognise(path)  # another application's file, or a newer sweep's: refused before a model loads
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{path} is not a usable SQLite database ({exc})") from None
         return
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():

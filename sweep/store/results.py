@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sweep.errors import StoreError
-from sweep.store.db import Database, as_db, now
+from sweep.store.db import Database, as_db, now, writes
 from sweep.store.schema import RESULT_COLUMNS
 
 STATUSES = ("ok", "failed", "diverged")
@@ -40,6 +40,7 @@ def select(db: Database, table: str, sql: str, params: list[Any] | tuple = ()) -
 # ---------------------------------------------------------------------------------------------- models, setups
 
 
+@writes
 def upsert_model(db: Database, name: str, revision: str | None, dtype: str, n_layers: int, model_class: str) -> int:
     """Return the id of the model row, creating it if needed."""
     with db.conn:  # INSERT OR IGNORE + SELECT: safe when two sweeps start at once
@@ -65,6 +66,7 @@ def setup_id(model_id: int, fields: dict[str, Any]) -> str:
     return hashed_id({"model_id": model_id, **fields})
 
 
+@writes
 def upsert_setup(db: Database, model_id: int, fields: dict[str, Any]) -> str:
     """Record an evaluation setup (data, fingerprint, windows, engine version); return its id."""
     sid = setup_id(model_id, fields)
@@ -113,6 +115,7 @@ def _prepared(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+@writes
 def record_results(db: Database, rows: list[dict[str, Any]], run_id: int | None = None) -> None:
     """Write result rows (one chunk) and their measurement-log entries in one ``BEGIN IMMEDIATE`` transaction.
 
@@ -121,7 +124,8 @@ def record_results(db: Database, rows: list[dict[str, Any]], run_id: int | None 
     Non-finite perplexity is stored as data, not dropped.
 
     Raises:
-        StoreError: a row has a column that is not a result column.
+        StoreError: a row has a column that is not a result column; or the DB cannot be written (disk full,
+            locked beyond the busy timeout), with the chunk rolled back and every earlier chunk kept.
     """
     prepared = [_prepared(row) for row in rows]
     conn, host, pid = db.conn, socket.gethostname(), os.getpid()
@@ -191,6 +195,7 @@ def awaiting_latency(db: Database, setup: str) -> dict[str, str]:
     return {sig: removed for sig, removed in rows}
 
 
+@writes
 def fill_latency(db: Database, setup: str, signature: str, columns: dict[str, Any]) -> None:
     """Give the rows of ``signature`` still awaiting latency their columns, or (``latency_error``) the reason why
     they stay empty, in one transaction."""

@@ -10,12 +10,14 @@ Versions (``meta.schema_version``; every upgrade is recorded in ``schema_migrati
 - 2: every table and view is created when the file is opened; ``PRAGMA application_id`` marks the file as a sweep
   database (another application's SQLite file is refused untouched); upgrades are recorded in
   ``schema_migrations``. A version-1 file upgrades in place, keeping every row.
+- 3: ``runs.process_start``: the start of a run's process as the kernel records it, so a run whose pid is alive
+  on this host is alive whatever its heartbeat says, and a reused pid is not taken for it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 APPLICATION_ID = 0x53574550
 """``PRAGMA application_id`` of a sweep database: "SWEP" in ASCII (https://www.sqlite.org/fileformat.html#appid)."""
@@ -154,7 +156,8 @@ RESULTS = Table("results", "One row per measured variant of a setup, committed t
     _c("measured_at", str, "when it was committed (UTC)"),
 ), primary_key=("setup_id", "removed"), foreign_keys=(("setup_id", "setups", "id"),))
 
-RUNS = Table("runs", "One row per `sweep run` that had something to measure; liveness via pid and heartbeat.", (
+RUNS = Table("runs", "One row per `sweep run` that had something to measure; alive while its process is (on its "
+             "host: pid and process start) or, seen from another host, while its heartbeat is fresh.", (
     _c("id", int, "run id"),
     _c("setup_id", str, "setups.id"),
     _c("status", str, "running, done, interrupted, failed or abandoned (its process died)"),
@@ -167,6 +170,8 @@ RUNS = Table("runs", "One row per `sweep run` that had something to measure; liv
     _c("started_at", str, "start (UTC)"),
     _c("heartbeat_at", str, "last sign of life (UTC)"),
     _c("ended_at", str, "end (UTC)"),
+    _c("process_start", str, "start of the run's process (Linux: boot id and start time in clock ticks), so a "
+                             "reused pid is not taken for it; NULL where unknown"),
 ), integer_id=True)
 
 MEASUREMENTS = Table("measurements", "Audit log: one row per committed measurement (a re-measurement shows twice).", (
@@ -379,6 +384,7 @@ HEAL_COLUMNS: dict[str, type] = HEALS.types
 
 MIGRATIONS: dict[int, str] = {
     2: "every table and view created at open; application_id marks the file; upgrades recorded here",
+    3: "runs.process_start: a run whose process is alive on this host is alive, a reused pid is not",
 }
 """Schema version -> what upgrading to it changes (recorded in ``schema_migrations`` when applied)."""
 

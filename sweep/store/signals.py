@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from sweep.store.db import Database, as_db, now
+from sweep.store.db import Database, as_db, now, writes
 from sweep.store.results import select
 
 CALIB_KEY = ("model_id", "weights", "calib_fingerprint")
@@ -24,6 +24,7 @@ def _finite_or_none(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
+@writes
 def _insert(db: Database, table: str, rows: list[dict[str, Any]]) -> None:
     if not rows:
         return

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from sweep.errors import StoreError
-from sweep.store.db import Database, as_db, now
+from sweep.store.db import Database, as_db, now, writes
 from sweep.store.results import hashed_id, rows_of, select
 from sweep.store.schema import HEAL_COLUMNS, TASK_RESULT_COLUMNS
 
@@ -17,6 +17,7 @@ def _check_columns(row: dict[str, Any], columns: dict[str, type], what: str) -> 
         raise StoreError(f"unknown {what} columns: {sorted(unknown)}")
 
 
+@writes
 def upsert_task_setup(db: Database, model_id: int, fields: dict[str, Any]) -> str:
     """Record the settings of one task evaluation (task, few-shot, limit, lm-eval version, weights); return its id."""
     sid = hashed_id({"model_id": model_id, "kind": "task", **fields})
@@ -32,6 +33,7 @@ def done_task_keys(db: Database, task_setup: str, heal_id: str = "") -> set[str]
     return {r[0] for r in rows}
 
 
+@writes
 def record_task_result(db: Database, row: dict[str, Any]) -> None:
     """Write one (task, variant) result and commit at once.
 
@@ -49,6 +51,7 @@ def heal_id(setup: str, removed: str, settings: dict[str, Any]) -> str:
     return hashed_id({"setup": setup, "removed": removed, **settings})
 
 
+@writes
 def record_heal(db: Database, row: dict[str, Any]) -> None:
     """Write (or update) a healed variant's row and commit at once. NaN losses are stored as NULL.
 
