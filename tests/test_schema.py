@@ -35,14 +35,16 @@ def test_a_version_1_file_upgrades_in_place_keeping_every_row(tmp_path):
     before = _contents(path)
     assert dict(before["meta"]) == {"schema_version": "1"}
     db = store.open_db(path)
-    assert store.schema_version(db) == schema.SCHEMA_VERSION == 2
+    assert store.schema_version(db) == schema.SCHEMA_VERSION == 3
     after = _contents(path)
     for table, rows in before.items():
         if table == "meta":
             continue
         width = len(rows[0]) if rows else 0
         assert [row[:width] for row in after[table]] == rows, table  # nothing lost or changed
-    assert [(v, d) for v, d, _ in after["schema_migrations"]] == [(2, schema.MIGRATIONS[2])]
+    assert [(v, d) for v, d, _ in after["schema_migrations"]] == [(2, schema.MIGRATIONS[2]), (3, schema.MIGRATIONS[3])]
+    # version 3's latency columns exist, NULL in the old rows (their spread was never judged)
+    assert all(r["latency_noisy"] is None and r["speed_interval_pct"] is None for r in store.read_view(db))
     assert db.execute("PRAGMA application_id").fetchone()[0] == schema.APPLICATION_ID
     assert len(store.read_view(db)) == len(before["results"]) == 8
     assert store.read_greedy_steps(db, {"model_id": 1, "weights": "local:abc", "calib_fingerprint": "f00d"})
@@ -66,7 +68,7 @@ def test_a_new_file_has_exactly_the_schema(tmp_path):
     view_columns = [d[0] for d in db.execute("SELECT * FROM results_vs_baseline LIMIT 0").description]
     assert view_columns == [c.name for c in schema.RESULTS_VS_BASELINE.columns]
     assert [(v, d) for v, d, _ in db.execute("SELECT * FROM schema_migrations")] == [
-        (2, "created at schema version 2")]
+        (3, "created at schema version 3")]
 
 
 def test_every_column_is_documented_with_a_type_and_measurements_say_which_way_is_better():
@@ -95,7 +97,7 @@ def test_another_applications_sqlite_file_is_refused_untouched(tmp_path):
     assert not Path(f"{path}-wal").exists()
 
 
-@pytest.mark.parametrize("version", ["3", "1a"])
+@pytest.mark.parametrize("version", [str(schema.SCHEMA_VERSION + 1), "1a"])
 def test_a_newer_or_unreadable_schema_version_is_refused_untouched(tmp_path, version):
     path = tmp_path / "r.db"
     store.open_db(path).close()
@@ -105,7 +107,7 @@ def test_a_newer_or_unreadable_schema_version_is_refused_untouched(tmp_path, ver
     conn.commit()
     conn.close()
     original = path.read_bytes()
-    with pytest.raises(StoreError, match="newer than this sweep" if version == "3" else "unreadable schema version"):
+    with pytest.raises(StoreError, match="newer than this sweep" if version.isdigit() else "unreadable schema version"):
         store.open_db(path)
     assert path.read_bytes() == original
 
