@@ -86,15 +86,15 @@ class SweepConfig:
     """shared (measure once per shape signature and reuse), per-variant, or off."""
     latency_seq: int = 128
     """Prompt length (tokens, batch 1) of the prefill latency measurement."""
-    latency_repeats: int = 10
+    latency_repeats: int = 5
     """Least timed repeats per latency measurement; more are taken until the median is stable (median, IQR, interval stored)."""
-    latency_max_repeats: int = 60
+    latency_max_repeats: int = 50
     """Most timed repeats per latency measurement: a median still unstable then is stored and flagged noisy."""
     latency_precision: float = 0.03
     """A median is stable once its 95-percent bootstrap interval lies within this fraction of it (0.03: 3 percent); wider ones are flagged noisy."""
-    latency_budget: float = 60.0
-    """Seconds the latency phase may spend on repeats beyond the least count; medians still unstable then are noisy."""
-    latency_warmup: int = 2
+    latency_budget: float = 30.0
+    """Seconds the latency phase may run: past them it takes no repeat beyond the least count (unstable medians are flagged noisy)."""
+    latency_warmup: int = 1
     """Untimed warm-up repeats before timing."""
     decode_tokens: int = 32
     """Tokens generated greedily with the KV cache for decode latency (0 disables)."""

@@ -55,6 +55,22 @@ def test_online_head_equals_float32_cross_entropy_to_float32_rounding():
     assert torch.allclose(got, plain, rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_online_head_redoes_a_block_whose_logits_overflow_the_first_blocks_shift(dtype):
+    # Later blocks are shifted by block 0's maximum; one logit far above it (1e3 in float32, 1e4 in float64, past
+    # exp's range) makes its block overflow, which must be detected and redone exactly.
+    hidden, weight, bias, labels = case(rows=8, width=4, vocab=640, scale=0.01, dtype=dtype)
+    big = 1e3 if dtype == torch.float32 else 1e4
+    weight[300] = big / hidden.abs().sum(1).max()  # block 2 of 128-column blocks
+    labels[3:] = 300
+    online = perplexity.OnlineHeadLoss(weight, bias, tile_bytes=128 * 4 * 8)
+    assert online.block_size(8) == 128
+    got, want = online(hidden, labels), reference_nll(hidden.double(), weight.double(), bias.double(), labels)
+    assert torch.isfinite(got).all()
+    assert torch.allclose(got.double(), want, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-3), \
+        (got.double() - want).abs().max()
+
+
 def test_online_head_reuses_its_tile_across_calls_of_one_size():
     hidden, weight, _, labels = case(dtype=torch.float32)
     online = perplexity.OnlineHeadLoss(weight, tile_bytes=1 << 12)

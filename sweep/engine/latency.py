@@ -129,13 +129,13 @@ def time_decode(model: nn.Module, prefilled, n_new: int, timer: Timer) -> float:
 class Repeats:
     """When the latency phase stops timing a variant (``--latency-repeats`` and the flags after it)."""
 
-    min_repeats: int = 10
-    max_repeats: int = 60
+    min_repeats: int = 5
+    max_repeats: int = 50
     precision: float = 0.03
     """Target half-width of the median's 95 % interval, as a fraction of the median."""
-    budget_s: float = 60.0
-    """Seconds after which no repeat beyond ``min_repeats`` starts."""
-    warmup: int = 2
+    budget_s: float = 30.0
+    """Seconds of the whole phase after which no repeat beyond ``min_repeats`` starts."""
+    warmup: int = 1
 
 
 def stable(samples: dict[str, list[float]], precision: float, seed: int = 0) -> bool:
