@@ -298,7 +298,8 @@ def end_to_end_sweep(args, device, max_tokens, batch_size) -> dict:
                                                              summary.batch_size)
     print(f"  end-to-end {args.sweep_strategy} sweep: {summary.measured:,} variants in {seconds:.1f} s "
           f"(batch {summary.batch_size}; results.db and latency included)")
-    print(f"    latency: {figures['latency_measurements']} measurement(s) for {figures['rows']:,} rows; spread "
+    print(f"    latency: {figures['latency_measurements']} measurement(s) ({figures['noisy_latency_measurements']} "
+          f"noisy) for {figures['rows']:,} rows; spread "
           f"(IQR / median) prefill up to {figures['prefill_spread_max']:.1%}, decode up to "
           f"{figures['decode_spread_max']:.1%}")
     print(f"    results.db: {figures['commits']} commits, longest wait for the next commit "
@@ -313,10 +314,11 @@ def db_figures(db_path: Path) -> dict:
     """Latency measurements and their spread, and how often results reached the DB, read back from it."""
     with sqlite3.connect(db_path) as db:
         rows = db.execute("SELECT latency_signature, prefill_ms, prefill_iqr_ms, decode_ms_per_token, "
-                          "decode_iqr_ms FROM results WHERE status = 'ok'").fetchall()
+                          "decode_iqr_ms, latency_noisy FROM results WHERE status = 'ok'").fetchall()
         run = db.execute("SELECT started_at FROM runs ORDER BY id LIMIT 1").fetchone()
         commits = sorted({r[0] for r in db.execute("SELECT measured_at FROM measurements")})
-    per_signature = {r[0]: r[1:] for r in rows if r[0] is not None}
+    per_signature = {r[0]: r[1:5] for r in rows if r[0] is not None}
+    noisy = {r[0] for r in rows if r[0] is not None and r[5] == 1}
 
     def spread(median_idx: int) -> float:
         values = [v[median_idx + 1] / v[median_idx] for v in per_signature.values()
@@ -325,7 +327,8 @@ def db_figures(db_path: Path) -> dict:
 
     times = [datetime.fromisoformat(t) for t in ([run[0]] if run else []) + commits]
     gaps = [(b - a).total_seconds() for a, b in zip(times, times[1:])]
-    return {"rows": len(rows), "latency_measurements": len(per_signature), "prefill_spread_max": spread(0),
+    return {"rows": len(rows), "latency_measurements": len(per_signature), "noisy_latency_measurements": len(noisy),
+            "prefill_spread_max": spread(0),
             "decode_spread_max": spread(2), "commits": len(commits),
             "longest_commit_gap_seconds": max(gaps, default=0.0)}
 

@@ -21,6 +21,7 @@ Prints each target as met or missed with its figure, and saves everything under 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import json
 import math
@@ -39,6 +40,27 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+
+WHEELS = ROOT / "bench" / "wheels"
+SITE = Path(tempfile.gettempdir()) / "sweep-gpu-check-site"
+
+
+def install_carried_wheels() -> None:
+    """On a GPU machine without network: sweep's pure-Python dependencies its image may lack (sqlite-utils and the
+    two packages it needs beyond the image's), and liger-kernel for the fused-head lever, from the wheels that
+    `make gpu-wheels` downloads into bench/wheels (git-ignored; the call to the GPU machine carries the folder),
+    installed into a temporary folder put first on the path (this process's and its children's)."""
+    wanted = ("sqlite_utils", "click_default_group", "sqlite_fts4", "liger_kernel")
+    if not torch.cuda.is_available() or all(importlib.util.find_spec(m) for m in wanted) or not WHEELS.is_dir():
+        return
+    wheels = [str(w) for w in sorted(WHEELS.glob("*.whl"))]
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                    "--target", str(SITE), *wheels], check=True)
+    sys.path.insert(0, str(SITE))
+    os.environ["PYTHONPATH"] = str(SITE) + os.pathsep + os.environ.get("PYTHONPATH", "")
+
+
+install_carried_wheels()
 
 from sweep.config import SweepConfig  # noqa: E402
 from sweep.engine import models  # noqa: E402
@@ -159,8 +181,14 @@ def worker_for(check: Check, model: str, dtype: str, max_length: int, **cfg) -> 
     return Worker(loaded, tokens_for(check), EvalSetup(max_length, max_length, None), config)
 
 
+def gpu_test_files() -> list[str]:
+    """The test modules with GPU tests: collecting only these keeps optional packages (lm-eval, datasette, ...)
+    that the GPU image lacks out of the run."""
+    return [str(p) for p in sorted((ROOT / "tests").glob("test_*.py")) if "pytest.mark.gpu" in p.read_text()]
+
+
 def pytest_stage(check: Check, limit: float) -> dict:
-    command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", str(ROOT / "tests")]
+    command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", *gpu_test_files()]
     try:
         done = subprocess.run(command, cwd=ROOT, timeout=limit, capture_output=True, text=True)
         tail = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-500:]
@@ -212,10 +240,10 @@ def gpt2_stage(check: Check, limit: float) -> dict:
 
 LEVERS = {
     "chunked head, compiled (default)": {"head": "chunked", "compile": "on"},
-    "chunked head, eager": {"head": "chunked", "compile": "off"},
     "online log-sum-exp head": {"head": "online"},
     "fused head (liger-kernel)": {"head": "fused"},
     "compiled decoder layers + compiled head": {"head": "chunked", "compile": "on", "compile_layers": True},
+    "chunked head, eager": {"head": "chunked", "compile": "off"},
 }
 """The GPU levers, as sweep's own switches (`--head`, `--compile`, `--compile-layers`)."""
 

@@ -137,3 +137,28 @@ def test_compiled_decoder_layers_equal_eager():
     assert compiled.trie_ok
     for got, want in zip(compiled.evaluate_many([(), (0,), (1,)]), eager):
         assert got["ppl"] == pytest.approx(want["ppl"], rel=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head", ["online", "chunked"])
+def test_heads_on_gpu_agree_with_float32_on_cpu(dtype, head, reference):
+    model = tiny_model("gpt2", n_layers=4, vocab=96).to("cuda", dtype)
+    rows = worker(model, batch_size=0, head=head).evaluate_many(REMOVALS)  # automatic batch from CUDA memory
+    bound = 1e-5 if dtype == torch.float32 else perplexity.BFLOAT16_PPL_BOUND
+    for removed, row in zip(REMOVALS, rows):
+        assert row["status"] == "ok" and row["ppl"] == pytest.approx(reference[removed], rel=bound)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_adaptive_latency_on_gpu_with_cuda_events():
+    from sweep.engine import latency
+
+    model = tiny_model("gpt2", n_layers=2, vocab=96).to("cuda")
+    repeats = latency.Repeats(min_repeats=5, max_repeats=30, budget_s=20.0)
+    rows = latency.measure_latency(model, {"full": (), "one": (1,)}, seq=16, decode_tokens=4, repeats=repeats, seed=0)
+    for columns in rows.values():
+        assert 5 <= columns["prefill_repeats"] <= 30 and columns["prefill_ms"] > 0
+        assert columns["latency_noisy"] in (0, 1) and columns["decode_ms_per_token"] > 0

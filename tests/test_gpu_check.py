@@ -46,3 +46,19 @@ def test_prepared_text_is_the_text_sweep_evaluates(tmp_path):
     shared = WIKITEXT_TEST.parents[2]
     path = load_check().prepare_text(shared, tmp_path)
     assert load_text(str(path)) == load_text(str(WIKITEXT_TEST))  # same tokens, without `datasets` on the GPU
+
+
+def test_gpu_tests_are_collected_from_modules_that_import_only_what_the_gpu_image_has():
+    files = load_check().gpu_test_files()
+    assert files and all("pytest.mark.gpu" in Path(f).read_text() for f in files)
+    for path in files:
+        imports = [line for line in Path(path).read_text().splitlines() if line.startswith(("import ", "from "))]
+        assert not [line for line in imports if any(m in line for m in ("datasette", "lm_eval", "peft", "dask"))]
+
+
+def test_gpu_wheels_target_downloads_what_the_check_installs():
+    makefile = (ROOT / "Makefile").read_text()
+    target = makefile[makefile.index("gpu-wheels:"):].split("\n\n")[0]
+    for name in ("sqlite-utils", "click-default-group", "sqlite-fts4", "liger-kernel"):
+        assert name in target
+    assert "bench/wheels/" in (ROOT / ".gitignore").read_text()
