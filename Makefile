@@ -14,7 +14,7 @@ TORCH_VERSION ?= 2.13.0
 PRESET  := $(if $(wildcard configs/$(MODEL).yaml),--config configs/$(MODEL).yaml,--model $(MODEL))
 RUN_FLAGS := $(PRESET) --db $(DB) $(if $(DATA),--data $(DATA)) $(if $(STRATEGY),--strategy $(STRATEGY)) $(ARGS)
 
-.PHONY: help install sweep plan report browse test test-fast docs demo bench clean reliability
+.PHONY: help install sweep plan report browse test test-fast docs demo bench gpu-check gpu-wheels clean reliability
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -59,8 +59,16 @@ demo: install  ## offline end to end: train a tiny model on stdlib source (800 s
 	$(BIN)/sweep run --config configs/demo.yaml --db demo.db $(ARGS)
 	$(BIN)/sweep report --db demo.db --out reports
 
-bench: install  ## guide recipe vs sweep engines on ../shared data; figures saved under bench/results/
+bench: install  ## CPU: the speed table (sweep run vs the reference loop, 2 models); GPU: GPT-2 stages. Saved in bench/results/
 	$(BIN)/python bench/bench.py $(ARGS)
+
+# No install step: the GPU machine has torch and no network; its own python3 runs the check.
+gpu-check:  ## on one GPU, <= 8 min: pytest -m gpu, bf16 vs fp32, Llama-3.2-1B, GPT-2 exhaustive, the levers; met/missed
+	PYTHONPATH=$(CURDIR) $(PYTHON) bench/gpu_check.py $(ARGS)
+
+# Where pip can reach the index: the wheels gpu-check installs on a GPU machine without network (carry bench/wheels).
+gpu-wheels:  ## download sqlite-utils (+2 deps) and liger-kernel wheels into bench/wheels for an offline GPU machine
+	$(PYTHON) -m pip download -q --no-deps -d bench/wheels sqlite-utils click-default-group sqlite-fts4 liger-kernel
 
 reliability: install  ## fault-injection campaign (kill -9, Ctrl-C, worker deaths, OOM, NaN, bad DBs); writes docs/reliability.md
 	$(BIN)/python bench/reliability.py $(ARGS)

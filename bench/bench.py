@@ -1,6 +1,7 @@
 """Benchmark: the transformers guide's perplexity recipe against sweep's engines, in one process.
 
-    make bench                                   # CPU: DistilGPT-2 shape, 2,048 tokens; GPU: GPT-2, full test set
+    make bench                                   # CPU: the speed table (below); GPU: GPT-2, full test set
+    python bench/bench.py --table --repeats 2    # CPU: the speed table, each measurement twice
     python bench/bench.py --model-config ../shared/model-configs/gpt2 --max-tokens 8192 --exhaustive-layers 4
     python bench/bench.py --targets gpt2         # GPU: one protocol of the speed targets, met or missed
 
@@ -27,6 +28,9 @@ import sys
 import tempfile
 import time
 from datetime import datetime, timezone
+import copy
+import os
+import subprocess
 from pathlib import Path
 
 import torch
@@ -99,6 +103,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="skip sweep's float32 per-variant engine (speed and exactness against the recipe)")
     parser.add_argument("--skip-recipe", action="store_true",
                         help="skip the float32 guide recipe (when a model is too big for float32 batch-1 timing)")
+    parser.add_argument("--table", action="store_true",
+                        help="the CPU speed table (default on CPU without --model-config): per model, the whole "
+                             "`sweep run` exhaustive command with and without latency against the reference loop")
+    parser.add_argument("--table-models", nargs="*", default=None, metavar="NAME:MAX_LENGTH",
+                        help="models of the table: distilgpt2:1024 (../shared/model-configs) and tiny:256 (6 x 64 "
+                             "GPT-2) by default; a path:max_length for any other config directory")
+    parser.add_argument("--repeats", type=int, default=1, help="table: times each measurement is repeated")
     parser.add_argument("--targets", nargs="*", choices=sorted(TARGETS), default=None, metavar="PROTOCOL",
                         help="GPU: run the speed targets' protocols (gpt2: exhaustive sweep of the full test set; "
                              "llama-3.2-1b: max-length 2048, single-layer sweep; default both) and print each "
@@ -110,6 +121,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.targets is not None:
         return run_targets(args, args.targets or list(TARGETS))
+    if args.table or (args.model_config is None and models.resolve_device(args.device).type == "cpu"):
+        return 0 if run_table(args) else 2
     return 0 if run_bench(args) else 2
 
 
@@ -285,7 +298,8 @@ def end_to_end_sweep(args, device, max_tokens, batch_size) -> dict:
                                                              summary.batch_size)
     print(f"  end-to-end {args.sweep_strategy} sweep: {summary.measured:,} variants in {seconds:.1f} s "
           f"(batch {summary.batch_size}; results.db and latency included)")
-    print(f"    latency: {figures['latency_measurements']} measurement(s) for {figures['rows']:,} rows; spread "
+    print(f"    latency: {figures['latency_measurements']} measurement(s) ({figures['noisy_latency_measurements']} "
+          f"noisy) for {figures['rows']:,} rows; spread "
           f"(IQR / median) prefill up to {figures['prefill_spread_max']:.1%}, decode up to "
           f"{figures['decode_spread_max']:.1%}")
     print(f"    results.db: {figures['commits']} commits, longest wait for the next commit "
@@ -300,10 +314,11 @@ def db_figures(db_path: Path) -> dict:
     """Latency measurements and their spread, and how often results reached the DB, read back from it."""
     with sqlite3.connect(db_path) as db:
         rows = db.execute("SELECT latency_signature, prefill_ms, prefill_iqr_ms, decode_ms_per_token, "
-                          "decode_iqr_ms FROM results WHERE status = 'ok'").fetchall()
+                          "decode_iqr_ms, latency_noisy FROM results WHERE status = 'ok'").fetchall()
         run = db.execute("SELECT started_at FROM runs ORDER BY id LIMIT 1").fetchone()
         commits = sorted({r[0] for r in db.execute("SELECT measured_at FROM measurements")})
-    per_signature = {r[0]: r[1:] for r in rows if r[0] is not None}
+    per_signature = {r[0]: r[1:5] for r in rows if r[0] is not None}
+    noisy = {r[0] for r in rows if r[0] is not None and r[5] == 1}
 
     def spread(median_idx: int) -> float:
         values = [v[median_idx + 1] / v[median_idx] for v in per_signature.values()
@@ -312,7 +327,8 @@ def db_figures(db_path: Path) -> dict:
 
     times = [datetime.fromisoformat(t) for t in ([run[0]] if run else []) + commits]
     gaps = [(b - a).total_seconds() for a, b in zip(times, times[1:])]
-    return {"rows": len(rows), "latency_measurements": len(per_signature), "prefill_spread_max": spread(0),
+    return {"rows": len(rows), "latency_measurements": len(per_signature), "noisy_latency_measurements": len(noisy),
+            "prefill_spread_max": spread(0),
             "decode_spread_max": spread(2), "commits": len(commits),
             "longest_commit_gap_seconds": max(gaps, default=0.0)}
 
@@ -327,6 +343,188 @@ def memory_bound_gib(model_config: str, max_length: int, batch_size: int) -> flo
     weights = sum(p.numel() for p in meta.parameters()) * 2  # bfloat16
     cache = (adapters.n_layers_of(config) + 1) * batch_size * max_length * config.hidden_size * 2
     return (weights + cache) / 2**30 + 2.0
+
+
+# ---------------------------------------------------------------------------------------------- CPU table
+
+TABLE_TOKENS = 2048
+TABLE_MODELS = ("distilgpt2:1024", "tiny:256")
+TINY = {"n_layer": 6, "n_embd": 64, "n_head": 4}
+"""The tiny model of the table: DistilGPT-2's config with 6 layers of width 64."""
+CPU_TARGETS = {
+    # model: (sweep --latency off vs reference, sweep with default latency vs reference), the issue's targets
+    "distilgpt2": (1.25, 1.10),
+    "tiny": (None, 2.0),
+}
+
+
+def run_table(args: argparse.Namespace) -> Path | None:
+    """The CPU speed table: per model, the reference loop (the guide's recipe over physically pruned copies, model
+    loaded, float32, batch 1, full logits) and the whole `sweep run --strategy exhaustive` command, with
+    `--latency off` and with the default latency, repeated ``--repeats`` times in turns; ratios of the minimum
+    times, with the physical limit of each model beside them. Saved as JSON as each measurement ends."""
+    for path in (args.tokenizer, args.data):
+        if not Path(path).exists():
+            print(f"bench: {path} not found; the table needs ../shared (see ../shared/README.md)", file=sys.stderr)
+            return None
+    tokenizer = models.load_tokenizer(args.tokenizer)
+    tokens = tokenize(load_text(args.data), tokenizer, args.data, ROOT / ".cache" / "sweep")  # cached for the runs
+    ids = torch.as_tensor(tokens.ids[: args.max_tokens or TABLE_TOKENS])[None]  # (1, N)
+    figures = {"kind": "cpu-table", "device": "cpu", "tokens": ids.shape[1], "repeats": args.repeats,
+               "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "python": platform.python_version(),
+               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "models": {}}
+    out = Path(args.out) / f"cpu-table-{figures['date'][:10]}.json"
+    with tempfile.TemporaryDirectory() as tmp:
+        for spec in args.table_models or TABLE_MODELS:
+            name, max_length = spec.rsplit(":", 1)
+            config_dir = table_config(name, Path(tmp))
+            row = figures["models"][name] = {"config": str(config_dir), "max_length": int(max_length)}
+            row.update(table_limits(config_dir, int(max_length), ids.shape[1]))
+            table_model(args, row, config_dir, ids, Path(tmp))
+            save_json(figures, out)
+    print_table(figures)
+    save_json(figures, out)
+    print(f"saved {out}")
+    return out
+
+
+def table_config(name: str, tmp: Path) -> Path:
+    """The config directory of a table model: ../shared/model-configs/<name>, the tiny one derived from DistilGPT-2."""
+    if name != "tiny":
+        return Path(name) if Path(name).is_dir() else SHARED / "model-configs" / name
+    config = json.loads((SHARED / "model-configs" / "distilgpt2" / "config.json").read_text())
+    config.update(TINY)
+    (tmp / "tiny").mkdir(exist_ok=True)
+    (tmp / "tiny" / "config.json").write_text(json.dumps(config))
+    return tmp / "tiny"
+
+
+def table_limits(config_dir: Path, max_length: int, n_tokens: int) -> dict:
+    """What sharing can win at most (multiply-adds per token, exhaustive sweep) and the head's compute floor.
+
+    Per token, the LM head costs H x V multiply-adds and a layer 12 H^2 (projections and MLP) + 2 T H (attention
+    scores and values, T the window). One by one, the 2^L variants keep L/2 layers on average; the trie calls
+    2^L - 1 layers for 2^L variants. Example, DistilGPT-2 at T = 1024: head 38.6 M, layer 8.7 M -> 64.6 M against
+    47.1 M per variant: 1.37x.
+    """
+    config = json.loads((config_dir / "config.json").read_text())
+    hidden, vocab, n_layers = config["n_embd"], config["vocab_size"], config["n_layer"]
+    head, layer = hidden * vocab, 12 * hidden**2 + 2 * max_length * hidden
+    variants = 2**n_layers
+    loop = head + layer * n_layers / 2
+    trie = head + layer * (variants - 1) / variants
+    return {"head_macs_per_token": head, "layer_macs_per_token": layer, "sharing_limit": loop / trie,
+            "head_floor_seconds": head_floor_seconds(hidden, vocab, n_tokens, variants)}
+
+
+def head_floor_seconds(hidden: int, vocab: int, n_tokens: int, variants: int) -> float:
+    """Seconds the LM head's matrix product alone takes for every variant: the least any exact engine can spend
+    on the head (measured here, on all threads, in float32: the logits must be computed to be reduced)."""
+    rows = n_tokens - 1
+    gen = torch.Generator().manual_seed(0)
+    weight, hidden_states = torch.randn(vocab, hidden, generator=gen), torch.randn(rows, hidden, generator=gen)
+    block = min(4096, vocab)
+    tile = torch.empty(rows, block)
+
+    def product() -> None:
+        for low in range(0, vocab - block + 1, block):
+            torch.mm(hidden_states, weight[low : low + block].t(), out=tile)
+
+    product()
+    start = time.perf_counter()
+    product()
+    return (time.perf_counter() - start) * vocab / (vocab // block * block) * variants
+
+
+def table_model(args, row: dict, config_dir: Path, ids: torch.Tensor, tmp: Path) -> None:
+    """The three measurements of one model, ``--repeats`` times in turns, with the machine's load around each."""
+    model = models.load_model(str(config_dir), dtype="float32", device="cpu", random_init=True)
+    n_layers = adapters.n_layers_of(model.config)
+    removals = [r for k in range(n_layers + 1) for r in itertools.combinations(range(n_layers), k)]
+    for key in ("reference", "sweep_latency_off", "sweep_latency_default"):
+        row[key] = []
+    for _ in range(args.repeats):
+        seconds, ppl = reference_loop(model, removals, ids, row["max_length"])
+        row["reference"].append({"seconds": seconds, **load()})
+        print(f"  {config_dir.name}: reference loop {seconds:7.1f} s  (load {os.getloadavg()[0]:.1f})", flush=True)
+        for latency, key in (("off", "sweep_latency_off"), ("shared", "sweep_latency_default")):
+            seconds, deviation = sweep_command(args, config_dir, row["max_length"], ids.shape[1], latency, tmp, ppl)
+            row[key].append({"seconds": seconds, "max_ppl_deviation": deviation, **load()})
+            print(f"  {config_dir.name}: sweep run --latency {latency:6} {seconds:7.1f} s  max |ppl/ref - 1| "
+                  f"{deviation:.1e}  (load {os.getloadavg()[0]:.1f})", flush=True)
+    for key in ("reference", "sweep_latency_off", "sweep_latency_default"):
+        times = [m["seconds"] for m in row[key]]
+        row[f"{key}_min"], row[f"{key}_spread"] = min(times), (max(times) - min(times)) / min(times)
+    row["ratio_latency_off"] = row["reference_min"] / row["sweep_latency_off_min"]
+    row["ratio_latency_default"] = row["reference_min"] / row["sweep_latency_default_min"]
+    del model
+
+
+def load() -> dict:
+    """The machine's load averages (1, 5 min) when a measurement ends: other work shares the cores."""
+    one, five, _ = os.getloadavg()
+    return {"load_1min": round(one, 2), "load_5min": round(five, 2)}
+
+
+def reference_loop(model, removals, ids: torch.Tensor, max_length: int) -> tuple[float, dict]:
+    """The guide's recipe over physically pruned copies, the model loaded: seconds of the loops (copies are built
+    untimed, before each), and each variant's perplexity."""
+    seconds, ppl = 0.0, {}
+    recipe_seconds(model, ids[:, : 2 * max_length], max_length, max_length)  # warm-up
+    for removed in removals:
+        pruned = copy.deepcopy(model)
+        adapters.remove_layers(pruned, removed)
+        loop_seconds, ppl[",".join(map(str, removed))] = recipe_seconds(pruned, ids, max_length, max_length)
+        seconds += loop_seconds
+        del pruned
+    return seconds, ppl
+
+
+def sweep_command(args, config_dir: Path, max_length: int, n_tokens: int, latency: str, tmp: Path,
+                  reference: dict) -> tuple[float, float]:
+    """Wall seconds of the whole `sweep run` command (a new process: imports, model, tokens, DB, every variant),
+    and its largest relative perplexity difference from the reference loop."""
+    db = tmp / f"table-{config_dir.name}-{latency}.db"
+    for stale in tmp.glob(db.name + "*"):
+        stale.unlink()
+    command = [sys.executable, "-m", "sweep", "run", "--model", str(config_dir), "--random-init", "--tokenizer",
+               args.tokenizer, "--data", args.data, "--max-tokens", str(n_tokens), "--max-length", str(max_length),
+               "--strategy", "exhaustive", "--latency", latency, "--db", str(db),
+               "--cache-dir", str(ROOT / ".cache" / "sweep"), "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    start = time.perf_counter()
+    subprocess.run(command, check=True, env=env, cwd=tmp, stdout=subprocess.DEVNULL)
+    seconds = time.perf_counter() - start
+    with sqlite3.connect(db) as conn:
+        stored = dict(conn.execute("SELECT removed, ppl FROM results"))
+    return seconds, max(abs(stored[key] / ppl - 1) for key, ppl in reference.items())
+
+
+def print_table(figures: dict) -> None:
+    """The table as the issue states it: minimum seconds (spread), ratios to the reference, targets and limits."""
+    print(f"\nCPU table: {figures['tokens']:,} tokens, every subset of 6 layers, minimum of {figures['repeats']} "
+          f"run(s) (spread = (max - min) / min)")
+    for name, row in figures["models"].items():
+        off, default = CPU_TARGETS.get(name, (None, None))
+
+        def cell(key: str) -> str:
+            return f"{row[key + '_min']:7.1f} s ({row[key + '_spread']:.0%})"
+
+        print(f"  {name} (max-length {row['max_length']}): reference {cell('reference')}, sweep --latency off "
+              f"{cell('sweep_latency_off')}, default latency {cell('sweep_latency_default')}")
+        print(f"    ratios: --latency off x{row['ratio_latency_off']:.2f}{verdict(row['ratio_latency_off'], off)}, "
+              f"default latency x{row['ratio_latency_default']:.2f}{verdict(row['ratio_latency_default'], default)}"
+              f"; limit from sharing x{row['sharing_limit']:.2f}, head product floor {row['head_floor_seconds']:.1f} s")
+
+
+def verdict(ratio: float, target: float | None) -> str:
+    return "" if target is None else f" (target >= x{target}: {'met' if ratio >= target else 'MISSED'})"
+
+
+def save_json(figures: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(figures, indent=2) + "\n")
 
 
 def save(figures: dict, out: Path) -> Path:

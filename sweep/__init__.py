@@ -12,7 +12,7 @@ from __future__ import annotations
 from sweep import store
 
 __version__ = "0.1.0"
-ENGINE_VERSION = "1"
+ENGINE_VERSION = "2"
 """Bumped whenever a change alters measured numbers; part of every setup id, so old rows are never mixed in."""
 
 

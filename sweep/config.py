@@ -17,6 +17,7 @@ LATENCY_MODES = ("shared", "per-variant", "off")
 ENGINES = ("trie", "per-variant")
 BACKENDS = ("loky", "dask")
 COMPILE_MODES = ("auto", "on", "off")
+HEADS = ("auto", "online", "chunked", "fused")
 CPU_BATCH_SIZE = 8
 """Windows per forward pass on CPU when --batch-size is 0 (auto)."""
 DEFAULT_CACHE_DIR = ".cache/sweep"
@@ -63,8 +64,12 @@ class SweepConfig:
     """Evaluate only the first N tokens of the text (recorded with the result); None = all."""
     batch_size: int = 0
     """Evaluation windows per forward pass; 0 = auto (from free GPU memory, trie cache included; 8 on CPU)."""
+    head: str = "auto"
+    """LM head + loss: online (log-sum-exp over vocabulary blocks, no logits tensor), chunked (4,096-row logits, compiled per --compile), fused (liger-kernel; CUDA), auto (online on CPU, chunked on CUDA)."""
     compile: str = "auto"
-    """torch.compile the LM head + loss (fused, no float32 copy of the logits): auto (on CUDA), on, off."""
+    """torch.compile the chunked LM head + loss (fused, no float32 copy of the logits): auto (on CUDA), on, off."""
+    compile_layers: bool = False
+    """torch.compile every decoder layer (a GPU lever: fewer kernel launches; compiled once per window shape)."""
     engine: str = "trie"
     """trie (variants share the computation of common leading layers) or per-variant (the plain reference)."""
 
@@ -83,9 +88,15 @@ class SweepConfig:
     """shared (measure once per shape signature and reuse), per-variant, or off."""
     latency_seq: int = 128
     """Prompt length (tokens, batch 1) of the prefill latency measurement."""
-    latency_repeats: int = 20
-    """Timed repeats per latency measurement (median and IQR are stored)."""
-    latency_warmup: int = 3
+    latency_repeats: int = 5
+    """Least timed repeats per latency measurement; more are taken until the median is stable (median, IQR, interval stored)."""
+    latency_max_repeats: int = 50
+    """Most timed repeats per latency measurement: a median still unstable then is stored and flagged noisy."""
+    latency_precision: float = 0.03
+    """A median is stable once its 95-percent bootstrap interval lies within this fraction of it (0.03: 3 percent); wider ones are flagged noisy."""
+    latency_budget: float = 30.0
+    """Seconds the latency phase may run: past them it takes no repeat beyond the least count (unstable medians are flagged noisy)."""
+    latency_warmup: int = 1
     """Untimed warm-up repeats before timing."""
     decode_tokens: int = 32
     """Tokens generated greedily with the KV cache for decode latency (0 disables)."""
@@ -188,15 +199,9 @@ def validate(cfg: SweepConfig) -> None:
         raise ConfigError(f"`--batch-size` must be 0 (auto) or a positive integer, got {cfg.batch_size}")
     if cfg.compile not in COMPILE_MODES:
         raise UnknownNameError("--compile", cfg.compile, COMPILE_MODES)
-    for name in ("latency_seq", "latency_repeats"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"`--{flag(name)}` must be a positive integer, got {getattr(cfg, name)}")
-    for name in ("decode_tokens", "latency_warmup"):
-        if getattr(cfg, name) < 0:
-            raise ConfigError(f"`--{flag(name)}` must be 0 or more, got {getattr(cfg, name)}")
-    if cfg.latency_repeats < 20 and cfg.latency != "off":
-        # Median and IQR of fewer repeats are too noisy to compare variants.
-        raise ConfigError(f"`--latency-repeats` must be at least 20, got {cfg.latency_repeats}")
+    if cfg.head not in HEADS:
+        raise UnknownNameError("--head", cfg.head, HEADS)
+    _validate_latency(cfg)
     if cfg.max_length and cfg.stride and cfg.stride > cfg.max_length:
         raise ConfigError(
             f"`--stride` ({cfg.stride}) is larger than `--max-length` ({cfg.max_length}): tokens would be skipped"
@@ -206,6 +211,31 @@ def validate(cfg: SweepConfig) -> None:
     _validate_similarity(cfg)
     validate_tasks_and_heal(cfg)
     _validate_parallel(cfg)
+
+
+MIN_LATENCY_REPEATS = 5
+"""Fewer timed repeats give no usable interval of the median (a bootstrap of 4 samples has 4 possible medians)."""
+
+
+def _validate_latency(cfg: SweepConfig) -> None:
+    """Checks of the latency fields; errors name the flag."""
+    for name in ("latency_seq", "latency_repeats", "latency_max_repeats"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"`--{flag(name)}` must be a positive integer, got {getattr(cfg, name)}")
+    for name in ("decode_tokens", "latency_warmup"):
+        if getattr(cfg, name) < 0:
+            raise ConfigError(f"`--{flag(name)}` must be 0 or more, got {getattr(cfg, name)}")
+    if cfg.latency == "off":
+        return
+    if cfg.latency_repeats < MIN_LATENCY_REPEATS:
+        raise ConfigError(f"`--latency-repeats` must be at least {MIN_LATENCY_REPEATS}, got {cfg.latency_repeats}")
+    if cfg.latency_max_repeats < cfg.latency_repeats:
+        raise ConfigError(f"`--latency-max-repeats` ({cfg.latency_max_repeats}) is below `--latency-repeats` "
+                          f"({cfg.latency_repeats})")
+    if not 0.0 < cfg.latency_precision < 1.0:
+        raise ConfigError(f"`--latency-precision` must be in (0, 1), got {cfg.latency_precision}")
+    if not cfg.latency_budget >= 0.0:
+        raise ConfigError(f"`--latency-budget` must be 0 or more seconds, got {cfg.latency_budget}")
 
 
 ANGULAR_TOKENS = ("last", "all")

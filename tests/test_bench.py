@@ -47,3 +47,34 @@ def test_targets_need_a_gpu_and_name_their_protocols(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--targets", "gpt3"])
     assert set(bench.PROTOCOLS) == set(bench.TARGETS)
+
+
+def test_table_times_the_reference_loop_and_both_sweep_commands_and_saves_ratios(tiny_gpt2_dir, sample_text_file,
+                                                                                  tmp_path):
+    bench = load_bench()
+    argv = ["--table", "--table-models", f"{tiny_gpt2_dir}:64", "--tokenizer", str(tiny_gpt2_dir), "--data",
+            str(sample_text_file), "--max-tokens", "320", "--out", str(tmp_path)]
+    assert bench.main(argv) == 0
+    [saved] = tmp_path.glob("cpu-table-*.json")
+    figures = json.loads(saved.read_text())
+    row = figures["models"][str(tiny_gpt2_dir)]
+    assert figures["tokens"] == 320 and row["max_length"] == 64
+    for key in ("reference", "sweep_latency_off", "sweep_latency_default"):
+        assert len(row[key]) == 1 and row[key][0]["seconds"] > 0 and "load_1min" in row[key][0]
+    # the whole command reproduces the reference loop's perplexities (16 variants of a 4-layer model)
+    assert row["sweep_latency_off"][0]["max_ppl_deviation"] < 1.2e-6
+    assert row["ratio_latency_off"] == pytest.approx(row["reference_min"] / row["sweep_latency_off_min"])
+    # exhaustive over 4 layers: head + 2 layers per variant one by one, head + 15/16 layer through the trie
+    head, layer = row["head_macs_per_token"], row["layer_macs_per_token"]
+    assert row["sharing_limit"] == pytest.approx((head + 2 * layer) / (head + 15 / 16 * layer))
+    assert row["head_floor_seconds"] > 0
+
+
+def test_sharing_limit_of_distilgpt2_is_the_issues_1_37():
+    bench = load_bench()
+    config = bench.SHARED / "model-configs" / "distilgpt2"
+    if not config.exists():
+        pytest.skip(f"{config} not found: this test needs ../shared")
+    limits = bench.table_limits(config, 1024, 2)
+    assert limits["sharing_limit"] == pytest.approx(1.37, abs=0.005)
+    assert limits["head_macs_per_token"] == 768 * 50257

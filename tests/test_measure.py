@@ -169,7 +169,7 @@ def test_latency_is_measured_per_signature_with_positive_times(gpt2_and_ids):
     result = worker.measure_latency({"a": [], "b": [0, 1]})
     assert set(result) == {"a", "b"}
     for columns in result.values():
-        assert columns["prefill_ms"] > 0 and columns["prefill_iqr_ms"] >= 0 and columns["prefill_repeats"] == 20
+        assert columns["prefill_ms"] > 0 and columns["prefill_iqr_ms"] >= 0 and 20 <= columns["prefill_repeats"] <= 60
         assert columns["decode_ms_per_token"] > 0
     assert result["b"]["latency_from"] == "0,1"
 

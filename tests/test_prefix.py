@@ -144,7 +144,8 @@ def test_time_estimate_counts_shared_layers_once(monkeypatch):
     worker = worker_for(tiny_model("gpt2"))  # 4 layers; 300 tokens in windows of 64, stride 32, batch 4
     monkeypatch.setattr(worker, "_batch_seconds", lambda: (13.0, 1.0))  # full, head only: 3 s per layer
     n_batches = -(-len(perplexity.windows(300, 64, 32)) // 4)
-    # Exhaustive over 4 layers: 16 heads; 15 trie nodes + 3 capture layers, or 32 layer calls one by one.
-    assert worker.estimate_seconds(ALL_SUBSETS) == pytest.approx(n_batches * (16 * 1.0 + 3.0 * (15 + 3)))
+    # Exhaustive over 4 layers: 16 heads; 15 trie nodes + 3 capture layers - the 3 the unpruned prefix reuses,
+    # or 32 layer calls one by one.
+    assert worker.estimate_seconds(ALL_SUBSETS) == pytest.approx(n_batches * (16 * 1.0 + 3.0 * (15 + 3 - 3)))
     assert worker.estimate_seconds(ALL_SUBSETS, shared=False) == pytest.approx(n_batches * (16 * 1.0 + 3.0 * 32))
     assert worker.estimate_seconds([(1,)]) == pytest.approx(n_batches * (1.0 + 3.0 * 3))

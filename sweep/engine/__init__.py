@@ -20,7 +20,15 @@ This file is the engine's public interface: the CLI and :mod:`sweep.extras` use 
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# Before torch loads: its OpenMP runtime reads this once. Threads that finish a parallel region sleep instead of
+# spinning for the next one, so on a busy machine they stop burning the cores the other threads wait for
+# (measured on a loaded 2-core machine: 1.2 s per training step of a tiny model with two spinning threads, 0.19 s
+# with two passive ones, 0.18 s with one). Idle, passive threads cost a wake-up per region (docs/benchmark.md).
+# Set OMP_WAIT_POLICY yourself to choose otherwise.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from sweep.config import SweepConfig
 from sweep.engine.adapters import decoder_layers, lora_target_modules, n_layers_of, pruned

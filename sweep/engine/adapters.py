@@ -14,7 +14,7 @@ import contextlib
 import hashlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -260,21 +260,26 @@ class LayerCalls:
     keyword arguments layer i received (attention mask for its own layer type, rotary position embeddings, ...).
     Calling layer i as ``layer(h, *args, **kwargs)`` with any residual stream h is exactly what the model would
     do with the layers before it removed, because a layer's inputs other than h do not depend on earlier layers.
+    ``outputs[i]`` (when kept) is layer i's output in that forward, for i < L - 1: the residual stream after
+    layers 0..i, which the trie reuses instead of computing the unpruned prefix a second time.
     """
 
     hidden: torch.Tensor
     calls: list[tuple[tuple, dict]]
+    outputs: list[torch.Tensor] = field(default_factory=list)
 
 
 class _StopForward(Exception):
     """Raised by the last layer's hook: the rest of the forward is not needed."""
 
 
-def capture_layer_calls(model: nn.Module, input_ids: torch.Tensor) -> LayerCalls:
-    """Run the model's backbone just far enough to record every decoder layer's call arguments."""
+def capture_layer_calls(model: nn.Module, input_ids: torch.Tensor, keep_outputs: bool = False) -> LayerCalls:
+    """Run the model's backbone just far enough to record every decoder layer's call arguments (and, with
+    ``keep_outputs``, the outputs of every layer but the last, which is never run)."""
     layers = decoder_layers(model)
     calls: list[tuple[tuple, dict]] = [((), {})] * len(layers)
     first: dict[str, torch.Tensor] = {}
+    outputs: list[torch.Tensor] = []
 
     def make_hook(i: int):
         def hook(module, args, kwargs):
@@ -286,7 +291,12 @@ def capture_layer_calls(model: nn.Module, input_ids: torch.Tensor) -> LayerCalls
                 raise _StopForward  # the last layer's arguments are known: skip its work and the head
         return hook
 
+    def keep_output(module, args, kwargs, out):
+        outputs.append(out[0] if isinstance(out, tuple) else out)
+
     handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    if keep_outputs:
+        handles += [layer.register_forward_hook(keep_output, with_kwargs=True) for layer in layers[:-1]]
     try:
         with torch.no_grad():
             model.base_model(input_ids=input_ids, use_cache=False)
@@ -295,7 +305,7 @@ def capture_layer_calls(model: nn.Module, input_ids: torch.Tensor) -> LayerCalls
     finally:
         for handle in handles:
             handle.remove()
-    return LayerCalls(first["hidden"], calls)
+    return LayerCalls(first["hidden"], calls, outputs)
 
 
 def call_layer(model: nn.Module, index: int, hidden: torch.Tensor, calls: LayerCalls) -> torch.Tensor:

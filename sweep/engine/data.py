@@ -61,6 +61,8 @@ def _load_local_rows(data: str, split: str, text_column: str) -> list[str]:
     if path.suffix == ".txt":
         # A plain text file is one document: no row joining.
         return [path.read_text(encoding="utf-8", errors="replace")]
+    if path.suffix == ".parquet":
+        return _parquet_rows(path, text_column, data)
     import datasets
 
     try:
@@ -70,8 +72,6 @@ def _load_local_rows(data: str, split: str, text_column: str) -> list[str]:
                 if split not in ds:
                     raise DataError(f"--data {data}: no split {split!r}; splits: {', '.join(ds)}")
                 ds = ds[split]
-        elif path.suffix == ".parquet":
-            ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
         elif path.suffix in (".jsonl", ".json"):
             ds = datasets.load_dataset("json", data_files=str(path), split="train")
         else:
@@ -95,6 +95,21 @@ def _load_hub_rows(data: str, data_config: str | None, split: str, text_column: 
             f"without network, pass a local copy: --data path/to/{split}.parquet (or .txt, .jsonl)"
         ) from None
     return _column(ds, text_column, data)
+
+
+def _parquet_rows(path: Path, text_column: str, data: str) -> list[str]:
+    """The rows of a local parquet file, read with pyarrow: the rows `datasets` would give (tested), without
+    importing it and building its cache (seconds of every `sweep run`)."""
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for unreadable files
+        raise DataError(f"--data {data}: cannot read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    if text_column not in table.column_names:
+        raise DataError(f"--data {data}: no column {text_column!r}; columns: {', '.join(table.column_names)} "
+                        f"(choose one with --text-column)")
+    return [row if isinstance(row, str) else "" for row in table.column(text_column).to_pylist()]
 
 
 def _column(ds, text_column: str, data: str) -> list[str]:

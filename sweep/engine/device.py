@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gc
+from typing import Protocol
 
 import torch
 
@@ -41,6 +42,44 @@ def free_memory(device: torch.device) -> None:
 def retry_batch_sizes(batch_size: int) -> list[int]:
     """The configured batch size, then half of it once (when that is smaller): an out-of-memory batch's retry."""
     return [batch_size] + ([batch_size // 2] if batch_size > 1 else [])
+
+
+class MemoryProbe(Protocol):
+    """Where the automatic batch size reads device memory: the only GPU-specific part of that choice, so tests can
+    run the choice (and its out-of-memory retries) on CPU against a simulated budget."""
+
+    def free_bytes(self) -> int:
+        """Memory the device can still allocate."""
+
+    def start_peak(self) -> int:
+        """Wait for queued work, reset the peak counter, and return the bytes allocated now (the resident ones)."""
+
+    def peak_bytes(self) -> int:
+        """Highest allocation since :meth:`start_peak`, after waiting for queued work."""
+
+
+class CudaMemory:
+    """:class:`MemoryProbe` of a CUDA device (``torch.cuda`` memory statistics)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def free_bytes(self) -> int:
+        return torch.cuda.mem_get_info(self.device)[0]
+
+    def start_peak(self) -> int:
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return torch.cuda.memory_allocated(self.device)
+
+    def peak_bytes(self) -> int:
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.max_memory_allocated(self.device)
+
+
+def memory_probe(device: torch.device) -> MemoryProbe | None:
+    """The memory probe of ``device``: CUDA's, or None where the batch size is not chosen from memory (CPU)."""
+    return CudaMemory(device) if device.type == "cuda" else None
 
 
 MEMORY_HEADROOM = 0.85

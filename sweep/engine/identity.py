@@ -58,11 +58,13 @@ def model_identity(cfg: SweepConfig, model_config, device: torch.device | None =
 
 
 def latency_settings(cfg: SweepConfig) -> str:
-    """The latency settings that change the timings, e.g. ``shared:seq=128:decode=32:repeats=20:warmup=3:seed=0``."""
+    """The latency settings that change the timings, e.g.
+    ``shared:seq=128:decode=32:repeats=5-50:precision=0.03:budget=30:warmup=1:seed=0``."""
     if cfg.latency == "off":
         return "off"
-    return (f"{cfg.latency}:seq={cfg.latency_seq}:decode={cfg.decode_tokens}:repeats={cfg.latency_repeats}"
-            f":warmup={cfg.latency_warmup}:seed={cfg.seed}")
+    return (f"{cfg.latency}:seq={cfg.latency_seq}:decode={cfg.decode_tokens}"
+            f":repeats={cfg.latency_repeats}-{cfg.latency_max_repeats}:precision={cfg.latency_precision:g}"
+            f":budget={cfg.latency_budget:g}:warmup={cfg.latency_warmup}:seed={cfg.seed}")
 
 
 def evaluation_setup(cfg: SweepConfig, model_config, tokens: TokenizedText, windows: EvalSetup,

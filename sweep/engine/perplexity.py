@@ -110,6 +110,10 @@ class HeadLoss:
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none")
         return nll.view(labels.shape)
 
+    @property
+    def name(self) -> str:
+        return "compiled chunked" if self.compiled else "eager chunked"
+
     def __call__(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self._compiled_nll is not None:
             try:
@@ -125,7 +129,178 @@ class HeadLoss:
         return self._nll(hidden, labels)
 
 
-def window_nll(head: Callable[[torch.Tensor], torch.Tensor] | HeadLoss, hidden: torch.Tensor,
+BFLOAT16_PPL_BOUND = 0.01
+"""Documented bound of |ppl(bfloat16) / ppl(float32) - 1| for one model and text (1 %): bfloat16 keeps 8 bits of
+mantissa, so each weight and activation carries a relative error near 2^-9, which the loss averages over thousands
+of tokens. Measured on CPU, tiny random-init GPT-2 and Llama, both heads, every variant: at most 3.1e-5
+(tests/test_gpu_branches.py); trained weights have larger logits and drift more, so GPT-2 on a GPU is checked
+against this bound by `make gpu-check`."""
+
+VOCAB_TILE_BYTES = 2 << 20
+"""Bytes of the float32 logits tile (rows x vocabulary block) :class:`OnlineHeadLoss` holds at once: about a
+core's L2 cache, so the tile is written, reduced and overwritten without leaving it (and no page is faulted)."""
+
+
+class OnlineHeadLoss:
+    """Exact LM head + cross-entropy that never holds more than one (rows, vocabulary block) tile of logits.
+
+    For each block of the vocabulary the tile ``hidden @ W_block.T`` (+ bias, soft-capping) is written into one
+    reused float32 buffer, and three numbers per row are kept: the tile's maximum, the sum of ``exp(logit - max)``
+    and the logit at the row's label column (gathered from that tile: the very float the plain head produces).
+    After the last block the per-block maxima and sums combine into the log-sum-exp, and the label logit is taken
+    from the block that owns the label. No (rows, vocab) tensor exists, so on CPU the tile stays in cache and no
+    fresh memory is page-faulted per chunk (a (4,096, 50,257) float32 logits tensor is 0.8 GB).
+
+    Example, vocab 5 in blocks of 2, one row with logits [1, 3 | 2, 0 | 5] and label 2::
+
+        block 0: max 3, sum e^-2 + e^0 = 1.135    block 1: max 2, sum 1 + e^-2 = 1.135 (label: 2)
+        block 2: max 5, sum 1
+        log-sum-exp = 5 + log(1.135 e^-2 + 1.135 e^-3 + 1) = 5.1907;  NLL = 5.1907 - 2 = 3.1907
+
+    Equal to ``F.cross_entropy`` of the full logits up to float rounding of the sums (tested in float32 and
+    float64). Half-precision weights compute each tile in their dtype and upcast it to float32, like the chunked
+    head; float64 weights keep everything in float64.
+    """
+
+    compiled = False
+    name = "online log-sum-exp"
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, softcap: float | None = None,
+                 tile_bytes: int = VOCAB_TILE_BYTES):
+        self.weight, self.bias, self.softcap, self.tile_bytes = weight, bias, softcap, tile_bytes
+        self._buffers: tuple | None = None
+        self._augmented: torch.Tensor | None = None
+
+    def block_size(self, rows: int) -> int:
+        """Vocabulary columns per tile: ``tile_bytes`` of float32 for ``rows`` rows, a multiple of 64 (>= 64)."""
+        vocab = self.weight.shape[0]
+        return max(64, min(vocab, self.tile_bytes // (4 * max(rows, 1)) // 64 * 64))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Of the tile and the statistics: float64 for float64 weights, else float32 (half precision upcast)."""
+        return torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+
+    def _scratch(self, rows: int, block: int, n_blocks: int, device: torch.device):
+        """The tile and the per-block statistics, reused across calls of one size (freed when the size changes)."""
+        key = (rows, block, device)
+        if self._buffers is None or self._buffers[0] != key:
+            self._buffers = None  # free the old ones first
+            self._buffers = (key, torch.empty(rows * block, dtype=self.dtype, device=device),
+                             torch.empty(3, n_blocks, rows, dtype=self.dtype, device=device))
+        return self._buffers[1], self._buffers[2]
+
+    def _augmented_weight(self) -> torch.Tensor:
+        """(V, H + 1 [+ 1]): the head's weight, its bias as a column, and a column of ones, made once. With hidden
+        states augmented by [1, -shift], one product gives ``logits - shift``: see :meth:`__call__`."""
+        if self._augmented is None:
+            columns = [self.weight] + ([self.bias[:, None]] if self.bias is not None else [])
+            self._augmented = torch.cat(columns + [torch.ones_like(self.weight[:, :1])], dim=1)
+        return self._augmented
+
+    def __call__(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """hidden (n, H) predicting labels (n,) -> per-position NLL (n,), float32 (float64 for float64 weights).
+
+        Block 0 is reduced as described above. In float32 and float64 without soft-capping, every later block
+        skips its maximum: it is shifted by block 0's maximum instead, folded into the product (hidden states
+        [h, 1, -shift] against [W, b, 1]), so a block costs its product, one ``exp`` and one sum. A block whose
+        exponentials overflow (a logit more than ~88 above that shift) is redone exactly; ones that underflow
+        contribute less than 1e-38 of the sum, as in any log-sum-exp.
+        """
+        rows, vocab = hidden.shape[0], self.weight.shape[0]
+        block = self.block_size(rows)
+        n_blocks = -(-vocab // block)
+        flat, stats = self._scratch(rows, block, n_blocks, hidden.device)
+        maxes, sums, picked = stats[0], stats[1], stats[2]  # each (n_blocks, n)
+        owner = torch.div(labels, block, rounding_mode="floor")  # (n,) block holding each label
+        column = (labels - owner * block).unsqueeze(1)  # (n, 1) its column in that block
+        native = hidden.dtype == self.weight.dtype == self.dtype  # products can be written into the tile
+        folded = native and not self.softcap and n_blocks > 1
+        for j, low in enumerate(range(0, vocab, block)):
+            tile = flat[: rows * min(block, vocab - low)].view(rows, -1)  # (n, w) logits of this block
+            if j == 0 or not folded:
+                self._exact_block(hidden, low, tile, column, maxes[j], sums[j], picked[j], native, block)
+                if folded:
+                    shift = maxes[0].clone()  # (n,)
+                    shifted_hidden = torch.cat([hidden] + ([torch.ones_like(hidden[:, :1])] if self.bias is not None
+                                                           else []) + [-shift[:, None]], dim=1)  # (n, H + 1 [+ 1])
+                continue
+            torch.mm(shifted_hidden, self._augmented_weight()[low : low + tile.shape[1]].t(), out=tile)
+            _label_logits(tile, column, picked[j], block)
+            maxes[j].copy_(shift)
+            torch.sum(tile.exp_(), 1, out=sums[j])
+        if folded:
+            picked[1:] += shift  # the label logits of shifted blocks, unshifted
+            for j in torch.isinf(sums).any(dim=1).nonzero().flatten().tolist():  # overflowed: redo exactly
+                low = j * block
+                tile = flat[: rows * min(block, vocab - low)].view(rows, -1)
+                self._exact_block(hidden, low, tile, column, maxes[j], sums[j], picked[j], native, block)
+        top = maxes.amax(0)  # (n,)
+        log_sum_exp = (sums * (maxes - top).exp()).sum(0).log() + top
+        return log_sum_exp - picked.gather(0, owner.unsqueeze(0)).squeeze(0)
+
+    def _exact_block(self, hidden: torch.Tensor, low: int, tile: torch.Tensor, column: torch.Tensor,
+                     block_max: torch.Tensor, block_sum: torch.Tensor, label_logit: torch.Tensor,
+                     native: bool, column_block: int) -> None:
+        """Logits of the block starting at vocabulary entry ``low`` into ``tile`` (n, w), then its maximum, sum of
+        exp(logit - maximum) and label logits (n,) each."""
+        weight = self.weight[low : low + tile.shape[1]]  # (w, H)
+        if native:
+            torch.mm(hidden, weight.t(), out=tile)
+        else:
+            tile.copy_(hidden @ weight.t())
+        if self.bias is not None:
+            tile.add_(self.bias[low : low + tile.shape[1]])
+        if self.softcap:
+            tile.div_(self.softcap).tanh_().mul_(self.softcap)
+        _label_logits(tile, column, label_logit, column_block)
+        torch.amax(tile, 1, out=block_max)
+        torch.sum(tile.sub_(block_max.unsqueeze(1)).exp_(), 1, out=block_sum)
+
+
+def _label_logits(tile: torch.Tensor, column: torch.Tensor, out: torch.Tensor, block: int) -> None:
+    """Each row's value at its label's column in this block (clamped into a narrower last block: rows whose label
+    lies elsewhere are never read)."""
+    width = tile.shape[1]
+    torch.gather(tile, 1, column if width == block else column.clamp(max=width - 1), out=out.unsqueeze(1))
+
+
+class FusedHeadLoss:
+    """liger-kernel's fused linear + cross-entropy (Triton, CUDA only): the head + loss as one maintained kernel that
+    never writes the whole logits either (``--head fused``, a GPU lever compared by ``make gpu-check``)."""
+
+    compiled = False
+    name = "fused (liger-kernel)"
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, loss_fn: Callable):
+        self.weight, self.bias, self.loss_fn = weight, bias, loss_fn
+
+    def __call__(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """hidden (n, H) predicting labels (n,) -> per-position NLL (n,), float32."""
+        return self.loss_fn(self.weight, hidden, labels, self.bias).float()
+
+
+def fused_head_loss(weight: torch.Tensor, bias: torch.Tensor | None) -> FusedHeadLoss | None:
+    """A :class:`FusedHeadLoss` when liger-kernel is installed and the weights are on a CUDA device; else None."""
+    if weight.device.type != "cuda":
+        return None
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss  # optional: CUDA only
+    except ImportError:
+        return None
+    return FusedHeadLoss(weight, bias, LigerFusedLinearCrossEntropyLoss(reduction="none"))
+
+
+Head = Callable[[torch.Tensor], torch.Tensor] | HeadLoss | OnlineHeadLoss | FusedHeadLoss
+"""What evaluation accepts as the head: a head + loss object, or a plain logits function (run eagerly)."""
+
+
+def as_head_loss(head: Head) -> HeadLoss | OnlineHeadLoss | FusedHeadLoss:
+    """A head + loss object: given ones as they are, a logits function wrapped in an eager :class:`HeadLoss`."""
+    return head if isinstance(head, (HeadLoss, OnlineHeadLoss, FusedHeadLoss)) else HeadLoss(head)
+
+
+def window_nll(head: Head, hidden: torch.Tensor,
                input_ids: torch.Tensor, n_targets: int) -> tuple[torch.Tensor, int]:
     """Summed NLL (float64, on the hidden states' device) of the scored tokens of a batch of equal-length windows.
 
@@ -143,7 +318,7 @@ def window_nll(head: Callable[[torch.Tensor], torch.Tensor] | HeadLoss, hidden: 
         them is a host-device sync, which callers do once per pass, not once per batch (the trie scores
         thousands of variants per batch).
     """
-    head_loss = head if isinstance(head, HeadLoss) else HeadLoss(head)
+    head_loss = as_head_loss(head)
     batch, length = input_ids.shape
     first = max(1, length - n_targets)  # first scored label position
     sums = torch.zeros(batch, dtype=torch.float64, device=hidden.device)
@@ -213,7 +388,7 @@ def scored_batches(token_ids: torch.Tensor, max_length: int, stride: int,
 
 @torch.no_grad()
 def perplexity(hidden_fn: Callable[[torch.Tensor], torch.Tensor],
-               head: Callable[[torch.Tensor], torch.Tensor] | HeadLoss,
+               head: Head,
                token_ids: torch.Tensor, max_length: int, stride: int, batch_size: int,
                device: torch.device) -> Perplexity:
     """Perplexity with semantics identical to the transformers guide's strided recipe (one variant, plain forward).

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import torch
 from tqdm.auto import tqdm
 
 from sweep import store
@@ -154,11 +155,12 @@ def _close_run(db, run_id: int, status: str, summary: Summary, log: Log, failing
 
 
 def _engine_line(cfg: SweepConfig, worker) -> str:
-    """How variants are evaluated, e.g. "trie engine, 16 windows per batch, compiled head"."""
+    """How variants are evaluated, e.g. "trie engine, 16 windows per batch, compiled chunked head, 2 threads"."""
     engine = "trie" if cfg.engine == "trie" and worker.trie_ok else "per-variant"
-    head = "compiled head" if worker.head_loss.compiled else "eager head"
     auto = " (auto)" if not cfg.batch_size else ""
-    return f"{engine} engine, {worker.batch_size} windows per batch{auto}, {head}"
+    threads = f", {torch.get_num_threads()} CPU thread{'s' if torch.get_num_threads() > 1 else ''}" \
+        if worker.device.type == "cpu" else ""
+    return f"{engine} engine, {worker.batch_size} windows per batch{auto}, {worker.head_loss.name} head{threads}"
 
 
 PER_VARIANT_GROUP = 16
@@ -310,13 +312,18 @@ def _latency_for(cfg, worker, db, setup, todo, log, progress, should_stop=lambda
             needed[sig] = removed
     if needed:
         if progress:
-            log(f"latency: {len(needed)} shape signature(s), {cfg.latency_repeats} interleaved repeats each "
-                f"(prefill of {cfg.latency_seq} tokens"
-                f"{f', decode of {cfg.decode_tokens} tokens' if cfg.decode_tokens else ''})")
-        bar = tqdm(total=cfg.latency_warmup + cfg.latency_repeats, desc="latency", unit="round",
+            log(f"latency: {len(needed)} shape signature(s), {cfg.latency_repeats} to {cfg.latency_max_repeats} "
+                f"interleaved repeats each, until the median is within +-{cfg.latency_precision:.0%} "
+                f"(prefill of {cfg.latency_seq} tokens{f', decode of {cfg.decode_tokens} tokens' if cfg.decode_tokens else ''}"
+                f"; at most {cfg.latency_budget:g} s beyond the first {cfg.latency_repeats})")
+        bar = tqdm(total=cfg.latency_warmup + cfg.latency_max_repeats, desc="latency", unit="round",
                    disable=not progress, dynamic_ncols=True)
-        known.update(worker.measure_latency(needed, progress=lambda done, total: bar.update(1),
-                                            should_stop=should_stop))
+
+        def advance(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(1)
+
+        known.update(worker.measure_latency(needed, progress=advance, should_stop=should_stop))
         bar.close()
     for sig in waiting:
         if sig in known:

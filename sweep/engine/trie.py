@@ -16,7 +16,9 @@ Per-variant evaluation runs 3+2+2+1 = 8 layer calls; the trie runs 6. Exhaustive
 2^L - 1 layer calls instead of L * 2^(L-1).
 
 Each layer is called exactly as the model calls it: its arguments are captured once per batch by
-:func:`sweep.engine.adapters.capture_layer_calls` and replayed (see that function for why this is exact).
+:func:`sweep.engine.adapters.capture_layer_calls` and replayed (see that function for why this is exact). The
+capture forward runs layers 0..L-2 of the unpruned model anyway, so their outputs are kept and the trie's unpruned
+path (0, 0-1, 0-1-2, ...) reuses them: exhaustive over L layers then costs 2^L - L layer calls plus the capture.
 """
 from __future__ import annotations
 
@@ -53,6 +55,14 @@ def layer_calls(root: Node) -> int:
     return sum(1 + layer_calls(child) for child in root.children.values())
 
 
+def unpruned_prefix(root: Node, n_layers: int) -> int:
+    """Nodes of the path 0, 0-1, 0-1-2, ... up to layer L-2: the layers the capture forward has run already."""
+    depth, node = 0, root
+    while depth < n_layers - 1 and depth in node.children:
+        node, depth = node.children[depth], depth + 1
+    return depth
+
+
 @torch.no_grad()
 def trie_perplexities(model, kept_sequences: dict[str, Sequence[int]], head: Callable, token_ids: torch.Tensor,
                       max_length: int, stride: int, batch_size: int) -> dict[str, Perplexity]:
@@ -71,9 +81,10 @@ def trie_perplexities(model, kept_sequences: dict[str, Sequence[int]], head: Cal
     nll = torch.zeros(len(index), dtype=torch.float64, device=token_ids.device)  # (n_variants,)
     n_tokens = {key: 0 for key in kept_sequences}
     for batch in scored_batches(token_ids, max_length, stride, batch_size):
-        calls = adapters.capture_layer_calls(model, batch.input_ids)
+        calls = adapters.capture_layer_calls(model, batch.input_ids, keep_outputs=True)
 
-        def score(node: Node, hidden: torch.Tensor) -> None:
+        def score(node: Node, hidden: torch.Tensor, depth: int = 0) -> None:
+            """``depth``: this node is the unpruned prefix of layers 0..depth-1 (-1 once a layer was skipped)."""
             if node.keys:
                 sums, n_scored = window_nll(head, finish(hidden), batch.input_ids, batch.n_targets)
                 weighted, tokens = batch.weighted(sums, n_scored)
@@ -81,7 +92,11 @@ def trie_perplexities(model, kept_sequences: dict[str, Sequence[int]], head: Cal
                     nll[index[key]] += weighted
                     n_tokens[key] += tokens
             for layer, child in node.children.items():
-                score(child, adapters.call_layer(model, layer, hidden, calls))
+                unpruned = depth >= 0 and layer == depth
+                if unpruned and layer < len(calls.outputs):  # the capture forward already ran layers 0..layer
+                    score(child, calls.outputs[layer], depth + 1)
+                else:
+                    score(child, adapters.call_layer(model, layer, hidden, calls), depth + 1 if unpruned else -1)
 
         score(root, calls.hidden)
     sums = nll.tolist()

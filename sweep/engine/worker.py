@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import time
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -17,16 +18,22 @@ from torch import nn
 
 from sweep.config import CPU_BATCH_SIZE, SweepConfig
 from sweep.engine import adapters, latency, models, perplexity, trie
-from sweep.engine.device import batch_size_for, device_name, free_memory, retry_batch_sizes
+from sweep.engine.device import (MemoryProbe, batch_size_for, device_name, free_memory, memory_probe,
+                                 retry_batch_sizes)
 from sweep.engine.data import EvalSetup, TokenizedText, load_tokens, resolve_windows
 from sweep.engine.faults import injected_delay, injected_fault
 from sweep.plan import kept_layers, variant_key
 
 
 class Worker:
-    """A model on one device plus the tokens to evaluate it on."""
+    """A model on one device plus the tokens to evaluate it on.
 
-    def __init__(self, model: nn.Module, tokens: TokenizedText, setup: EvalSetup, cfg: SweepConfig):
+    ``memory`` is where the automatic batch size reads device memory (default: the device's own probe; None on
+    CPU); tests pass a simulated one.
+    """
+
+    def __init__(self, model: nn.Module, tokens: TokenizedText, setup: EvalSetup, cfg: SweepConfig,
+                 memory: MemoryProbe | None = None):
         self.model = model
         self.tokens = tokens
         self.cfg = cfg
@@ -42,39 +49,54 @@ class Worker:
         self.embedding_params = adapters.embedding_params(model)
         self.hidden_fn, self.logits_fn, self.split_head = self._split_head()
         self.trie_ok = self.split_head and self._trie_reproduces_backbone()
-        use_compile = cfg.compile == "on" or (cfg.compile == "auto" and self.device.type == "cuda")
-        self.head_loss = perplexity.HeadLoss(self.logits_fn, compiled=use_compile)
+        if cfg.compile_layers:
+            compile_layers(model)
+        self.head_loss = self._head_loss()
+        self.memory = memory if memory is not None else memory_probe(self.device)
         self.batch_size = cfg.batch_size or self._auto_batch_size()
         self.host = socket.gethostname()
         self.device_name = device_name(self.device)
 
     # ------------------------------------------------------------------------------------------ head
 
+    def _head_loss(self):
+        """The LM head + loss ``--head`` asks for (:mod:`perplexity`); online and fused need a plain linear head."""
+        cfg, head = self.cfg, self.model.get_output_embeddings()
+        choice = cfg.head if cfg.head != "auto" else ("chunked" if self.device.type == "cuda" else "online")
+        linear = self.split_head and isinstance(head, nn.Linear)
+        softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        if choice == "online" and linear:
+            return perplexity.OnlineHeadLoss(head.weight, head.bias, softcap)
+        if choice == "fused" and linear and not softcap:
+            fused = perplexity.fused_head_loss(head.weight, head.bias)
+            if fused is not None:
+                return fused
+            warnings.warn("--head fused needs liger-kernel and CUDA; using the chunked head", stacklevel=2)
+        use_compile = cfg.compile == "on" or (cfg.compile == "auto" and self.device.type == "cuda")
+        return perplexity.HeadLoss(self.logits_fn, compiled=use_compile)
+
     def _auto_batch_size(self) -> int:
-        """Windows per batch from free GPU memory (``--batch-size 0``); CPU_BATCH_SIZE on CPU.
+        """Windows per batch from free device memory (``--batch-size 0``); CPU_BATCH_SIZE without a memory probe.
 
         One window of the full model is run and its peak memory above the resident weights measured (activations,
         attention mask, a head chunk's logits); the trie adds one residual stream (1, T, H) per depth, up to L + 1
         of them. Both grow linearly with the batch, so the batch is free memory / per-window cost
         (:func:`batch_size_for`).
         """
-        if self.device.type != "cuda":
+        if self.memory is None:
             return CPU_BATCH_SIZE
         length = min(self.setup.max_length, len(self.token_ids))
         probe = self.token_ids[:length][None]  # (1, T)
-        torch.cuda.synchronize(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        resident = torch.cuda.memory_allocated(self.device)
+        resident = self.memory.start_peak()
         with torch.no_grad():
             hidden = self.hidden_fn(probe)  # (1, T, H)
             perplexity.window_nll(self.head_loss, hidden, probe, length)
-        transient = torch.cuda.max_memory_allocated(self.device) - resident
+        transient = self.memory.peak_bytes() - resident
         depth = self.n_layers + 1 if self.trie_ok and self.cfg.engine == "trie" else 1
         per_window = transient + depth * hidden.numel() * hidden.element_size()
         del hidden
-        free, _ = torch.cuda.mem_get_info(self.device)
         n_windows = len(perplexity.windows(len(self.token_ids), self.setup.max_length, self.setup.stride))
-        return batch_size_for(free, per_window, n_windows)
+        return batch_size_for(self.memory.free_bytes(), per_window, n_windows)
 
     def _split_head(self):
         """Run backbone and LM head separately (so the head can be chunked) when that reproduces the model.
@@ -197,8 +219,8 @@ class Worker:
 
         Cost model: a variant keeping k of L layers costs ``head + k/L * (full - head)`` per batch, where
         ``full`` is the unpruned batch time and ``head`` the time with every layer removed. With prefix sharing the
-        layers are counted once per trie node instead (plus one capture forward per batch): an exhaustive GPT-2
-        sweep runs 4,095 layer calls per batch, not 24,576. ``shared=False`` prices each variant alone (an upper
+        layers are counted once per trie node instead, plus one capture forward per batch whose layer outputs
+        the unpruned prefix reuses: an exhaustive GPT-2 sweep runs 4,084 + 11 layer calls per batch, not 24,576. ``shared=False`` prices each variant alone (an upper
         bound for a small sub-trie).
         """
         n_batches = math.ceil(len(perplexity.windows(len(self.token_ids), self.setup.max_length, self.setup.stride))
@@ -207,15 +229,26 @@ class Worker:
         per_layer = max(full - head, 0.0) / max(self.n_layers, 1)
         if shared and self.cfg.engine == "trie" and self.trie_ok and len(variants) > 1:
             variants_trie = trie.build_trie({variant_key(v): kept_layers(v, self.n_layers) for v in variants})
-            layer_calls = trie.layer_calls(variants_trie) + self.n_layers - 1  # nodes + the capture forward
+            # nodes + the capture forward, less the unpruned prefix the trie takes from that forward
+            layer_calls = (trie.layer_calls(variants_trie) + self.n_layers - 1
+                           - trie.unpruned_prefix(variants_trie, self.n_layers))
             return n_batches * (head * len(variants) + per_layer * layer_calls)
         return sum(n_batches * (head + per_layer * (self.n_layers - len(v))) for v in variants)
 
     def _batch_seconds(self) -> tuple[float, float]:
-        """Seconds of one batch of windows through the full model and with every layer removed (after a warm-up)."""
+        """Seconds of one batch of windows through the full model and with every layer removed (after a warm-up).
+
+        On CPU one window of at most ``ESTIMATE_POSITIONS`` positions is timed and scaled to the batch's token rows
+        (work grows linearly with rows there; the three timings would otherwise cost three batches of a sweep).
+        On a GPU, where small inputs do not fill the device, the first batch itself is timed.
+        """
         # The first batch of equal-length windows (a shorter last window is never stacked with full ones).
         ids = next(perplexity.scored_batches(self.token_ids, self.setup.max_length, self.setup.stride,
                                              self.batch_size)).input_ids  # (B, T)
+        scale = 1.0
+        if self.device.type == "cpu" and ids.numel() > ESTIMATE_POSITIONS:
+            scale = ids.numel() / min(ids.shape[1], ESTIMATE_POSITIONS)
+            ids = ids[:1, :ESTIMATE_POSITIONS]  # (1, t)
 
         def seconds(removed: Sequence[int]) -> float:
             with adapters.pruned(self.model, removed), torch.no_grad():
@@ -223,7 +256,7 @@ class Worker:
                 perplexity.window_nll(self.head_loss, self.hidden_fn(ids), ids, ids.shape[1])
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
-                return time.perf_counter() - start
+                return (time.perf_counter() - start) * scale
 
         seconds([])  # warm-up
         return seconds([]), seconds(range(self.n_layers))
@@ -258,13 +291,29 @@ class Worker:
         return adapters.shape_signature(self.model, kept_layers(removed, self.n_layers))
 
     def measure_latency(self, representatives: dict[str, Sequence[int]], progress=None,
-                        should_stop=lambda: False) -> dict[str, dict]:
+                        should_stop=lambda: False, timer: latency.Timer | None = None) -> dict[str, dict]:
         """Latency columns of one variant per shape signature (:func:`latency.measure_latency`, interleaved)."""
-        cfg = self.cfg
-        return latency.measure_latency(self.model, representatives, seq=cfg.latency_seq,
-                                       decode_tokens=cfg.decode_tokens, repeats=cfg.latency_repeats,
-                                       warmup=cfg.latency_warmup, seed=cfg.seed, progress=progress,
-                                       should_stop=should_stop)
+        return latency.measure_latency(self.model, representatives, seq=self.cfg.latency_seq,
+                                       decode_tokens=self.cfg.decode_tokens, repeats=latency_repeats(self.cfg),
+                                       seed=self.cfg.seed, timer=timer, progress=progress, should_stop=should_stop)
+
+
+def latency_repeats(cfg: SweepConfig) -> latency.Repeats:
+    """The repeat rule of ``cfg``'s latency flags."""
+    return latency.Repeats(min_repeats=cfg.latency_repeats, max_repeats=cfg.latency_max_repeats,
+                           precision=cfg.latency_precision, budget_s=cfg.latency_budget, warmup=cfg.latency_warmup)
+
+
+ESTIMATE_POSITIONS = 256
+"""Positions of the one window the CPU time estimate runs (see :meth:`Worker._batch_seconds`)."""
+
+
+def compile_layers(model: nn.Module) -> None:
+    """``torch.compile`` each decoder layer's ``forward`` in place (``--compile-layers``): the trie and the
+    per-variant engine call the same modules, so both run compiled layers; the module call, and with it the
+    trie's capture hooks, stays eager. Equal to eager up to float rounding (tested)."""
+    for layer in adapters.decoder_layers(model):
+        layer.forward = torch.compile(layer.forward, dynamic=False)
 
 
 def load_worker(cfg: SweepConfig) -> Worker:

@@ -93,7 +93,8 @@ def baseline_row(rows: list[Row]) -> Row | None:
 # ---------------------------------------------------------------------------------------------- rows
 
 
-VIEW_NUMBERS = ("n_removed", "n_layers", "ppl", "speed_ms", "params", "ppl_change_pct", "speed_change_pct")
+VIEW_NUMBERS = ("n_removed", "n_layers", "ppl", "speed_ms", "params", "ppl_change_pct", "speed_change_pct",
+                "speed_interval_pct", "latency_noisy")
 
 
 def frame_of(rows: list[Row]) -> pd.DataFrame:

@@ -247,7 +247,10 @@ def plot_pareto(frame: pd.DataFrame, subtitle: str) -> Figure | None:
                                     sharey=True)
     for ax, (cost, label, scale) in zip(axes[0], panels):
         front = analysis.pareto_front(frame, cost)
-        ax.scatter(ok[cost] * scale, ok["ppl"], s=12, color="#95a5a6", alpha=0.6, label="measured variants")
+        exact, noisy = (_split_noisy(ok) if cost == "speed_ms" else (ok, ok.iloc[:0]))
+        ax.scatter(exact[cost] * scale, exact["ppl"], s=12, color="#95a5a6", alpha=0.6, label="measured variants")
+        if len(noisy):
+            _draw_noisy(ax, noisy, cost, scale)
         ax.step(front[cost] * scale, front["ppl"], where="post", color=FRONT, linewidth=1.2, alpha=0.7)
         ax.scatter(front[cost] * scale, front["ppl"], s=28, color=FRONT, zorder=3, label="Pareto front")
         _label_front(ax, front, cost, scale)
@@ -258,9 +261,35 @@ def plot_pareto(frame: pd.DataFrame, subtitle: str) -> Figure | None:
         ax.set_title(f"perplexity vs {label.split(' (')[0]}", fontsize=10)
     axes[0, 0].set_ylabel("perplexity (log scale)")
     axes[0, 0].legend(fontsize=8, loc="upper right")
-    caption = _excluded_caption(analysis.excluded_counts(frame))
-    plotting.titled(fig, "Pareto front: perplexity vs cost (lower-left is better)", subtitle, caption)
+    captions = [c for c in (_excluded_caption(analysis.excluded_counts(frame)), _noisy_caption(ok)) if c]
+    plotting.titled(fig, "Pareto front: perplexity vs cost (lower-left is better)", subtitle,
+                    " ".join(captions) or None)
     return fig
+
+
+def _split_noisy(ok: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(rows with exact timings, rows whose timing is flagged noisy)."""
+    flag = pd.to_numeric(ok.get("latency_noisy", pd.Series(0, index=ok.index)), errors="coerce").fillna(0) >= 1
+    return ok[~flag], ok[flag]
+
+
+NOISY = "#e67e22"
+
+
+def _draw_noisy(ax: Axes, noisy: pd.DataFrame, cost: str, scale: float) -> None:
+    """Noisy timings: hollow markers with the median's 95 % interval as a horizontal error bar (not exact points)."""
+    x = noisy[cost] * scale
+    width = pd.to_numeric(noisy.get("speed_interval_pct", pd.Series(float("nan"), index=noisy.index)),
+                          errors="coerce")
+    ax.errorbar(x, noisy["ppl"], xerr=(x * width / 100.0).fillna(0.0).to_numpy(), fmt="o", markersize=4,
+                markerfacecolor="none", color=NOISY, elinewidth=0.8, capsize=2, alpha=0.8,
+                label="noisy timing (95 % interval)")
+
+
+def _noisy_caption(ok: pd.DataFrame) -> str | None:
+    _, noisy = _split_noisy(ok)
+    return (f"Hollow, with 95 % interval bars: {len(noisy)} noisy timings (not exact along the time axis)."
+            if len(noisy) else None)
 
 
 FIGURES = {

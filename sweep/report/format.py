@@ -35,6 +35,21 @@ def format_ms(value: float | None) -> str:
     return f"{value:,.2f}" if finite(value) else MISSING
 
 
+def is_noisy(row: Any) -> bool:
+    """A row whose latency was flagged noisy (``latency_noisy`` = 1): its median timing is not to be read as exact."""
+    value = row.get("latency_noisy") if hasattr(row, "get") else None
+    return finite(value) and value >= 1
+
+
+def format_timing(value: float | None, noisy: bool = False, interval_pct: float | None = None) -> str:
+    """A median timing in ms; a noisy one says so, with the half-width of its 95 % interval when known:
+    ``12.3456 -> "12.35"``, noisy ±9.12 % -> ``"12.35 (noisy, ±9 %)"``, noisy without width -> ``"12.35 (noisy)"``."""
+    text = format_ms(value)
+    if not noisy or not finite(value):
+        return text
+    return f"{text} (noisy, ±{interval_pct:,.0f} %)" if finite(interval_pct) else f"{text} (noisy)"
+
+
 def format_params(value: int | None) -> str:
     """Parameters in millions: ``124439808 -> "124.440"``, ``6738415616 -> "6,738.42"``."""
     if not finite(value):

@@ -30,7 +30,7 @@ from sweep.plan import parse_key
 from sweep.report import analysis, findings, signals, tasks
 from sweep.report.context import ReportContext, baseline_row, frame_of, setup_fields
 from sweep.report.format import (MISSING, code, finite, format_ms, format_params, format_pct, format_points,
-                                 format_ppl, format_signal, table, text)
+                                 format_ppl, format_signal, format_timing, is_noisy, table, text)
 
 Row = dict[str, Any]
 Section = Callable[[ReportContext], "str | None"]
@@ -74,7 +74,7 @@ def _variant_cells(row: Row) -> list[str]:
         removed_label(row),
         str(n_kept) if n_kept is not None else MISSING,
         ppl_cell(row),
-        format_ms(row.get("speed_ms")),
+        format_timing(row.get("speed_ms"), is_noisy(row), row.get("speed_interval_pct")),
         format_params(row.get("params")),
         format_pct(row.get("ppl_change_pct")),
         format_pct(row.get("speed_change_pct")),
@@ -147,6 +147,10 @@ def _baseline_section(baseline: Row | None) -> str:
         lines += [f"The baseline is **{ppl_cell(baseline)}**, so changes (%) are not available.", ""]
     iqr = baseline.get("speed_iqr_ms")
     iqr_text = f" (IQR {format_ms(iqr)} ms)" if finite(iqr) else ""
+    if is_noisy(baseline):
+        width = baseline.get("speed_interval_pct")
+        iqr_text += (f", **noisy**: the median's 95 % interval is ±{width:,.0f} %" if finite(width)
+                     else ", **noisy**") + ", not an exact figure"
     bpb = baseline.get("bpb")
     lines += [
         f"- perplexity: {format_ppl(baseline.get('ppl'))}",
@@ -244,6 +248,19 @@ def _example_query(model: str, setup: str | None, condition: str) -> str:
     )
 
 
+def _noisy_line(rows: list[Row]) -> str | None:
+    """How many timings are noisy, or None when none is."""
+    timed = {r.get("latency_from") or r["removed"]: r for r in rows if finite(r.get("speed_ms"))}
+    noisy = [r for r in timed.values() if is_noisy(r)]
+    if not noisy:
+        return None
+    return (f"- **noisy**: {len(noisy)} of {len(timed)} latency measurements stopped with their median's 95 % "
+            "interval wider than the `latency_precision` setting (a busy machine, or too few repeats allowed): "
+            "their speeds are marked *noisy* with the interval's half-width and drawn hollow with error bars in "
+            "the figures. Compare them only where differences exceed that width, or measure again on a quiet "
+            "machine (`latency_noisy` and `speed_interval_pct` in `results_vs_baseline`).")
+
+
 def _footer(info: Row, rows: list[Row], model: str) -> str:
     scored = baseline_row(rows) or next((r for r in rows if r["status"] == "ok"), {})
     tokens = scored.get("n_tokens")
@@ -257,10 +274,13 @@ def _footer(info: Row, rows: list[Row], model: str) -> str:
         f"- **perplexity** = exp(NLL sum / tokens) over the evaluation text{tokens_text}, scored in windows of "
         "`max_length` tokens that advance by `stride`; **bits per byte** = mean NLL per token / ln 2 × tokens per UTF-8 byte of the text.",
         f"- **speed** = median wall time (ms) of N timed prefill passes of {prompt} at batch size 1, after "
-        "untimed warm-up passes (N = the `latency_repeats` setting; `prefill_repeats` in the `results` table); "
-        "IQR = 75th − 25th percentile. With the default `latency: shared`, variants of the same shape "
-        "signature (usually: the same number of layers kept) share one measurement, so their speeds are equal.",
+        "untimed warm-up passes. N is at least the `latency_repeats` setting and grows until the median's 95 % "
+        "bootstrap interval lies within `latency_precision` of it (or the most repeats or the time budget are "
+        "reached; `prefill_repeats` in the `results` table); IQR = 75th − 25th percentile. With the default "
+        "`latency: shared`, variants of the same shape signature (usually: the same number of layers kept) share "
+        "one measurement, so their speeds are equal.",
         "- **decode** = median ms per generated token, greedy with the KV cache.",
+        *([line] if (line := _noisy_line(rows)) else []),
         "- **parameters** = all parameters of the model with the layers removed, embeddings included.",
         "- **ppl change** = 100 × (ppl / baseline ppl − 1); **speed change** likewise for the prefill median. "
         "Negative speed change = faster.",

@@ -20,8 +20,8 @@ STATUSES = ("ok", "failed", "diverged")
 LATENCY_FAILED = "latency failed: "
 """Prefix of the error text of a row whose latency measurement failed (its perplexity stands)."""
 
-LATENCY_COLUMNS = ("prefill_ms", "prefill_iqr_ms", "prefill_repeats", "decode_ms_per_token", "decode_iqr_ms",
-                   "latency_from")
+LATENCY_COLUMNS = ("prefill_ms", "prefill_iqr_ms", "prefill_repeats", "prefill_interval_pct", "decode_ms_per_token",
+                   "decode_iqr_ms", "decode_interval_pct", "latency_noisy", "latency_from")
 
 
 def rows_of(cursor) -> list[dict[str, Any]]:
@@ -169,17 +169,16 @@ def seconds_per_variant(db: Database, setup: str) -> float | None:
 
 def latency_by_signature(db: Database, setup: str) -> dict[str, dict[str, Any]]:
     """Latency measurements already stored for a setup, keyed by shape signature (for reuse on resume)."""
+    measured = [n for n in LATENCY_COLUMNS if n != "latency_from"]
     rows = db.execute(
-        "SELECT latency_signature, prefill_ms, prefill_iqr_ms, prefill_repeats, decode_ms_per_token, decode_iqr_ms, "
-        "removed, latency_from FROM results WHERE setup_id = ? AND status = 'ok' AND prefill_ms IS NOT NULL "
-        "AND latency_signature IS NOT NULL",
+        f"SELECT latency_signature, removed, latency_from, {', '.join(measured)} FROM results WHERE setup_id = ? "
+        "AND status = 'ok' AND prefill_ms IS NOT NULL AND latency_signature IS NOT NULL",
         [setup],
     )
     found: dict[str, dict[str, Any]] = {}
-    for sig, pre, iqr, reps, dec, dec_iqr, removed, src in rows:
-        found.setdefault(sig, {"prefill_ms": pre, "prefill_iqr_ms": iqr, "prefill_repeats": reps,
-                               "decode_ms_per_token": dec, "decode_iqr_ms": dec_iqr,
-                               "latency_from": src if src is not None else removed})
+    for sig, removed, source, *values in rows:
+        found.setdefault(sig, {**dict(zip(measured, values)),
+                               "latency_from": source if source is not None else removed})
     return found
 
 

@@ -11,7 +11,10 @@ Versions (``meta.schema_version``; every upgrade is recorded in ``schema_migrati
   database (another application's SQLite file is refused untouched); upgrades are recorded in
   ``schema_migrations``. A version-1 file upgrades in place, keeping every row.
 - 3: ``runs.process_start``: the start of a run's process as the kernel records it, so a run whose pid is alive
-  on this host is alive whatever its heartbeat says, and a reused pid is not taken for it.
+  on this host is alive whatever its heartbeat says, and a reused pid is not taken for it. Latency timings say how
+  far to trust them: ``results`` gains the width of each median's bootstrap interval (``prefill_interval_pct``,
+  ``decode_interval_pct``) and ``latency_noisy``; the view ``results_vs_baseline`` shows ``speed_interval_pct`` and
+  ``latency_noisy``. Older rows keep NULL there (not known).
 """
 from __future__ import annotations
 
@@ -142,7 +145,7 @@ RESULTS = Table("results", "One row per measured variant of a setup, committed t
     _c("bpb", float, "bits per UTF-8 byte", "bits/byte", "lower"),
     _c("prefill_ms", float, "median prefill time at batch 1", "ms", "lower"),
     _c("prefill_iqr_ms", float, "inter-quartile range of the prefill timings", "ms"),
-    _c("prefill_repeats", int, "timed prefill repeats"),
+    _c("prefill_repeats", int, "timed repeats (prefill and decode), at least --latency-repeats"),
     _c("decode_ms_per_token", float, "median greedy decoding time per token with the KV cache", "ms/token", "lower"),
     _c("decode_iqr_ms", float, "inter-quartile range of the decode timings", "ms/token"),
     _c("latency_signature", str, "shape signature: variants with equal signatures share one latency measurement"),
@@ -154,6 +157,12 @@ RESULTS = Table("results", "One row per measured variant of a setup, committed t
     _c("device", str, "device that measured it"),
     _c("host", str, "host that measured it"),
     _c("measured_at", str, "when it was committed (UTC)"),
+    _c("prefill_interval_pct", float, "half-width of the 95 % bootstrap interval of the prefill median, in % of it",
+       "%"),
+    _c("decode_interval_pct", float, "half-width of the 95 % bootstrap interval of the decode median, in % of it",
+       "%"),
+    _c("latency_noisy", int, "1: a median's interval stayed wider than --latency-precision (timings not to be "
+       "trusted as exact); 0: stable; NULL: not measured or measured before schema version 3"),
 ), primary_key=("setup_id", "removed"), foreign_keys=(("setup_id", "setups", "id"),))
 
 RUNS = Table("runs", "One row per `sweep run` that had something to measure; alive while its process is (on its "
@@ -336,7 +345,9 @@ SELECT
     s.stride,
     s.max_tokens,
     r.device,
-    r.measured_at
+    r.measured_at,
+    r.prefill_interval_pct AS speed_interval_pct,
+    r.latency_noisy
 FROM results r
 JOIN setups s ON s.id = r.setup_id
 JOIN models m ON m.id = s.model_id
@@ -373,6 +384,8 @@ LEFT JOIN results b ON b.setup_id = r.setup_id AND b.removed = '' AND b.status =
     _c("max_tokens", int, "evaluated prefix (NULL = all)", "tokens"),
     _c("device", str, "device name"),
     _c("measured_at", str, "when (UTC)"),
+    _c("speed_interval_pct", float, "half-width of the 95 % interval of the prefill median, in % of it", "%"),
+    _c("latency_noisy", int, "1: timings too spread to be trusted as exact (see results.latency_noisy)"),
 ))
 
 VIEWS: tuple[View, ...] = (RESULTS_VS_BASELINE,)
@@ -384,7 +397,9 @@ HEAL_COLUMNS: dict[str, type] = HEALS.types
 
 MIGRATIONS: dict[int, str] = {
     2: "every table and view created at open; application_id marks the file; upgrades recorded here",
-    3: "runs.process_start: a run whose process is alive on this host is alive, a reused pid is not",
+    3: "runs.process_start: a run whose process is alive on this host is alive, a reused pid is not; results: "
+       "prefill_interval_pct, decode_interval_pct and latency_noisy (how far to trust a timing); "
+       "results_vs_baseline: speed_interval_pct and latency_noisy",
 }
 """Schema version -> what upgrading to it changes (recorded in ``schema_migrations`` when applied)."""
 
