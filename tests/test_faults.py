@@ -61,6 +61,7 @@ def quick_args(work: Path, db: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("processes")  # real sweep processes: never two such tests at once
 def test_kill_9_of_the_coordinator_loses_nothing_and_measures_nothing_twice(work):
     figures = reliability.coordinator_kills(work, kills=3, seed=1)
     assert_clean(figures)
@@ -69,6 +70,7 @@ def test_kill_9_of_the_coordinator_loses_nothing_and_measures_nothing_twice(work
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("processes")  # real sweep processes: never two such tests at once
 def test_sigint_mid_sweep_then_resume(work):
     figures = reliability.signal_midway(work)
     assert_clean(figures)
@@ -76,6 +78,7 @@ def test_sigint_mid_sweep_then_resume(work):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("processes")  # real sweep processes: never two such tests at once
 def test_sigterm_is_handled_like_ctrl_c(work):
     """A scheduler's SIGTERM: stop after the variant in flight, run recorded interrupted, exit 143, resumable."""
     figures = reliability.signal_midway(work, signal.SIGTERM)
@@ -84,6 +87,7 @@ def test_sigterm_is_handled_like_ctrl_c(work):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("processes")  # real sweep processes: never two such tests at once
 def test_killed_worker_and_sticky_error_are_requeued_once_and_the_others_continue(work):
     figures = reliability.worker_faults(work)
     assert_clean(figures)
@@ -91,6 +95,7 @@ def test_killed_worker_and_sticky_error_are_requeued_once_and_the_others_continu
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("processes")  # real sweep processes: never two such tests at once
 def test_loky_workers_exit_when_the_coordinator_is_killed(work):
     figures = reliability.orphaned_workers(work, resume=False)  # `make reliability` resumes it too
     assert not figures.failed_checks, figures
@@ -99,6 +104,7 @@ def test_loky_workers_exit_when_the_coordinator_is_killed(work):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("processes")  # real sweep processes: never two such tests at once
 def test_a_slow_live_run_is_neither_abandoned_nor_measured_twice(work):
     figures = reliability.slow_chunk(work)
     assert_clean(figures)  # includes: status shows it running, the second sweep refused, heartbeat fresh
@@ -115,6 +121,7 @@ def test_injected_oom_and_nan_are_rows_with_a_status(work):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("processes")  # real sweep processes: never two such tests at once
 def test_two_sweeps_started_at_once_never_measure_a_variant_twice(work):
     figures = reliability.concurrent_sweeps(work)
     assert_clean(figures)  # one exit 0, the other refused with "another sweep ... is measuring this setup"
@@ -153,6 +160,7 @@ def test_a_short_last_window_is_never_stacked_with_full_ones(work, tmp_path, cap
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("processes")  # real sweep processes: never two such tests at once
 def test_wikitext_reproduction_with_a_short_last_window(tmp_path, capsys):
     """The reported case: a tiny GPT-2 (256 positions) with the real tokenizer on WikiText-2, --max-tokens 1000
     (3 windows of 256 and one of 232) and --max-tokens 5000 --batch-size 32 (19 of 256 and one of 136)."""
