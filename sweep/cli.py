@@ -245,5 +245,31 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+STOPPED_EXITS = (128 + signal.SIGINT, 128 + signal.SIGTERM)
+"""Exit codes of a run stopped by Ctrl-C (130) or SIGTERM (143)."""
+
+
+def program() -> None:
+    """The ``sweep`` program: :func:`main`, then exit with its code.
+
+    A second Ctrl-C or SIGTERM may land after a stopped run has saved everything and recorded itself
+    ``interrupted``, while the interpreter shuts down; Python would then die by the signal (exit -2, no message).
+    Once the process is stopping, further stop signals are ignored, so the exit code stays 130 or 143.
+    """
+    try:
+        code = main()
+        if code in STOPPED_EXITS:
+            _ignore_stop_signals()
+    except KeyboardInterrupt:  # a signal between main's return and the line above
+        _ignore_stop_signals()
+        code = STOPPED_EXITS[0]
+    raise SystemExit(code)
+
+
+def _ignore_stop_signals() -> None:
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    program()

@@ -439,3 +439,43 @@ def test_export_with_several_groups_is_refused(capsys, tmp_path, tiny_gpt2_dir):
     code, _, err = sweep(capsys, "export", "--model", tiny_gpt2_dir, "--remove", "1;2", "--out", out_dir)
     assert_one_line_error(code, err, "one group")
     assert not out_dir.exists()
+
+
+@pytest.mark.parametrize("code, ignored", [(130, True), (143, True), (0, False), (2, False)])
+def test_a_stopped_program_ignores_further_stop_signals_while_it_exits(monkeypatch, code, ignored):
+    """A second Ctrl-C landing during interpreter shutdown must not turn exit 130 into a death by signal."""
+    import signal
+
+    from sweep import cli
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    monkeypatch.setattr(cli, "main", lambda: code)
+    try:
+        with pytest.raises(SystemExit) as exited:
+            cli.program()
+        assert exited.value.code == code
+        assert (signal.getsignal(signal.SIGINT) == signal.SIG_IGN) is ignored
+        assert (signal.getsignal(signal.SIGTERM) == signal.SIG_IGN) is ignored
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+
+def test_a_signal_between_main_and_exit_still_exits_130(monkeypatch):
+    import signal
+
+    from sweep import cli
+
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def interrupted_late():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "main", interrupted_late)
+    try:
+        with pytest.raises(SystemExit) as exited:
+            cli.program()
+        assert exited.value.code == 130 and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
