@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from sweep import store
+from sweep import intervals, store
 from sweep.config import SweepConfig, plan_spec
 from sweep.engine import identity, models, parallel
 from sweep.engine.adapters import n_layers_of
@@ -110,7 +110,11 @@ def run_sweep(cfg: SweepConfig, log: Log = print, progress: bool = True) -> Summ
         f"({_engine_line(cfg, worker)}) [setup {setup}]")
     # An earlier run stopped before its latency phase leaves rows waiting for their timing: also a run's work.
     if todo or (cfg.latency == "shared" and store.awaiting_latency(db, setup)):
-        _registered_run(cfg, worker, db, setup, len(variants), todo, summary, log, progress)
+        try:
+            _registered_run(cfg, worker, db, setup, len(variants), todo, summary, log, progress)
+        finally:
+            if summary.measured:
+                intervals.refresh_intervals(db, setup)  # what is measured gets its interval, even when stopped early
     summary.seconds = time.perf_counter() - start
     log(closing_line(cfg, summary))
     return summary
