@@ -127,6 +127,38 @@ def ranked_ties(keys: Sequence[str], nll: np.ndarray, tokens: np.ndarray, resamp
     return ties
 
 
+def race_eliminated(groups: Sequence[Sequence[str]], nll: dict[str, np.ndarray], tokens: np.ndarray, keep: int,
+                    level: float, resamples: int = RESAMPLES, seed: int = SEED) -> set[str]:
+    """The variants a race drops: in each group (one number of removed layers), those that cannot still be among its
+    ``keep`` best, judged on the windows measured so far.
+
+    Rule: the ``keep`` variants with the lowest NLL so far lead; any other variant is dropped when its paired
+    interval (at ``level``) against *each* leader lies entirely above 0, i.e. ``keep`` variants are each really
+    better than it. A variant within noise of even one leader stays, so near-ties reach the whole text and are
+    ranked by their exact perplexities. Groups of at most ``keep`` variants lose nothing.
+
+    Example, keep 1, three variants of one size on 20 windows: a (leader), b +0.1 % [-0.2, +0.4] against a,
+    c +5 % [+4.2, +5.9]: c is dropped, b stays (it may still beat a on the rest of the text).
+
+    Args:
+        groups: variant keys, one list per number of removed layers.
+        nll: key -> (w,) per-window NLL on the same first w windows; tokens: (w,) their token counts.
+    """
+    dropped: set[str] = set()
+    for keys in groups:
+        if len(keys) <= keep:
+            continue
+        matrix = np.stack([nll[k] for k in keys])  # (V, w)
+        leaders = sorted(range(len(keys)), key=lambda i: (matrix[i].sum(), keys[i]))[:keep]
+        beaten = np.ones(len(keys), dtype=bool)
+        for leader in leaders:
+            lows = np.array([i.low for i in change_intervals(matrix, tokens, matrix[leader], resamples, seed, level)])
+            beaten &= lows > 0  # NaN (never for measured rows) compares False: kept
+        beaten[leaders] = False
+        dropped |= {keys[i] for i in np.flatnonzero(beaten)}
+    return dropped
+
+
 # ---------------------------------------------------------------------------------------------- stored results
 
 

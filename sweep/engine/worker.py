@@ -203,6 +203,11 @@ class Worker:
         """Scored windows of the evaluated text: the length of every complete per-window loss array."""
         return len(perplexity.scored_windows(len(self.token_ids), self.setup.max_length, self.setup.stride))
 
+    def row_of_windows(self, removed: Sequence[int], window_nll: list[float], window_tokens: list[int],
+                       seconds: float) -> dict:
+        """The result row of a variant from its per-window losses (e.g. slices measured apart, joined by a race)."""
+        return self._row(removed, perplexity.Perplexity.of_windows(window_nll, window_tokens), seconds)
+
     def evaluate(self, removed: Sequence[int], window_range: tuple[int, int] | None = None) -> dict:
         """Perplexity and parameters of one variant, as a result row (status ok, diverged or failed), with its
         per-window losses (``window_nll``, ``window_tokens``: of the windows in ``window_range``, default all).

@@ -16,7 +16,7 @@ from sweep.store.db import (BUSY_TIMEOUT_SECONDS, NETWORK_FILESYSTEMS, Database,
                             schema_version, store_error)
 from sweep.store.results import (LATENCY_COLUMNS, LATENCY_FAILED, STATUSES, awaiting_latency, done_keys,
                                  fill_latency, find_model, find_result, hashed_id, intervals_missing,
-                                 latency_by_signature, mark_eliminated, read_view, read_window_losses,
+                                 latency_by_signature, mark_eliminated, race_progress, read_view, read_window_losses,
                                  record_intervals, record_result, record_results, seconds_per_variant, setup_id,
                                  setups_overview, upsert_model, upsert_setup, view_columns)
 from sweep.store.runs import (RUN_STALE_SECONDS, STALE_ENV, beating, finish_run, heartbeat, process_alive,

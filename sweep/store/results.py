@@ -191,10 +191,29 @@ def read_window_losses(path_or_db: str | Path | Database, setup: str,
     """Variant key -> (per-window NLL (W,) float64, per-window tokens (W,) int) of a setup (all variants, or
     ``keys``). ``math.fsum`` of the NLL is the row's ``nll_sum``; W is the row's ``n_windows``."""
     db = as_db(path_or_db)
-    rows = db.execute("SELECT removed, nll, tokens FROM window_losses WHERE setup_id = ?", [setup])
-    wanted = None if keys is None else set(keys)
+    sql = "SELECT removed, nll, tokens FROM window_losses WHERE setup_id = ?"
+    if keys is None:
+        rows = list(db.execute(sql, [setup]))
+    else:
+        wanted, rows = list(dict.fromkeys(keys)), []
+        for start in range(0, len(wanted), KEYS_PER_QUERY):
+            part = wanted[start : start + KEYS_PER_QUERY]
+            rows += db.execute(f"{sql} AND removed IN ({', '.join('?' * len(part))})", [setup, *part]).fetchall()
     return {removed: (np.frombuffer(nll, dtype="<f8").astype(np.float64), np.frombuffer(tokens, dtype="<i4"))
-            for removed, nll, tokens in rows if wanted is None or removed in wanted}
+            for removed, nll, tokens in rows}
+
+
+KEYS_PER_QUERY = 500
+"""Variant keys per ``IN (...)`` query (SQLite allows 32,766 parameters; smaller keeps each statement quick)."""
+
+
+def race_progress(db: Database, setup: str) -> dict[str, tuple[str, int, float]]:
+    """Variant key -> (status, windows measured (0 without per-window losses), eval_seconds) of a setup's results:
+    where a race stands."""
+    rows = db.execute("SELECT r.removed, r.status, COALESCE(w.n_windows, 0), COALESCE(r.eval_seconds, 0) "
+                      "FROM results r LEFT JOIN window_losses w ON w.setup_id = r.setup_id AND w.removed = r.removed "
+                      "WHERE r.setup_id = ?", [setup])
+    return {removed: (status, n_windows, seconds) for removed, status, n_windows, seconds in rows}
 
 
 def intervals_missing(db: Database, setup: str) -> tuple[str | None, dict[str, str]]:
