@@ -176,3 +176,12 @@ def test_a_remeasured_baseline_makes_stored_intervals_stale_until_refreshed(meas
     assert refresh_intervals(handle, setup) == 5
     assert sweep.load_results(str(copy), setup=setup)["ppl_change_low_pct"].notna().all()
     assert refresh_intervals(handle, setup) == 0
+
+
+def test_sweep_compare_reads_the_newest_setup_of_a_model(measured_db):
+    import sweep
+
+    db, setup = measured_db
+    got = sweep.compare(db, "1", "2")
+    assert got == compare_variants(db, setup, "1", "2")
+    assert sweep.compare(db, "2", "1").change == pytest.approx(100 * (1 / (1 + got.change / 100) - 1), rel=1e-9)
