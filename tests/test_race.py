@@ -100,7 +100,9 @@ def test_race_finds_the_full_sweeps_best_k_per_size_with_its_exact_numbers(full_
         assert row["n_windows"] == n_windows
     for row in eliminated:
         assert row["n_windows"] < n_windows and "eliminated by the race" in row["error"]
-        assert row["ppl_change_low_pct"] is None  # partial numbers get no interval against the full baseline
+        # partial numbers are not compared with the full text's baseline: no change, no interval
+        assert row["ppl_change_pct"] is None and row["ppl_change_low_pct"] is None
+        assert row["ppl"] is not None and row["nll_sum"] is not None
 
 
 @pytest.mark.slow
