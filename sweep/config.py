@@ -89,6 +89,8 @@ class SweepConfig:
     """Racing keeps every variant that can still be among this many best per number of removed layers."""
     race_slices: str = "1/16,1/8,1/4,1/2"
     """Fractions of the windows after which the race eliminates (each at least 16 windows, a multiple of the batch); survivors then see the whole text."""
+    resamples: int = 2000
+    """Bootstrap resamples of the paired intervals over windows (the view's ppl_change_low/high_pct, the report, --race); 2,000 puts 50 resamples in each 2.5-percent tail (sweep/intervals.py says why)."""
     race_level: float = 0.99
     """Coverage of the paired bootstrap interval that eliminates: a variant goes when it is worse than each of the --race-k leaders of its size at this level."""
 
@@ -304,6 +306,8 @@ def _validate_parallel(cfg: SweepConfig) -> None:
 
 
 RACE_STRATEGIES = ("exhaustive", "combinations")
+MIN_RESAMPLES = 200
+"""Fewer bootstrap resamples leave a 99-percent interval's tails on one or two resamples each."""
 
 
 def race_fractions(text: str) -> list[float]:
@@ -328,6 +332,8 @@ def race_fractions(text: str) -> list[float]:
 def _validate_race(cfg: SweepConfig) -> None:
     """--race and its settings; racing needs a plan of many variants per size, measured in this process."""
     race_fractions(cfg.race_slices)
+    if cfg.resamples < MIN_RESAMPLES:
+        raise ConfigError(f"`--resamples` must be at least {MIN_RESAMPLES}, got {cfg.resamples}")
     if cfg.race_k < 1:
         raise ConfigError(f"`--race-k` must be a positive integer, got {cfg.race_k}")
     if not 0.5 <= cfg.race_level < 1.0:

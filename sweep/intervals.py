@@ -33,7 +33,7 @@ from sweep import store
 from sweep.errors import StoreError
 
 RESAMPLES = 2000
-"""Bootstrap resamples. The 2.5 % and 97.5 % quantiles then rest on 50 resamples each side: their Monte Carlo
+"""Bootstrap resamples (the default of ``--resamples``). The 2.5 % and 97.5 % quantiles then rest on 50 resamples each side: their Monte Carlo
 error is a few percent of the interval's width, well below what separates "real" from "within noise", while one
 setup of 4,096 variants takes about a second."""
 SEED = 0
@@ -166,7 +166,7 @@ def refresh_intervals(db: store.Database, setup: str, resamples: int = RESAMPLES
     """Give every ``ok`` variant of ``setup`` measured on the baseline's windows the interval of its perplexity
     change (table ``ppl_intervals``, shown by the view), where it is missing or stale; returns how many were
     computed. Nothing happens without an ``ok`` baseline with per-window losses."""
-    baseline_at, missing = store.intervals_missing(db, setup)
+    baseline_at, missing = store.intervals_missing(db, setup, resamples)
     if baseline_at is None or not missing:
         return 0
     losses = store.read_window_losses(db, setup, [*missing, ""])

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from sweep.errors import StoreError
+from sweep.errors import ConfigError, StoreError
 from sweep.intervals import (RESAMPLES, SEED, Interval, change_intervals, compare_variants, difference_interval,
                              ranked_ties, refresh_intervals, resample_counts)
 
@@ -176,6 +176,21 @@ def test_a_remeasured_baseline_makes_stored_intervals_stale_until_refreshed(meas
     assert refresh_intervals(handle, setup) == 5
     assert sweep.load_results(str(copy), setup=setup)["ppl_change_low_pct"].notna().all()
     assert refresh_intervals(handle, setup) == 0
+    # another number of resamples (--resamples) recomputes them, and the view then shows those
+    assert refresh_intervals(handle, setup, resamples=300) == 5
+    base_nll, tokens = losses
+    layer_1 = store.read_window_losses(handle, setup, ["1"])["1"][0]
+    view = sweep.load_results(str(copy), setup=setup).set_index("removed")
+    assert view.loc["1", "ppl_change_low_pct"] == pytest.approx(
+        bootstrap_reference(layer_1, base_nll, tokens, 300, SEED)[0], rel=1e-9)
+
+
+def test_the_resamples_flag_defaults_to_the_bootstrap_constant():
+    from sweep.config import SweepConfig
+
+    assert SweepConfig().resamples == RESAMPLES
+    with pytest.raises(ConfigError, match="--resamples"):
+        SweepConfig(resamples=10)
 
 
 def test_sweep_compare_reads_the_newest_setup_of_a_model(measured_db):

@@ -159,7 +159,7 @@ class Racer:
         nll = {key: np.asarray(self.losses[key][0][:bound]) for key in self.alive}
         tokens = np.asarray(self.losses[next(iter(self.alive))][1][:bound]) if self.alive else np.zeros(0)
         dropped = intervals.race_eliminated(list(groups.values()), nll, tokens, self.cfg.race_k,
-                                            self.cfg.race_level)
+                                            self.cfg.race_level, self.cfg.resamples)
         reason = (f"eliminated by the race after {bound:,} of {n_windows:,} windows: worse than each of the "
                   f"{self.cfg.race_k} leaders of its size ({self.cfg.race_level:.0%} paired interval)")
         store.mark_eliminated(self.db, self.setup, sorted(dropped), reason)

@@ -118,7 +118,7 @@ def run_sweep(cfg: SweepConfig, log: Log = print, progress: bool = True) -> Summ
             _registered_run(cfg, worker, db, setup, len(variants), todo, summary, log, progress)
         finally:
             if summary.measured:
-                intervals.refresh_intervals(db, setup)  # what is measured gets its interval, even when stopped early
+                intervals.refresh_intervals(db, setup, cfg.resamples)  # what is measured gets its interval, even when stopped early
     summary.layer_calls, summary.head_calls = worker.calls.layer_calls, worker.calls.head_calls
     summary.seconds = time.perf_counter() - start
     log(closing_line(cfg, summary))

@@ -51,6 +51,8 @@ class ReportContext:
     figures_written: list[Path] = field(default_factory=list)
     window_losses: dict[str, tuple[Any, Any]] = field(default_factory=dict)
     """Variant key -> (per-window NLL, per-window tokens) arrays of this setup (``store.read_window_losses``)."""
+    resamples: int | None = None
+    """Bootstrap resamples of this setup's stored intervals (``--resamples`` of its runs); None: none stored."""
     eliminated: int = 0
     """Variants of this setup a race eliminated (or still racing): left out of ``rows`` and ``frame``."""
 
@@ -224,6 +226,7 @@ def _model_context(db: store.Database, model: str, setups: list[Row], setup: str
     return ReportContext(
         model=model, info=setup_fields(rows, chosen), rows=rows, frame=frame, eliminated=int(partial.sum()),
         window_losses=store.read_window_losses(db, chosen["setup"]),
+        resamples=store.interval_resamples(db, chosen["setup"]),
         other_setups=tuple(s["setup"] for s in setups if s is not chosen), figure_stem=stem,
         signal_rows=store.similarity_overview(db, model), strategy_choices=store.read_strategy_choices(db, chosen["setup"]),
         task_rows=store.read_task_results(db, model=model), heals=store.read_heals(db, model=model),

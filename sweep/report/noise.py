@@ -33,6 +33,11 @@ def _comparable(ctx: ReportContext, rows: list[Row]) -> list[Row]:
     return sorted(usable, key=lambda r: (r["ppl"], r["removed"]))
 
 
+def _resamples(ctx: ReportContext) -> int:
+    """The resamples the setup's stored intervals used (``--resamples``), so sentences and tables agree."""
+    return ctx.resamples or intervals.RESAMPLES
+
+
 def _label(key: str) -> str:
     return f"layer {key}" if "," not in key else f"layers {key}"
 
@@ -45,7 +50,7 @@ def single_ties(ctx: ReportContext) -> list[str]:
     keys = [r["removed"] for r in singles]
     nll = np.stack([ctx.window_losses[k][0] for k in keys])
     tokens = ctx.window_losses[keys[0]][1]
-    ties = intervals.ranked_ties(keys, nll, tokens)
+    ties = intervals.ranked_ties(keys, nll, tokens, _resamples(ctx))
     lines = [f"layers {better} and {worse}: indistinguishable on this text ({worse} vs {better}: "
              f"{format_change_interval(i.change, i.low, i.high)})" for better, worse, i in ties[:SHOW_TIES]]
     if len(ties) > SHOW_TIES:
@@ -66,7 +71,7 @@ def best_versus_runner_up(ctx: ReportContext) -> list[str]:
             continue
         best, second = ranked[0]["removed"], ranked[1]["removed"]
         i = intervals.difference_interval(ctx.window_losses[second][0], ctx.window_losses[best][0],
-                                          ctx.window_losses[best][1])
+                                          ctx.window_losses[best][1], _resamples(ctx))
         verdict = f"is really the best, ahead of {_label(second)}" if i.excludes_zero \
             else f"and {_label(second)}: indistinguishable on this text"
         lines.append(f"{n} removed: {_label(best)} {verdict} "
@@ -95,7 +100,7 @@ def noise_section(ctx: ReportContext) -> str | None:
     lines = ["## Which differences are real", ""]
     if ctx.window_losses:
         lines += ["Every variant is measured on the same windows of the text, so two variants are compared window by "
-                  f"window: a paired bootstrap over windows ({intervals.RESAMPLES:,} resamples, seed {intervals.SEED}) "
+                  f"window: a paired bootstrap over windows ({_resamples(ctx):,} resamples, seed {intervals.SEED}) "
                   "gives the 95 % interval of their difference (shown as `change [low, high]`). When it contains 0 "
                   "the order of the two is noise on this text.", ""]
         baseline_line = _against_baseline(ctx)

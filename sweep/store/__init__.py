@@ -15,7 +15,7 @@ from sweep.store.db import (BUSY_TIMEOUT_SECONDS, NETWORK_FILESYSTEMS, Database,
                             check_writable, filesystem_type, fstype_from_mountinfo, integrity_ok, now, open_db,
                             schema_version, store_error)
 from sweep.store.results import (LATENCY_COLUMNS, LATENCY_FAILED, STATUSES, awaiting_latency, done_keys,
-                                 fill_latency, find_model, find_result, hashed_id, intervals_missing,
+                                 fill_latency, find_model, find_result, hashed_id, interval_resamples, intervals_missing,
                                  latency_by_signature, mark_eliminated, race_progress, read_view, read_window_losses,
                                  record_intervals, record_result, record_results, seconds_per_variant, setup_id,
                                  setups_overview, upsert_model, upsert_setup, view_columns)

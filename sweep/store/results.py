@@ -216,17 +216,18 @@ def race_progress(db: Database, setup: str) -> dict[str, tuple[str, int, float]]
     return {removed: (status, n_windows, seconds) for removed, status, n_windows, seconds in rows}
 
 
-def intervals_missing(db: Database, setup: str) -> tuple[str | None, dict[str, str]]:
+def intervals_missing(db: Database, setup: str, resamples: int) -> tuple[str | None, dict[str, str]]:
     """What :func:`sweep.intervals.refresh_intervals` has to compute: (the ``ok`` baseline's ``measured_at``, or
     None without one; ``ok`` variant key -> ``measured_at`` for those whose stored interval is missing or stale,
-    i.e. computed before either row was measured again)."""
+    i.e. computed before either row was measured again, or with another number of resamples)."""
     stamps = {removed: (status, measured_at) for removed, status, measured_at in db.execute(
         "SELECT removed, status, measured_at FROM results WHERE setup_id = ?", [setup])}
     if stamps.get("", (None,))[0] != "ok":
         return None, {}
     baseline_at = stamps[""][1]
     current = {removed: at for removed, at in db.execute(
-        "SELECT removed, measured_at FROM ppl_intervals WHERE setup_id = ? AND baseline_at = ?", [setup, baseline_at])}
+        "SELECT removed, measured_at FROM ppl_intervals WHERE setup_id = ? AND baseline_at = ? AND resamples = ?",
+        [setup, baseline_at, resamples])}
     return baseline_at, {key: at for key, (status, at) in stamps.items() if status == "ok" and current.get(key) != at}
 
 
@@ -245,6 +246,13 @@ def record_intervals(db: Database, setup: str, baseline_at: str, found: list[dic
 def _finite(value: Any) -> Any:
     """NaN and inf as NULL (an interval of a diverged comparison is not known)."""
     return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def interval_resamples(db: Database, setup: str) -> int | None:
+    """Bootstrap resamples of the intervals stored for ``setup`` (the most used), or None without any."""
+    row = db.execute("SELECT resamples FROM ppl_intervals WHERE setup_id = ? GROUP BY resamples "
+                     "ORDER BY COUNT(*) DESC LIMIT 1", [setup]).fetchone()
+    return row[0] if row else None
 
 
 @writes
