@@ -159,14 +159,15 @@ def test_two_stored_variants_compare_with_their_paired_interval(measured_db):
 
 
 def test_a_remeasured_baseline_makes_stored_intervals_stale_until_refreshed(measured_db, tmp_path):
-    import shutil
+    import sqlite3
 
     import sweep
     from sweep import store
 
     db, setup = measured_db
     copy = tmp_path / "copy.db"
-    shutil.copy(db, copy)
+    with sqlite3.connect(db) as source, sqlite3.connect(copy) as target:
+        source.backup(target)  # a file copy would miss what is still in the write-ahead log
     handle = store.open_db(copy)
     baseline = store.find_result(handle, setup, "")
     losses = store.read_window_losses(handle, setup, [""])[""]
