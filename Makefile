@@ -14,7 +14,7 @@ TORCH_VERSION ?= 2.13.0
 PRESET  := $(if $(wildcard configs/$(MODEL).yaml),--config configs/$(MODEL).yaml,--model $(MODEL))
 RUN_FLAGS := $(PRESET) --db $(DB) $(if $(DATA),--data $(DATA)) $(if $(STRATEGY),--strategy $(STRATEGY)) $(ARGS)
 
-.PHONY: help install sweep plan report browse test test-fast docs demo bench gpu-check gpu-wheels clean reliability
+.PHONY: help install sweep plan report browse test test-fast docs demo bench bench-race gpu-check gpu-wheels clean reliability
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -61,6 +61,9 @@ demo: install  ## offline end to end: train a tiny model on stdlib source (800 s
 
 bench: install  ## CPU: the speed table (sweep run vs the reference loop, 2 models); GPU: GPT-2 stages. Saved in bench/results/
 	$(BIN)/python bench/bench.py $(ARGS)
+
+bench-race: install  ## CPU: racing against the full exhaustive sweep (8 and 10 layers), and a Llama-3.2-1B estimate
+	$(BIN)/python bench/race.py $(ARGS)
 
 # No install step: the GPU machine has torch and no network; its own python3 runs the check.
 gpu-check:  ## on one GPU, <= 8 min: pytest -m gpu, bf16 vs fp32, Llama-3.2-1B, GPT-2 exhaustive, the levers; met/missed

@@ -83,6 +83,16 @@ class SweepConfig:
     """Explicit removals for `explicit`: layer lists separated by ';', e.g. "1,3;2,3,4"."""
     force: bool = False
     """Allow exhaustive plans on more than 16 layers."""
+    race: bool = False
+    """Race the variants of `exhaustive` / `combinations`: all are measured on a first slice of the windows, and only those that can still be among the --race-k best per number of removed layers go on, until they have seen the whole text (docs/racing.md)."""
+    race_k: int = 3
+    """Racing keeps every variant that can still be among this many best per number of removed layers."""
+    race_slices: str = "1/16,1/8,1/4,1/2"
+    """Fractions of the windows after which the race eliminates (each at least 16 windows, a multiple of the batch); survivors then see the whole text."""
+    resamples: int = 2000
+    """Bootstrap resamples of the paired intervals over windows (the view's ppl_change_low/high_pct, the report, --race); 2,000 puts 50 resamples in each 2.5-percent tail (sweep/intervals.py says why)."""
+    race_level: float = 0.99
+    """Coverage of the paired bootstrap interval that eliminates: a variant goes when it is worse than each of the --race-k leaders of its size at this level."""
 
     latency: str = "shared"
     """shared (measure once per shape signature and reuse), per-variant, or off."""
@@ -211,6 +221,7 @@ def validate(cfg: SweepConfig) -> None:
     _validate_similarity(cfg)
     validate_tasks_and_heal(cfg)
     _validate_parallel(cfg)
+    _validate_race(cfg)
 
 
 MIN_LATENCY_REPEATS = 5
@@ -292,6 +303,50 @@ def _validate_parallel(cfg: SweepConfig) -> None:
         raise ConfigError("`--backend dask` needs `--scheduler tcp://HOST:PORT` (the address `dask scheduler` prints)")
     if cfg.scheduler and cfg.backend != "dask":
         raise ConfigError("`--scheduler` is only used with `--backend dask`")
+
+
+RACE_STRATEGIES = ("exhaustive", "combinations")
+MIN_RESAMPLES = 200
+"""Fewer bootstrap resamples leave a 99-percent interval's tails on one or two resamples each."""
+
+
+def race_fractions(text: str) -> list[float]:
+    """``--race-slices`` as ascending fractions in (0, 1): ``"1/16,1/8,0.25"`` -> [0.0625, 0.125, 0.25].
+
+    Raises:
+        ConfigError: a part that is not a fraction in (0, 1).
+    """
+    fractions = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        try:
+            top, _, bottom = part.partition("/")
+            value = float(top) / float(bottom) if bottom else float(top)
+        except (ValueError, ZeroDivisionError):
+            raise ConfigError(f"`--race-slices` takes fractions like 1/16,1/8,0.25; got {part!r}") from None
+        if not 0.0 < value < 1.0:
+            raise ConfigError(f"`--race-slices` fractions must be in (0, 1), got {part!r}")
+        fractions.append(value)
+    return sorted(set(fractions))
+
+
+def _validate_race(cfg: SweepConfig) -> None:
+    """--race and its settings; racing needs a plan of many variants per size, measured in this process."""
+    race_fractions(cfg.race_slices)
+    if cfg.resamples < MIN_RESAMPLES:
+        raise ConfigError(f"`--resamples` must be at least {MIN_RESAMPLES}, got {cfg.resamples}")
+    if cfg.race_k < 1:
+        raise ConfigError(f"`--race-k` must be a positive integer, got {cfg.race_k}")
+    if not 0.5 <= cfg.race_level < 1.0:
+        raise ConfigError(f"`--race-level` must be in [0.5, 1), got {cfg.race_level}")
+    if not cfg.race:
+        return
+    strategies = {s.strip() for s in cfg.strategy.split(",") if s.strip()}
+    if not strategies <= set(RACE_STRATEGIES):
+        raise ConfigError(f"`--race` races `--strategy exhaustive` or `combinations`, not {cfg.strategy}")
+    if (cfg.workers or 1) > 1 or cfg.backend == "dask":
+        raise ConfigError("`--race` measures in one process: leave out `--workers` / `--backend dask`")
+    if cfg.latency == "per-variant":
+        raise ConfigError("`--race` times latency per shape signature: use `--latency shared` or `off`")
 
 
 def plan_spec(cfg: SweepConfig) -> PlanSpec:

@@ -1,11 +1,12 @@
-"""Which differences are real: paired bootstrap intervals over evaluation windows. Pure numpy, no torch, no SQL.
+"""Which differences are real: paired bootstrap intervals over evaluation windows. Numpy, no torch, no SQL (stored
+per-window losses are read, and intervals written, through :mod:`sweep.store`).
 
 Every variant of a setup is measured on the same windows of the same text, so two variants' perplexities are
 *paired*: a window that is hard for one is usually hard for the other. Resampling windows with replacement and
 recomputing both perplexities on the same resample gives the distribution of their ratio, which is far tighter
 than comparing two perplexities with independent error bars.
 
-Inputs are per-window quantities (stored with each result, see ``store.window_losses``): for window w, ``nll[w]``
+Inputs are per-window quantities (stored with each result in the table ``window_losses``): for window w, ``nll[w]``
 is its contribution to the variant's NLL sum (the guide's weighting, so ``nll.sum() == nll_sum``) and
 ``tokens[w]`` its contribution to the token count (the same for every variant of a setup). A resample is a vector
 of counts c (how often each window is drawn, summing to W), and on it::
@@ -28,8 +29,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sweep import store
+from sweep.errors import StoreError
+
 RESAMPLES = 2000
-"""Bootstrap resamples. The 2.5 % and 97.5 % quantiles then rest on 50 resamples each side: their Monte Carlo
+"""Bootstrap resamples (the default of ``--resamples``). The 2.5 % and 97.5 % quantiles then rest on 50 resamples each side: their Monte Carlo
 error is a few percent of the interval's width, well below what separates "real" from "within noise", while one
 setup of 4,096 variants takes about a second."""
 SEED = 0
@@ -121,3 +125,77 @@ def ranked_ties(keys: Sequence[str], nll: np.ndarray, tokens: np.ndarray, resamp
         if not interval.excludes_zero and math.isfinite(interval.change):
             ties.append((keys[i], keys[i + 1], interval))
     return ties
+
+
+def race_eliminated(groups: Sequence[Sequence[str]], nll: dict[str, np.ndarray], tokens: np.ndarray, keep: int,
+                    level: float, resamples: int = RESAMPLES, seed: int = SEED) -> set[str]:
+    """The variants a race drops: in each group (one number of removed layers), those that cannot still be among its
+    ``keep`` best, judged on the windows measured so far.
+
+    Rule: the ``keep`` variants with the lowest NLL so far lead; any other variant is dropped when its paired
+    interval (at ``level``) against *each* leader lies entirely above 0, i.e. ``keep`` variants are each really
+    better than it. A variant within noise of even one leader stays, so near-ties reach the whole text and are
+    ranked by their exact perplexities. Groups of at most ``keep`` variants lose nothing.
+
+    Example, keep 1, three variants of one size on 20 windows: a (leader), b +0.1 % [-0.2, +0.4] against a,
+    c +5 % [+4.2, +5.9]: c is dropped, b stays (it may still beat a on the rest of the text).
+
+    Args:
+        groups: variant keys, one list per number of removed layers.
+        nll: key -> (w,) per-window NLL on the same first w windows; tokens: (w,) their token counts.
+    """
+    dropped: set[str] = set()
+    for keys in groups:
+        if len(keys) <= keep:
+            continue
+        matrix = np.stack([nll[k] for k in keys])  # (V, w)
+        leaders = sorted(range(len(keys)), key=lambda i: (matrix[i].sum(), keys[i]))[:keep]
+        beaten = np.ones(len(keys), dtype=bool)
+        for leader in leaders:
+            lows = np.array([i.low for i in change_intervals(matrix, tokens, matrix[leader], resamples, seed, level)])
+            beaten &= lows > 0  # NaN (never for measured rows) compares False: kept
+        beaten[leaders] = False
+        dropped |= {keys[i] for i in np.flatnonzero(beaten)}
+    return dropped
+
+
+# ---------------------------------------------------------------------------------------------- stored results
+
+
+def refresh_intervals(db: store.Database, setup: str, resamples: int = RESAMPLES) -> int:
+    """Give every ``ok`` variant of ``setup`` measured on the baseline's windows the interval of its perplexity
+    change (table ``ppl_intervals``, shown by the view), where it is missing or stale; returns how many were
+    computed. Nothing happens without an ``ok`` baseline with per-window losses."""
+    baseline_at, missing = store.intervals_missing(db, setup, resamples)
+    if baseline_at is None or not missing:
+        return 0
+    losses = store.read_window_losses(db, setup, [*missing, ""])
+    if "" not in losses:
+        return 0
+    base_nll, tokens = losses[""]
+    keys = [k for k in missing if k in losses and len(losses[k][0]) == len(base_nll)]
+    if not keys:
+        return 0
+    found = change_intervals(np.stack([losses[k][0] for k in keys]), tokens, base_nll, resamples)
+    store.record_intervals(db, setup, baseline_at, [
+        {"removed": k, "change_pct": i.change, "low_pct": i.low, "high_pct": i.high, "level": LEVEL,
+         "resamples": resamples, "seed": SEED, "measured_at": missing[k]} for k, i in zip(keys, found)])
+    return len(keys)
+
+
+def compare_variants(db: store.Database | str, setup: str, a: str, b: str) -> Interval:
+    """How much higher variant ``a``'s perplexity is than ``b``'s in ``setup`` (%), with its paired bootstrap
+    interval over the stored per-window losses (:func:`difference_interval`).
+
+    Raises:
+        StoreError: a variant without per-window losses, or the two measured on different windows.
+    """
+    losses = store.read_window_losses(db, setup, [a, b])
+    for key in (a, b):
+        if key not in losses:
+            raise StoreError(f"variant {key!r} of setup {setup} has no per-window losses (not measured, failed, "
+                             "or measured before schema version 4)")
+    (nll_a, tokens), (nll_b, tokens_b) = losses[a], losses[b]
+    if len(nll_a) != len(nll_b) or not np.array_equal(tokens, tokens_b):
+        raise StoreError(f"variants {a!r} and {b!r} were not measured on the same windows")
+    return difference_interval(nll_a, nll_b, tokens)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,18 @@ def test_sharing_limit_of_distilgpt2_is_the_issues_1_37():
     limits = bench.table_limits(config, 1024, 2)
     assert limits["sharing_limit"] == pytest.approx(1.37, abs=0.005)
     assert limits["head_macs_per_token"] == 768 * 50257
+
+
+def test_race_bench_compares_the_race_with_the_full_sweep_and_estimates_llama(tmp_path):
+    spec = importlib.util.spec_from_file_location("race_bench", ROOT / "bench" / "race.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = ["--layers", "4", "--steps", "20", "--max-tokens", "2560", "--max-length", "64", "--out", str(tmp_path)]
+    assert bench.main(argv) == 0  # same best k per n, survivors exact
+    [saved] = tmp_path.glob("race-cpu-*.json")
+    figures = json.loads(saved.read_text())
+    [model] = figures["models"]
+    assert model["variants"] == 16 and model["survivors"] + model["eliminated"] == 16
+    assert model["full"]["head_calls"] == 16 * math.ceil(model["windows"] / 8)  # one per variant per batch
+    estimate = figures["llama_3_2_1b_estimate"]
+    assert estimate["variants"] == 65_536 and estimate["race_hours"] <= estimate["full_hours"]

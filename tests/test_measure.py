@@ -17,8 +17,16 @@ from tiny import tiny_model
 
 def recipe_perplexity(model, input_ids: torch.Tensor, max_length: int, stride: int) -> float:
     """The guide "Perplexity of fixed-length models", written out as the guide does it (batch 1, labels=)."""
+    nll, tokens = recipe_windows(model, input_ids, max_length, stride)
+    return math.exp(sum(nll) / sum(tokens))
+
+
+def recipe_windows(model, input_ids: torch.Tensor, max_length: int,
+                   stride: int) -> tuple[list[float], list[int]]:
+    """The guide's recipe, keeping each window's ``loss * num_loss_tokens`` and ``num_loss_tokens`` (windows that
+    weigh nothing left out)."""
     seq_len = input_ids.size(1)
-    nll_sum, n_tokens, prev_end_loc = 0.0, 0, 0
+    nll_sum, n_tokens, prev_end_loc = [], [], 0
     for begin_loc in range(0, seq_len, stride):
         end_loc = min(begin_loc + max_length, seq_len)
         trg_len = end_loc - prev_end_loc
@@ -28,12 +36,13 @@ def recipe_perplexity(model, input_ids: torch.Tensor, max_length: int, stride: i
         with torch.no_grad():
             loss = model(ids, labels=target_ids).loss
         num_loss_tokens = (target_ids != -100).sum().item() - target_ids.size(0)
-        nll_sum += loss.item() * num_loss_tokens
-        n_tokens += num_loss_tokens
+        if num_loss_tokens:
+            nll_sum.append(loss.item() * num_loss_tokens)
+            n_tokens.append(num_loss_tokens)
         prev_end_loc = end_loc
         if end_loc == seq_len:
             break
-    return math.exp(nll_sum / n_tokens)
+    return nll_sum, n_tokens
 
 
 def make_worker(model, ids: torch.Tensor, max_length: int, stride: int, batch_size: int = 4) -> Worker:
@@ -75,6 +84,28 @@ def test_pruned_variant_perplexity_equals_recipe_on_pruned_model(gpt2_and_ids):
         want = recipe_perplexity(model, ids, 128, 128)
     assert got["ppl"] == pytest.approx(want, rel=1e-5)
     assert got["n_layers"] == 2 and got["removed"] == "0,2" and got["kept_layers"] == "1,3"
+
+
+@pytest.mark.parametrize("max_length,stride", [(128, 64), (100, 37)])
+def test_per_window_losses_equal_the_recipe_window_by_window_and_add_up_to_the_nll(gpt2_and_ids, max_length,
+                                                                                  stride):
+    model, ids = gpt2_and_ids
+    want_nll, want_tokens = recipe_windows(model, ids, max_length, stride)
+    row = make_worker(model, ids[0], max_length, stride).evaluate([])
+    assert row["window_tokens"] == want_tokens
+    assert row["window_nll"] == pytest.approx(want_nll, rel=1e-5)
+    assert math.fsum(row["window_nll"]) == row["nll_sum"] and sum(row["window_tokens"]) == row["n_tokens"]
+
+
+def test_a_slice_of_windows_gives_exactly_the_whole_texts_numbers_for_those_windows(gpt2_and_ids):
+    model, ids = gpt2_and_ids
+    worker = make_worker(model, ids[0], 64, 32, batch_size=4)
+    whole = worker.evaluate([1])
+    n_windows = worker.n_windows()
+    assert n_windows == len(whole["window_nll"]) > 8
+    head, tail = worker.evaluate([1], (0, 8)), worker.evaluate([1], (8, n_windows))
+    assert head["window_nll"] + tail["window_nll"] == whole["window_nll"]  # bit for bit: the same batches
+    assert head["window_tokens"] + tail["window_tokens"] == whole["window_tokens"]
 
 
 def test_batch_size_does_not_change_perplexity(gpt2_and_ids):

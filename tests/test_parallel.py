@@ -13,6 +13,7 @@ from sweep.config import SweepConfig
 from sweep.errors import ConfigError, StoreError, UnknownNameError
 from sweep.plan import variant_key
 from sweep.engine.runner import run_sweep
+from test_prefix import assert_window_losses_add_up
 
 
 def quick_cfg(model_dir, data, db, tmp_path, **overrides) -> SweepConfig:
@@ -49,6 +50,7 @@ def test_two_loky_workers_give_the_in_process_rows(tiny_gpt2_dir, sample_text_fi
         assert two[key][0] == status == "ok" and two[key][2] == params
         assert two[key][1] == pytest.approx(ppl, rel=1e-5)
     assert measurement_counts(tmp_path / "two.db") == [1] * 16  # each variant measured exactly once
+    assert_window_losses_add_up(tmp_path / "two.db", 16)
 
 
 @pytest.mark.slow
@@ -67,6 +69,7 @@ def test_dask_local_cluster_gives_the_in_process_rows(tiny_gpt2_dir, sample_text
     one, dask = results(tmp_path / "one.db"), results(tmp_path / "dask.db")
     assert one.keys() == dask.keys()
     assert all(dask[k][1] == pytest.approx(one[k][1], rel=1e-5) for k in one)
+    assert_window_losses_add_up(tmp_path / "dask.db", 5)
 
 
 def test_unreachable_scheduler_is_a_clear_error(tiny_gpt2_dir, sample_text_file, tmp_path, monkeypatch):

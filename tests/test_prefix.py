@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import sqlite3
 
 import pytest
@@ -35,6 +36,31 @@ def test_trie_equals_per_variant_evaluation_on_every_subset(family):
         got = rows[variant_key(removed)]
         assert got["ppl"] == pytest.approx(reference["ppl"], rel=1e-6), (family, removed)
         assert got["n_tokens"] == reference["n_tokens"] and got["params"] == reference["params"]
+        assert got["window_nll"] == pytest.approx(reference["window_nll"], rel=1e-6)
+        assert got["window_tokens"] == reference["window_tokens"]
+        assert math.fsum(got["window_nll"]) == got["nll_sum"] and sum(got["window_tokens"]) == got["n_tokens"]
+
+
+def test_trie_on_slices_of_windows_gives_exactly_the_whole_texts_per_window_losses():
+    worker = worker_for(tiny_model("gpt2"))
+    whole = {r["removed"]: r for r in worker.evaluate_many(ALL_SUBSETS)}
+    n_windows = worker.n_windows()
+    head = {r["removed"]: r for r in worker.evaluate_many(ALL_SUBSETS, (0, 4))}
+    tail = {r["removed"]: r for r in worker.evaluate_many(ALL_SUBSETS[3:9], (4, n_windows))}
+    for key, row in tail.items():
+        assert head[key]["window_nll"] + row["window_nll"] == whole[key]["window_nll"]  # bit for bit
+
+
+def test_trie_counts_its_layer_and_head_calls():
+    worker = worker_for(tiny_model("gpt2"))
+    counts = trie.CallCounts()
+    kept = {variant_key(r): kept_layers(r, 4) for r in ALL_SUBSETS}
+    trie.trie_perplexities(worker.model, kept, worker.head_loss, worker.token_ids, 64, 32, 4, counts=counts)
+    n_batches = len(perplexity.window_batches(perplexity.scored_windows(300, 64, 32), 4))
+    assert counts.batches == n_batches
+    assert counts.head_calls == 16 * n_batches  # one per variant: no two variants keep the same layers
+    # 2^4 - 1 trie nodes, of which the unpruned path 0, 0-1, 0-1-2 comes from the capture forward (3 layers)
+    assert counts.layer_calls == (15 - 3 + 3) * n_batches
 
 
 def test_exhaustive_trie_costs_one_layer_call_per_nonempty_prefix():
@@ -94,6 +120,7 @@ def test_runner_trie_and_per_variant_engines_store_the_same_perplexities(tiny_gp
         assert summary.measured == 16
         conn = sqlite3.connect(db)
         results[engine] = dict(conn.execute("select removed, ppl from results"))
+        assert_window_losses_add_up(db, 16)
     assert results["trie"].keys() == results["per-variant"].keys()
     for key, ppl in results["per-variant"].items():
         assert results["trie"][key] == pytest.approx(ppl, rel=1e-6)
@@ -149,3 +176,18 @@ def test_time_estimate_counts_shared_layers_once(monkeypatch):
     assert worker.estimate_seconds(ALL_SUBSETS) == pytest.approx(n_batches * (16 * 1.0 + 3.0 * (15 + 3 - 3)))
     assert worker.estimate_seconds(ALL_SUBSETS, shared=False) == pytest.approx(n_batches * (16 * 1.0 + 3.0 * 32))
     assert worker.estimate_seconds([(1,)]) == pytest.approx(n_batches * (1.0 + 3.0 * 3))
+
+
+def assert_window_losses_add_up(db, n_variants: int) -> None:
+    """Every result row has its per-window losses, which add up exactly to its NLL sum and token count."""
+    from sweep import store
+
+    conn = sqlite3.connect(db)
+    rows = {r[0]: r[1:] for r in conn.execute("SELECT removed, setup_id, nll_sum, n_tokens FROM results")}
+    assert len(rows) == n_variants
+    setup = next(iter(rows.values()))[0]
+    losses = store.read_window_losses(str(db), setup)
+    assert losses.keys() == rows.keys()
+    for key, (_, nll_sum, n_tokens) in rows.items():
+        nll, tokens = losses[key]
+        assert math.fsum(nll) == nll_sum and int(tokens.sum()) == n_tokens

@@ -118,7 +118,7 @@ def test_tables_have_the_exact_column_headers(results_db, tmp_path):
     text = _tiny_report(results_db, tmp_path)
     variant_header = "| " + " | ".join(VARIANT_COLUMNS) + " |"
     assert variant_header == ("| layers removed | layers | perplexity (↓) | speed (ms) ↓ | parameters (M) "
-                              "| ppl change (%) | speed change (%) |")
+                              "| ppl change (%) [95 % interval] | speed change (%) |")
     assert _header(_section(text, "Single layer removal")) == variant_header
     assert _header(_section(text, "Combinatorial removal")) == variant_header
     per_n = _section(text, "Best and worst per number of removed layers")

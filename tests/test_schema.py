@@ -36,16 +36,19 @@ def test_a_version_1_file_upgrades_in_place_keeping_every_row(tmp_path):
     before = _contents(path)
     assert dict(before["meta"]) == {"schema_version": "1"}
     db = store.open_db(path)
-    assert store.schema_version(db) == schema.SCHEMA_VERSION == 3
+    assert store.schema_version(db) == schema.SCHEMA_VERSION == 4
     after = _contents(path)
     for table, rows in before.items():
         if table == "meta":
             continue
         width = len(rows[0]) if rows else 0
         assert [row[:width] for row in after[table]] == rows, table  # nothing lost or changed
-    assert [(v, d) for v, d, _ in after["schema_migrations"]] == [(2, schema.MIGRATIONS[2]), (3, schema.MIGRATIONS[3])]
+    assert [(v, d) for v, d, _ in after["schema_migrations"]] == [(v, schema.MIGRATIONS[v]) for v in (2, 3, 4)]
     # version 3's latency columns exist, NULL in the old rows (their spread was never judged)
     assert all(r["latency_noisy"] is None and r["speed_interval_pct"] is None for r in store.read_view(db))
+    # version 4's per-window columns too: old rows have no per-window losses, hence no interval
+    assert all(r["n_windows"] is None and r["ppl_change_low_pct"] is None for r in store.read_view(db))
+    assert after["window_losses"] == [] and after["ppl_intervals"] == []
     assert db.execute("PRAGMA application_id").fetchone()[0] == schema.APPLICATION_ID
     assert len(store.read_view(db)) == len(before["results"]) == 8
     assert store.read_greedy_steps(db, {"model_id": 1, "weights": "local:abc", "calib_fingerprint": "f00d"})
@@ -56,12 +59,12 @@ def test_a_version_2_file_upgrades_in_place_and_its_runs_gain_a_process_start(tm
     before = _contents(path)
     assert dict(before["meta"]) == {"schema_version": "2"} and len(before["results"]) == 8
     db = store.open_db(path)
-    assert store.schema_version(db) == 3
+    assert store.schema_version(db) == 4
     after = _contents(path)
     for table, rows in before.items():
         if table not in ("meta", "schema_migrations"):
             assert [row[: len(rows[0])] for row in after[table]] == rows, table
-    assert [v for v, _, _ in after["schema_migrations"]] == [2, 3]
+    assert [v for v, _, _ in after["schema_migrations"]] == [2, 3, 4]
     run = db.execute("SELECT status, process_start FROM runs").fetchall()
     assert run == [("done", None)]  # unknown for runs of the older release
     assert len(store.read_view(db)) == 8
@@ -85,7 +88,7 @@ def test_a_new_file_has_exactly_the_schema(tmp_path):
     view_columns = [d[0] for d in db.execute("SELECT * FROM results_vs_baseline LIMIT 0").description]
     assert view_columns == [c.name for c in schema.RESULTS_VS_BASELINE.columns]
     assert [(v, d) for v, d, _ in db.execute("SELECT * FROM schema_migrations")] == [
-        (3, "created at schema version 3")]
+        (4, "created at schema version 4")]
 
 
 def test_every_column_is_documented_with_a_type_and_measurements_say_which_way_is_better():

@@ -76,9 +76,20 @@ def windows(n_tokens: int, max_length: int, stride: int) -> list[Window]:
 @dataclass(frozen=True)
 class Perplexity:
     nll_sum: float
-    """Sum of the guide's per-window ``loss * num_loss_tokens`` (nats)."""
+    """Sum of the guide's per-window ``loss * num_loss_tokens`` (nats): ``math.fsum(window_nll)`` when known."""
     n_tokens: int
     """Sum of the guide's ``num_loss_tokens``: predicted tokens, minus one per window."""
+    window_nll: tuple[float, ...] | None = None
+    """Each scored window's ``loss * num_loss_tokens`` (nats), in window order (:meth:`ScoredBatch.window_weighted`)."""
+    window_tokens: tuple[int, ...] | None = None
+    """Each scored window's ``num_loss_tokens``, in the same order (they add up to ``n_tokens``)."""
+
+    @classmethod
+    def of_windows(cls, window_nll: list[float], window_tokens: list[int]) -> Perplexity:
+        """From per-window contributions: ``nll_sum`` is their exactly rounded sum (``math.fsum``), so it does not
+        depend on how windows were batched or in which order their sums are added, and reading the stored
+        per-window values back always gives the same ``nll_sum``."""
+        return cls(math.fsum(window_nll), sum(window_tokens), tuple(window_nll), tuple(window_tokens))
 
     @property
     def ppl(self) -> float:
@@ -351,6 +362,8 @@ class ScoredBatch:
 
     input_ids: torch.Tensor
     """(B, T) token ids of the windows."""
+    first_window: int
+    """Index of the batch's first window among the scored windows of the text (:func:`scored_windows`)."""
     n_targets: int
     """Trailing positions of each window whose labels are scored (the guide's ``trg_len``)."""
     n_loss: int
@@ -369,28 +382,44 @@ class ScoredBatch:
         Args:
             window_sums: (B,) NLL sums of the windows (on the device; not read here, so no host sync).
         """
-        return window_sums.sum() / n_scored * self.n_loss, self.n_loss * len(window_sums)
+        return self.window_weighted(window_sums, n_scored).sum(), self.n_loss * len(window_sums)
+
+    def window_weighted(self, window_sums: torch.Tensor, n_scored: int) -> torch.Tensor:
+        """Each window's share of :meth:`weighted`: (B,) ``window_sums / n_scored * n_loss``, weighing ``n_loss``
+        tokens each. Per-window losses (stored with every result) are these values, so they add up to the NLL."""
+        return window_sums / n_scored * self.n_loss
 
 
-def scored_batches(token_ids: torch.Tensor, max_length: int, stride: int,
-                   batch_size: int) -> Iterator[ScoredBatch]:
-    """The guide's windows of ``token_ids`` (N,), batched by equal length, skipping those that weigh nothing.
+def scored_windows(n_tokens: int, max_length: int, stride: int) -> list[Window]:
+    """The guide's windows that weigh something, in order: their index is the window index of per-window losses.
 
     A 1-token last window has ``n_loss`` 0: the guide weights it by 0 (its loss is NaN there), so it is skipped.
     """
-    for group in window_batches(windows(len(token_ids), max_length, stride), batch_size):
-        n_loss = group[0].n_targets - 1
-        if n_loss == 0:
-            continue
+    return [w for w in windows(n_tokens, max_length, stride) if w.n_targets > 1]
+
+
+def scored_batches(token_ids: torch.Tensor, max_length: int, stride: int, batch_size: int,
+                   window_range: tuple[int, int] | None = None) -> Iterator[ScoredBatch]:
+    """The scored windows of ``token_ids`` (N,) (:func:`scored_windows`), batched by equal length.
+
+    Args:
+        window_range: [first, stop) window indices to evaluate (default: all). Batches are cut from ``first`` on,
+            so a range starting at a multiple of ``batch_size`` gives exactly the batches of the whole text that
+            fall in it, and the very same per-window numbers (racing measures the text in such slices).
+    """
+    scored = scored_windows(len(token_ids), max_length, stride)
+    first, stop = window_range or (0, len(scored))
+    for group in window_batches(scored[first:stop], batch_size):
         input_ids = torch.stack([token_ids[w.begin : w.end] for w in group])  # (B, T)
-        yield ScoredBatch(input_ids, group[0].n_targets, n_loss)
+        yield ScoredBatch(input_ids, first, group[0].n_targets, group[0].n_targets - 1)
+        first += len(group)
 
 
 @torch.no_grad()
 def perplexity(hidden_fn: Callable[[torch.Tensor], torch.Tensor],
                head: Head,
                token_ids: torch.Tensor, max_length: int, stride: int, batch_size: int,
-               device: torch.device) -> Perplexity:
+               device: torch.device, window_range: tuple[int, int] | None = None) -> Perplexity:
     """Perplexity with semantics identical to the transformers guide's strided recipe (one variant, plain forward).
 
     Args:
@@ -399,15 +428,19 @@ def perplexity(hidden_fn: Callable[[torch.Tensor], torch.Tensor],
         token_ids: (N,) the whole tokenized text (on any device).
         batch_size: windows per forward pass; windows of equal length are batched, so results do not depend on it
             beyond float rounding.
+        window_range: only these scored windows (:func:`scored_batches`); default all.
+
+    Returns:
+        The perplexity with its per-window losses.
     """
     token_ids = token_ids.to(device)
-    nll_sum, n_tokens = torch.zeros((), dtype=torch.float64, device=device), 0  # read once, at the end
-    for batch in scored_batches(token_ids, max_length, stride, batch_size):
+    per_window, window_tokens = [], []  # device tensors, read once at the end
+    for batch in scored_batches(token_ids, max_length, stride, batch_size, window_range):
         sums, n_scored = window_nll(head, hidden_fn(batch.input_ids), batch.input_ids, batch.n_targets)
-        nll, tokens = batch.weighted(sums, n_scored)
-        nll_sum += nll
-        n_tokens += tokens
-    return Perplexity(float(nll_sum), n_tokens)
+        per_window.append(batch.window_weighted(sums, n_scored))
+        window_tokens += [batch.n_loss] * len(sums)
+    nll = torch.cat(per_window).tolist() if per_window else []
+    return Perplexity.of_windows(nll, window_tokens)
 
 
 def bits_per_byte(nll_sum: float, n_tokens: int, tokens_per_byte: float) -> float:

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from sweep import store
+from sweep import intervals, store
 from sweep.config import SweepConfig, plan_spec
-from sweep.engine import identity, models, parallel
+from sweep.engine import identity, models, parallel, race
 from sweep.engine.adapters import n_layers_of
 from sweep.engine.device import is_sticky_error
 from sweep.engine.similarity import signal_removals
@@ -39,6 +39,10 @@ class Summary:
     setup: str = ""
     batch_size: int = 0
     """Windows per forward pass the worker used (the automatic choice when --batch-size is 0)."""
+    layer_calls: int = 0
+    """Decoder layer calls this process ran (the trie's replays and capture forwards, or per-variant forwards)."""
+    head_calls: int = 0
+    """LM head + loss calls this process ran (one per batch of windows per distinct kept-layer sequence)."""
     stop_signal: int | None = None
     """The signal (SIGINT, SIGTERM) that stopped the run early, if one did."""
 
@@ -101,7 +105,7 @@ def run_sweep(cfg: SweepConfig, log: Log = print, progress: bool = True) -> Summ
     db, setup = open_setup(cfg, worker)
     variants = with_signal_variants(cfg, worker, db, variants, log, progress)
     store.reap_dead_runs(db, setup)  # a crashed earlier run is closed even when nothing is left to measure
-    done = store.done_keys(db, setup)
+    done = store.done_keys(db, setup, ("ok", "diverged", "eliminated") if cfg.race else ("ok", "diverged"))
     todo = [v for v in variants if variant_key(v) not in done]
     summary = Summary(planned=len(variants), already_done=len(variants) - len(todo), setup=setup,
                       batch_size=worker.batch_size)
@@ -110,7 +114,12 @@ def run_sweep(cfg: SweepConfig, log: Log = print, progress: bool = True) -> Summ
         f"({_engine_line(cfg, worker)}) [setup {setup}]")
     # An earlier run stopped before its latency phase leaves rows waiting for their timing: also a run's work.
     if todo or (cfg.latency == "shared" and store.awaiting_latency(db, setup)):
-        _registered_run(cfg, worker, db, setup, len(variants), todo, summary, log, progress)
+        try:
+            _registered_run(cfg, worker, db, setup, len(variants), todo, summary, log, progress)
+        finally:
+            if summary.measured:
+                intervals.refresh_intervals(db, setup, cfg.resamples)  # what is measured gets its interval, even when stopped early
+    summary.layer_calls, summary.head_calls = worker.calls.layer_calls, worker.calls.head_calls
     summary.seconds = time.perf_counter() - start
     log(closing_line(cfg, summary))
     return summary
@@ -179,6 +188,8 @@ CHUNK_SECONDS = 30.0
 def _measure_all(cfg, worker, db, setup, todo: list[Removal], summary: Summary, stop: StopFlag, log: Log,
                  progress: bool, beat: Callable[[], None] = lambda: None, run_id: int | None = None) -> None:
     """Evaluate ``todo`` in chunks (sub-tries), committing each chunk's rows as soon as it is measured."""
+    if cfg.race:
+        return _race_all(cfg, worker, db, setup, todo, summary, stop, log, progress, beat, run_id)
     n_workers = parallel.resolve_workers(cfg)
     if n_workers > 1 or cfg.backend == "dask":
         return _measure_parallel(cfg, worker, db, setup, todo, summary, stop, log, progress, beat, run_id, n_workers)
@@ -207,6 +218,26 @@ def _measure_all(cfg, worker, db, setup, todo: list[Removal], summary: Summary, 
     if not summary.interrupted and not per_variant_latency:
         _latency_for(cfg, worker, db, setup, [], log, progress, should_stop=lambda: stop.stop)
         summary.interrupted = bool(store.awaiting_latency(db, setup))  # stopped during the latency phase
+
+
+def _race_all(cfg, worker, db, setup, todo: list[Removal], summary: Summary, stop: StopFlag, log: Log,
+              progress: bool, beat: Callable[[], None], run_id: int | None) -> None:
+    """Race ``todo`` (:mod:`race`): every slice's rows committed as measured, then the latency phase."""
+    latency = {} if cfg.latency == "off" else store.latency_by_signature(db, setup)
+    rows_committed = Summary()  # a variant is committed once per slice: the run counts finished variants
+
+    def record(chunk: list[Removal], rows: list[dict]) -> None:
+        _record_chunk(cfg, worker, db, setup, chunk, rows, latency, rows_committed, run_id)
+        summary.measured = racer.finished
+        summary.failed += sum(r["status"] in ("failed", "diverged") for r in rows)
+        beat()
+
+    racer = race.Racer(cfg, worker, db, setup, record, log=tqdm.write if progress else log)
+    summary.interrupted = not racer.run(todo, should_stop=lambda: stop.stop)
+    summary.measured = racer.finished
+    if not summary.interrupted:
+        _latency_for(cfg, worker, db, setup, [], log, progress, should_stop=lambda: stop.stop)
+        summary.interrupted = bool(store.awaiting_latency(db, setup))
 
 
 def _record_chunk(cfg, worker, db, setup, chunk: list[Removal], rows: list[dict], latency: dict, summary: Summary,

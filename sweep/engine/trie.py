@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sweep.engine import adapters
-from sweep.engine.perplexity import Perplexity, scored_batches, window_nll
+from sweep.engine.perplexity import Perplexity, scored_batches, scored_windows, window_nll
 
 
 @dataclass
@@ -50,6 +50,21 @@ def build_trie(kept_sequences: dict[str, Sequence[int]]) -> Node:
     return root
 
 
+@dataclass
+class CallCounts:
+    """Work done, counted as it happens (the bench reports these): decoder layer calls (replays and the capture
+    forward's layers) and LM head + loss calls (one per trie node holding variants, per batch of windows)."""
+
+    layer_calls: int = 0
+    head_calls: int = 0
+    batches: int = 0
+
+    def add(self, other: CallCounts) -> None:
+        self.layer_calls += other.layer_calls
+        self.head_calls += other.head_calls
+        self.batches += other.batches
+
+
 def layer_calls(root: Node) -> int:
     """Layer calls one batch costs (one per non-root node)."""
     return sum(1 + layer_calls(child) for child in root.children.values())
@@ -65,39 +80,53 @@ def unpruned_prefix(root: Node, n_layers: int) -> int:
 
 @torch.no_grad()
 def trie_perplexities(model, kept_sequences: dict[str, Sequence[int]], head: Callable, token_ids: torch.Tensor,
-                      max_length: int, stride: int, batch_size: int) -> dict[str, Perplexity]:
+                      max_length: int, stride: int, batch_size: int, window_range: tuple[int, int] | None = None,
+                      counts: CallCounts | None = None) -> dict[str, Perplexity]:
     """Perplexity of every variant, with the guide's windowing and weighting (as :func:`perplexity.perplexity`).
 
     Args:
         kept_sequences: variant key -> kept layers (ascending).
         head: a :class:`perplexity.HeadLoss`, or a logits function backbone output (B, t, H) -> logits (B, t, V).
         token_ids: (N,) tokens on the model's device.
+        window_range: only these scored windows [first, stop) (default all): see :func:`perplexity.scored_batches`.
+        counts: if given, layer and head calls are added to it.
+
+    Returns:
+        Each variant's perplexity with its per-window losses.
     """
     root = build_trie(kept_sequences)
     finish = adapters.final_norm_fn(model)
     index = {key: i for i, key in enumerate(kept_sequences)}
-    # NLL sums stay on the device and are read once at the end: a read per leaf would stall the GPU
+    n_layers = len(adapters.decoder_layers(model))
+    first, stop = window_range or (0, len(scored_windows(len(token_ids), max_length, stride)))
+    # Per-window NLL stays on the device and is read once at the end: a read per leaf would stall the GPU
     # thousands of times per batch (one sync per variant per batch).
-    nll = torch.zeros(len(index), dtype=torch.float64, device=token_ids.device)  # (n_variants,)
-    n_tokens = {key: 0 for key in kept_sequences}
-    for batch in scored_batches(token_ids, max_length, stride, batch_size):
+    nll = torch.zeros(len(index), max(stop - first, 0), dtype=torch.float64, device=token_ids.device)  # (V, W)
+    window_tokens: list[int] = []
+    counts = counts if counts is not None else CallCounts()
+    for batch in scored_batches(token_ids, max_length, stride, batch_size, window_range):
         calls = adapters.capture_layer_calls(model, batch.input_ids, keep_outputs=True)
+        counts.batches += 1
+        counts.layer_calls += n_layers - 1  # the capture forward runs every layer but the last
+        columns = slice(batch.first_window - first, batch.first_window - first + len(batch.input_ids))
+        window_tokens += [batch.n_loss] * len(batch.input_ids)
 
         def score(node: Node, hidden: torch.Tensor, depth: int = 0) -> None:
             """``depth``: this node is the unpruned prefix of layers 0..depth-1 (-1 once a layer was skipped)."""
             if node.keys:
                 sums, n_scored = window_nll(head, finish(hidden), batch.input_ids, batch.n_targets)
-                weighted, tokens = batch.weighted(sums, n_scored)
+                counts.head_calls += 1
+                weighted = batch.window_weighted(sums, n_scored)  # (B,)
                 for key in node.keys:
-                    nll[index[key]] += weighted
-                    n_tokens[key] += tokens
+                    nll[index[key], columns] = weighted
             for layer, child in node.children.items():
                 unpruned = depth >= 0 and layer == depth
                 if unpruned and layer < len(calls.outputs):  # the capture forward already ran layers 0..layer
                     score(child, calls.outputs[layer], depth + 1)
                 else:
+                    counts.layer_calls += 1
                     score(child, adapters.call_layer(model, layer, hidden, calls), depth + 1 if unpruned else -1)
 
         score(root, calls.hidden)
-    sums = nll.tolist()
-    return {key: Perplexity(sums[index[key]], n_tokens[key]) for key in kept_sequences}
+    per_window = nll.tolist()
+    return {key: Perplexity.of_windows(per_window[index[key]], window_tokens) for key in kept_sequences}

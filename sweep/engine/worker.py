@@ -23,6 +23,7 @@ from sweep.engine.device import (MemoryProbe, batch_size_for, device_name, free_
 from sweep.engine.data import EvalSetup, TokenizedText, load_tokens, resolve_windows
 from sweep.engine.faults import injected_delay, injected_fault
 from sweep.plan import kept_layers, variant_key
+from sweep.store.schema import WINDOW_NLL, WINDOW_TOKENS
 
 
 class Worker:
@@ -56,6 +57,8 @@ class Worker:
         self.batch_size = cfg.batch_size or self._auto_batch_size()
         self.host = socket.gethostname()
         self.device_name = device_name(self.device)
+        self.calls = trie.CallCounts()
+        """Layer and head calls of every evaluation so far (the bench reads them)."""
 
     # ------------------------------------------------------------------------------------------ head
 
@@ -184,9 +187,11 @@ class Worker:
     def _row(self, removed: Sequence[int], result: perplexity.Perplexity, seconds: float) -> dict:
         """A result row from a perplexity; NaN or inf perplexity makes it ``diverged``."""
         if injected_fault("nan", removed):
-            result = perplexity.Perplexity(nll_sum=math.nan, n_tokens=result.n_tokens)
+            result = perplexity.Perplexity(math.nan, result.n_tokens, (math.nan,) * len(result.window_nll or ()),
+                                           result.window_tokens)
         ppl = result.ppl
         row = {**self._base_row(removed), "nll_sum": result.nll_sum, "n_tokens": result.n_tokens,
+               WINDOW_NLL: list(result.window_nll or ()), WINDOW_TOKENS: list(result.window_tokens or ()),
                "n_bytes": round(len(self.token_ids) / self.tokens_per_byte), "ppl": ppl,
                "bpb": perplexity.bits_per_byte(result.nll_sum, result.n_tokens, self.tokens_per_byte),
                "eval_seconds": seconds, "status": "ok", "error": None}
@@ -194,8 +199,18 @@ class Worker:
             row.update(status="diverged", error=f"perplexity is {ppl} (NLL sum {result.nll_sum})")
         return row
 
-    def evaluate(self, removed: Sequence[int]) -> dict:
-        """Perplexity and parameters of one variant, as a result row (status ok, diverged or failed).
+    def n_windows(self) -> int:
+        """Scored windows of the evaluated text: the length of every complete per-window loss array."""
+        return len(perplexity.scored_windows(len(self.token_ids), self.setup.max_length, self.setup.stride))
+
+    def row_of_windows(self, removed: Sequence[int], window_nll: list[float], window_tokens: list[int],
+                       seconds: float) -> dict:
+        """The result row of a variant from its per-window losses (e.g. slices measured apart, joined by a race)."""
+        return self._row(removed, perplexity.Perplexity.of_windows(window_nll, window_tokens), seconds)
+
+    def evaluate(self, removed: Sequence[int], window_range: tuple[int, int] | None = None) -> dict:
+        """Perplexity and parameters of one variant, as a result row (status ok, diverged or failed), with its
+        per-window losses (``window_nll``, ``window_tokens``: of the windows in ``window_range``, default all).
 
         Out of memory: retried once with half the batch, then recorded as ``failed`` with the error.
         """
@@ -206,13 +221,22 @@ class Worker:
                     raise torch.OutOfMemoryError("injected by SWEEP_FAULTS")
                 with adapters.pruned(self.model, removed):
                     result = perplexity.perplexity(self.hidden_fn, self.head_loss, self.token_ids,
-                                                self.setup.max_length, self.setup.stride, batch_size, self.device)
+                                                   self.setup.max_length, self.setup.stride, batch_size,
+                                                   self.device, window_range)
+                self._count_plain(removed, window_range, batch_size)
                 return self._row(removed, result, time.perf_counter() - start)
             except torch.OutOfMemoryError as exc:
                 free_memory(self.device)
                 error = f"out of memory at batch size {batch_size}: {str(exc).splitlines()[0]}"
         return {**self._base_row(removed), "status": "failed", "eval_seconds": time.perf_counter() - start,
                 "error": error}
+
+    def _count_plain(self, removed: Sequence[int], window_range: tuple[int, int] | None, batch_size: int) -> None:
+        """Calls of one per-variant evaluation: per batch, every kept layer and one head call."""
+        first, stop = window_range or (0, self.n_windows())
+        scored = perplexity.scored_windows(len(self.token_ids), self.setup.max_length, self.setup.stride)
+        n_batches = len(perplexity.window_batches(scored[first:stop], batch_size))
+        self.calls.add(trie.CallCounts(n_batches * (self.n_layers - len(removed)), n_batches, n_batches))
 
     def estimate_seconds(self, variants: Sequence[Sequence[int]], shared: bool = True) -> float:
         """Seconds to evaluate ``variants``, extrapolated from timing one batch of windows (takes seconds).
@@ -261,8 +285,12 @@ class Worker:
         seconds([])  # warm-up
         return seconds([]), seconds(range(self.n_layers))
 
-    def evaluate_many(self, removals: Sequence[Sequence[int]]) -> list[dict]:
-        """Result rows of several variants: one prefix-sharing trie pass when possible, else one by one."""
+    def evaluate_many(self, removals: Sequence[Sequence[int]],
+                      window_range: tuple[int, int] | None = None) -> list[dict]:
+        """Result rows of several variants: one prefix-sharing trie pass when possible, else one by one.
+
+        ``window_range``: only these scored windows [first, stop) (racing); default the whole text.
+        """
         injected_delay(len(removals))
         for removed in removals:
             if injected_fault("kill", removed):
@@ -270,7 +298,7 @@ class Worker:
             if injected_fault("sticky", removed):
                 raise RuntimeError("CUDA error: an illegal memory access was encountered (injected by SWEEP_FAULTS)")
         if self.cfg.engine != "trie" or not self.trie_ok or len(removals) == 1:
-            return [self.evaluate(r) for r in removals]
+            return [self.evaluate(r, window_range) for r in removals]
         kept = {variant_key(r): kept_layers(r, self.n_layers) for r in removals}
         start = time.perf_counter()
         for batch_size in retry_batch_sizes(self.batch_size):
@@ -278,12 +306,13 @@ class Worker:
                 if any(injected_fault("oom", r, batch_size < self.batch_size, once=False) for r in removals):
                     raise torch.OutOfMemoryError("injected by SWEEP_FAULTS")
                 results = trie.trie_perplexities(self.model, kept, self.head_loss, self.token_ids,
-                                                 self.setup.max_length, self.setup.stride, batch_size)
+                                                 self.setup.max_length, self.setup.stride, batch_size,
+                                                 window_range, self.calls)
                 seconds = (time.perf_counter() - start) / len(removals)
                 return [self._row(r, results[variant_key(r)], seconds) for r in removals]
             except torch.OutOfMemoryError:
                 free_memory(self.device)
-        return [self.evaluate(r) for r in removals]  # the trie's cache did not fit: one variant at a time
+        return [self.evaluate(r, window_range) for r in removals]  # the trie's cache did not fit: one at a time
 
     # ------------------------------------------------------------------------------------------ latency
 

@@ -49,6 +49,12 @@ class ReportContext:
     heals: list[Row] = field(default_factory=list)
     """The model's heals (``store.read_heals``)."""
     figures_written: list[Path] = field(default_factory=list)
+    window_losses: dict[str, tuple[Any, Any]] = field(default_factory=dict)
+    """Variant key -> (per-window NLL, per-window tokens) arrays of this setup (``store.read_window_losses``)."""
+    resamples: int | None = None
+    """Bootstrap resamples of this setup's stored intervals (``--resamples`` of its runs); None: none stored."""
+    eliminated: int = 0
+    """Variants of this setup a race eliminated (or still racing): left out of ``rows`` and ``frame``."""
 
     @property
     def setup(self) -> str | None:
@@ -92,6 +98,9 @@ def baseline_row(rows: list[Row]) -> Row | None:
 
 # ---------------------------------------------------------------------------------------------- rows
 
+
+PARTIAL_STATUSES = ("racing", "eliminated")
+"""Statuses of rows measured on part of the text only (a race): reports leave them out of tables and figures."""
 
 VIEW_NUMBERS = ("n_removed", "n_layers", "ppl", "speed_ms", "params", "ppl_change_pct", "speed_change_pct",
                 "speed_interval_pct", "latency_noisy")
@@ -211,9 +220,13 @@ def _model_context(db: store.Database, model: str, setups: list[Row], setup: str
                    stem: str) -> ReportContext:
     chosen = next(s for s in setups if s["setup"] == setup) if setup else ranking.newest_setup(setups)
     frame = sweep.load_results(db, model=model, setup=chosen["setup"])  # as `sweep.load_results(...)` gives it
+    partial = frame["status"].isin(PARTIAL_STATUSES)
+    frame = frame[~partial].reset_index(drop=True)  # partial measurements never enter a ranking
     rows = records(frame)
     return ReportContext(
-        model=model, info=setup_fields(rows, chosen), rows=rows, frame=frame,
+        model=model, info=setup_fields(rows, chosen), rows=rows, frame=frame, eliminated=int(partial.sum()),
+        window_losses=store.read_window_losses(db, chosen["setup"]),
+        resamples=store.interval_resamples(db, chosen["setup"]),
         other_setups=tuple(s["setup"] for s in setups if s is not chosen), figure_stem=stem,
         signal_rows=store.similarity_overview(db, model), strategy_choices=store.read_strategy_choices(db, chosen["setup"]),
         task_rows=store.read_task_results(db, model=model), heals=store.read_heals(db, model=model),

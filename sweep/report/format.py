@@ -73,6 +73,14 @@ def format_pct(value: float | None) -> str:
     return f"{round(value, digits) + 0.0:+,.{digits}f} %"  # + 0.0 turns -0.0 into +0.0
 
 
+def format_change_interval(change: float | None, low: float | None, high: float | None) -> str:
+    """A change with its 95 % interval: ``(3.21, 2.1, 4.05) -> "+3.2 % [+2.1, +4.0]"``; without an interval only
+    the change (``"+3.2 %"``)."""
+    if not finite(change) or not finite(low) or not finite(high):
+        return format_pct(change)
+    return f"{format_pct(change)} [{format_pct(low).removesuffix(' %')}, {format_pct(high).removesuffix(' %')}]"
+
+
 def format_points(value: float, signed: bool = True) -> str:
     """A difference of percentages in percentage points: ``12.34 -> "+12.3"``, ``-1234.5 -> "-1,234"``;
     ``signed=False`` drops the sign."""

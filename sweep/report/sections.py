@@ -27,17 +27,17 @@ from typing import Any
 import pandas as pd
 
 from sweep.plan import parse_key
-from sweep.report import analysis, findings, signals, tasks
+from sweep.report import analysis, findings, noise, signals, tasks
 from sweep.report.context import ReportContext, baseline_row, frame_of, setup_fields
-from sweep.report.format import (MISSING, code, finite, format_ms, format_params, format_pct, format_points,
-                                 format_ppl, format_signal, format_timing, is_noisy, table, text)
+from sweep.report.format import (MISSING, code, finite, format_change_interval, format_ms, format_params, format_pct,
+                                 format_points, format_ppl, format_signal, format_timing, is_noisy, table, text)
 
 Row = dict[str, Any]
 Section = Callable[[ReportContext], "str | None"]
 
 VARIANT_COLUMNS = (
-    "layers removed", "layers", "perplexity (↓)", "speed (ms) ↓", "parameters (M)", "ppl change (%)",
-    "speed change (%)",
+    "layers removed", "layers", "perplexity (↓)", "speed (ms) ↓", "parameters (M)",
+    "ppl change (%) [95 % interval]", "speed change (%)",
 )
 """Columns of the single and combinatorial removal tables (``layers`` = number of layers kept)."""
 
@@ -76,7 +76,8 @@ def _variant_cells(row: Row) -> list[str]:
         ppl_cell(row),
         format_timing(row.get("speed_ms"), is_noisy(row), row.get("speed_interval_pct")),
         format_params(row.get("params")),
-        format_pct(row.get("ppl_change_pct")),
+        format_change_interval(row.get("ppl_change_pct"), row.get("ppl_change_low_pct"),
+                               row.get("ppl_change_high_pct")),
         format_pct(row.get("speed_change_pct")),
     ]
 
@@ -496,6 +497,7 @@ SECTIONS: list[Section] = [
     _pairs_section,
     _combinatorial_part,
     _per_n_part,
+    noise.noise_section,
     _pareto_section,
     _similarity_section,
     _strategies_section,

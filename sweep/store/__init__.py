@@ -15,12 +15,14 @@ from sweep.store.db import (BUSY_TIMEOUT_SECONDS, NETWORK_FILESYSTEMS, Database,
                             check_writable, filesystem_type, fstype_from_mountinfo, integrity_ok, now, open_db,
                             schema_version, store_error)
 from sweep.store.results import (LATENCY_COLUMNS, LATENCY_FAILED, STATUSES, awaiting_latency, done_keys,
-                                 fill_latency, find_model, find_result, hashed_id, latency_by_signature,
-                                 read_view, record_result, record_results, seconds_per_variant, setup_id,
+                                 fill_latency, find_model, find_result, hashed_id, interval_resamples, intervals_missing,
+                                 latency_by_signature, mark_eliminated, race_progress, read_view, read_window_losses,
+                                 record_intervals, record_result, record_results, seconds_per_variant, setup_id,
                                  setups_overview, upsert_model, upsert_setup, view_columns)
 from sweep.store.runs import (RUN_STALE_SECONDS, STALE_ENV, beating, finish_run, heartbeat, process_alive,
                               process_start, reap_dead_runs, runs_overview, stale_seconds, start_run)
-from sweep.store.schema import (HEAL_COLUMNS, RESULT_COLUMNS, SCHEMA_VERSION, TASK_RESULT_COLUMNS, schema_markdown)
+from sweep.store.schema import (HEAL_COLUMNS, RESULT_COLUMNS, SCHEMA_VERSION, TASK_RESULT_COLUMNS, WINDOW_NLL,
+                                WINDOW_TOKENS, schema_markdown)
 from sweep.store.signals import (read_greedy_steps, read_layer_similarity, read_strategy_choices,
                                  record_greedy_step, record_layer_similarity, record_strategy_choices,
                                  similarity_overview)

@@ -10,12 +10,15 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from sweep.errors import StoreError
 from sweep.store.db import Database, as_db, now, writes
-from sweep.store.schema import RESULT_COLUMNS
+from sweep.store.schema import RESULT_COLUMNS, WINDOW_NLL, WINDOW_TOKENS
 
-STATUSES = ("ok", "failed", "diverged")
-"""ok: measured; failed: an error (e.g. out of memory) stopped the measurement; diverged: NaN/inf perplexity."""
+STATUSES = ("ok", "failed", "diverged", "racing", "eliminated")
+"""ok: measured; failed: an error (e.g. out of memory) stopped the measurement; diverged: NaN/inf perplexity;
+racing: measured on a first part of the windows, still in a race; eliminated: dropped by a race (partial numbers)."""
 
 LATENCY_FAILED = "latency failed: "
 """Prefix of the error text of a row whose latency measurement failed (its perplexity stands)."""
@@ -104,10 +107,11 @@ def _prepared(row: dict[str, Any]) -> dict[str, Any]:
     Raises:
         StoreError: a column that is not a result column.
     """
-    unknown = set(row) - set(RESULT_COLUMNS)
+    unknown = set(row) - set(RESULT_COLUMNS) - {WINDOW_NLL, WINDOW_TOKENS}
     if unknown:
         raise StoreError(f"unknown result columns: {sorted(unknown)}")
-    row = {**row, "measured_at": row.get("measured_at") or now()}
+    row = {k: v for k, v in row.items() if k not in (WINDOW_NLL, WINDOW_TOKENS)}
+    row["measured_at"] = row.get("measured_at") or now()
     for name in ("ppl", "bpb", "nll_sum"):
         value = row.get(name)
         if isinstance(value, float) and math.isnan(value):
@@ -128,13 +132,18 @@ def record_results(db: Database, rows: list[dict[str, Any]], run_id: int | None 
             locked beyond the busy timeout), with the chunk rolled back and every earlier chunk kept.
     """
     prepared = [_prepared(row) for row in rows]
+    losses = [_window_losses(row) for row in rows]
     conn, host, pid = db.conn, socket.gethostname(), os.getpid()
     conn.execute("BEGIN IMMEDIATE")
     try:
-        for row in prepared:
+        for row, loss in zip(prepared, losses):
             names = list(row)
             conn.execute(f"INSERT OR REPLACE INTO results ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",
                          [row[n] for n in names])
+            conn.execute("DELETE FROM window_losses WHERE setup_id = ? AND removed = ?", [row["setup_id"], row["removed"]])
+            if loss is not None:
+                conn.execute("INSERT INTO window_losses (setup_id, removed, n_windows, nll, tokens) VALUES (?, ?, ?, ?, ?)",
+                             [row["setup_id"], row["removed"], *loss])
             conn.execute("INSERT INTO measurements (setup_id, removed, status, run_id, pid, host, measured_at) "
                          "VALUES (?, ?, ?, ?, ?, ?, ?)",
                          [row["setup_id"], row["removed"], row.get("status"), run_id, pid, host, row["measured_at"]])
@@ -143,6 +152,16 @@ def record_results(db: Database, rows: list[dict[str, Any]], run_id: int | None 
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
+
+
+def _window_losses(row: dict[str, Any]) -> tuple[int, bytes, bytes] | None:
+    """(n_windows, nll BLOB, tokens BLOB) of a row that carries per-window losses, or None (a failed row)."""
+    nll, tokens = row.get(WINDOW_NLL), row.get(WINDOW_TOKENS)
+    if nll is None or tokens is None or len(nll) == 0:
+        return None
+    if len(nll) != len(tokens):
+        raise StoreError(f"{len(nll)} per-window losses but {len(tokens)} per-window token counts")
+    return len(nll), np.asarray(nll, dtype="<f8").tobytes(), np.asarray(tokens, dtype="<i4").tobytes()
 
 
 def record_result(db: Database, row: dict[str, Any], run_id: int | None = None) -> None:
@@ -162,6 +181,86 @@ def seconds_per_variant(db: Database, setup: str) -> float | None:
         "SELECT eval_seconds + COALESCE(latency_seconds, 0) FROM results WHERE setup_id = ? AND status = 'ok'",
         [setup]) if r[0] is not None)
     return rows[len(rows) // 2] if rows else None
+
+
+# ---------------------------------------------------------------------------------------------- per-window losses
+
+
+def read_window_losses(path_or_db: str | Path | Database, setup: str,
+                       keys: Iterable[str] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Variant key -> (per-window NLL (W,) float64, per-window tokens (W,) int) of a setup (all variants, or
+    ``keys``). ``math.fsum`` of the NLL is the row's ``nll_sum``; W is the row's ``n_windows``."""
+    db = as_db(path_or_db)
+    sql = "SELECT removed, nll, tokens FROM window_losses WHERE setup_id = ?"
+    if keys is None:
+        rows = list(db.execute(sql, [setup]))
+    else:
+        wanted, rows = list(dict.fromkeys(keys)), []
+        for start in range(0, len(wanted), KEYS_PER_QUERY):
+            part = wanted[start : start + KEYS_PER_QUERY]
+            rows += db.execute(f"{sql} AND removed IN ({', '.join('?' * len(part))})", [setup, *part]).fetchall()
+    return {removed: (np.frombuffer(nll, dtype="<f8").astype(np.float64), np.frombuffer(tokens, dtype="<i4"))
+            for removed, nll, tokens in rows}
+
+
+KEYS_PER_QUERY = 500
+"""Variant keys per ``IN (...)`` query (SQLite allows 32,766 parameters; smaller keeps each statement quick)."""
+
+
+def race_progress(db: Database, setup: str) -> dict[str, tuple[str, int, float]]:
+    """Variant key -> (status, windows measured (0 without per-window losses), eval_seconds) of a setup's results:
+    where a race stands."""
+    rows = db.execute("SELECT r.removed, r.status, COALESCE(w.n_windows, 0), COALESCE(r.eval_seconds, 0) "
+                      "FROM results r LEFT JOIN window_losses w ON w.setup_id = r.setup_id AND w.removed = r.removed "
+                      "WHERE r.setup_id = ?", [setup])
+    return {removed: (status, n_windows, seconds) for removed, status, n_windows, seconds in rows}
+
+
+def intervals_missing(db: Database, setup: str, resamples: int) -> tuple[str | None, dict[str, str]]:
+    """What :func:`sweep.intervals.refresh_intervals` has to compute: (the ``ok`` baseline's ``measured_at``, or
+    None without one; ``ok`` variant key -> ``measured_at`` for those whose stored interval is missing or stale,
+    i.e. computed before either row was measured again, or with another number of resamples)."""
+    stamps = {removed: (status, measured_at) for removed, status, measured_at in db.execute(
+        "SELECT removed, status, measured_at FROM results WHERE setup_id = ?", [setup])}
+    if stamps.get("", (None,))[0] != "ok":
+        return None, {}
+    baseline_at = stamps[""][1]
+    current = {removed: at for removed, at in db.execute(
+        "SELECT removed, measured_at FROM ppl_intervals WHERE setup_id = ? AND baseline_at = ? AND resamples = ?",
+        [setup, baseline_at, resamples])}
+    return baseline_at, {key: at for key, (status, at) in stamps.items() if status == "ok" and current.get(key) != at}
+
+
+@writes
+def record_intervals(db: Database, setup: str, baseline_at: str, found: list[dict[str, Any]]) -> None:
+    """Store intervals of perplexity changes (rows with ``removed``, ``change_pct``, ``low_pct``, ``high_pct``,
+    ``level``, ``resamples``, ``seed``, ``measured_at``) computed against the baseline measured at ``baseline_at``."""
+    names = ("removed", "change_pct", "low_pct", "high_pct", "level", "resamples", "seed", "measured_at")
+    with db.conn:
+        db.conn.executemany(
+            f"INSERT OR REPLACE INTO ppl_intervals (setup_id, baseline_at, {', '.join(names)}) "
+            f"VALUES (?, ?, {', '.join('?' * len(names))})",
+            [[setup, baseline_at, *(_finite(row[n]) for n in names)] for row in found])
+
+
+def _finite(value: Any) -> Any:
+    """NaN and inf as NULL (an interval of a diverged comparison is not known)."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def interval_resamples(db: Database, setup: str) -> int | None:
+    """Bootstrap resamples of the intervals stored for ``setup`` (the most used), or None without any."""
+    row = db.execute("SELECT resamples FROM ppl_intervals WHERE setup_id = ? GROUP BY resamples "
+                     "ORDER BY COUNT(*) DESC LIMIT 1", [setup]).fetchone()
+    return row[0] if row else None
+
+
+@writes
+def mark_eliminated(db: Database, setup: str, keys: Iterable[str], reason: str) -> None:
+    """Turn racing rows of ``setup`` into ``eliminated`` ones (their partial numbers stay), saying why."""
+    with db.conn:
+        db.conn.executemany("UPDATE results SET status = 'eliminated', error = ? WHERE setup_id = ? AND removed = ? "
+                            "AND status = 'racing'", [(reason, setup, key) for key in keys])
 
 
 # ---------------------------------------------------------------------------------------------- latency

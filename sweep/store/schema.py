@@ -15,17 +15,23 @@ Versions (``meta.schema_version``; every upgrade is recorded in ``schema_migrati
   far to trust them: ``results`` gains the width of each median's bootstrap interval (``prefill_interval_pct``,
   ``decode_interval_pct``) and ``latency_noisy``; the view ``results_vs_baseline`` shows ``speed_interval_pct`` and
   ``latency_noisy``. Older rows keep NULL there (not known).
+- 4: per-window losses: ``window_losses`` holds each result's per-window NLL and token counts (one row per
+  variant, arrays as BLOBs), ``ppl_intervals`` the paired bootstrap interval of each variant's perplexity change
+  against the baseline, and the view shows it (``ppl_change_low_pct``, ``ppl_change_high_pct``) with
+  ``n_windows``. Racing adds the statuses ``racing`` (measured on a first part of the windows, still in the race)
+  and ``eliminated`` (dropped by the race: its numbers cover only ``n_windows`` windows). Older rows have no
+  per-window losses, hence no interval.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 APPLICATION_ID = 0x53574550
 """``PRAGMA application_id`` of a sweep database: "SWEP" in ASCII (https://www.sqlite.org/fileformat.html#appid)."""
 
-SQL_TYPES = {str: "TEXT", int: "INTEGER", float: "REAL"}
+SQL_TYPES = {str: "TEXT", int: "INTEGER", float: "REAL", bytes: "BLOB"}
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,8 @@ def _c(name: str, kind: type, doc: str, unit: str | None = None, better: str | N
 
 
 STATUS_DOC = "ok: measured; failed: an error (e.g. out of memory) stopped the measurement; diverged: NaN/inf result"
+RESULT_STATUS_DOC = (STATUS_DOC + "; racing: measured on the first n_windows windows, still in a race (--race); "
+                     "eliminated: dropped by a race, its numbers cover only its first n_windows windows")
 KEY_DOC = 'variant key: the removed layers, sorted and comma-separated ("1,3"); "" for the unpruned baseline'
 
 META = Table("meta", "Key-value facts about the file: schema_version.", (
@@ -150,7 +158,7 @@ RESULTS = Table("results", "One row per measured variant of a setup, committed t
     _c("decode_iqr_ms", float, "inter-quartile range of the decode timings", "ms/token"),
     _c("latency_signature", str, "shape signature: variants with equal signatures share one latency measurement"),
     _c("latency_from", str, "key of the variant whose latency measurement this row shares"),
-    _c("status", str, STATUS_DOC),
+    _c("status", str, RESULT_STATUS_DOC),
     _c("error", str, "why a measurement failed or diverged (or why its latency is missing)"),
     _c("eval_seconds", float, "seconds spent on this variant's perplexity", "s"),
     _c("latency_seconds", float, "seconds spent on its latency", "s"),
@@ -187,12 +195,40 @@ MEASUREMENTS = Table("measurements", "Audit log: one row per committed measureme
     _c("id", int, "row id"),
     _c("setup_id", str, "setups.id"),
     _c("removed", str, KEY_DOC),
-    _c("status", str, STATUS_DOC),
+    _c("status", str, RESULT_STATUS_DOC),
     _c("run_id", int, "runs.id of the run that committed it (NULL outside a run)"),
     _c("pid", int, "process id"),
     _c("host", str, "host name"),
     _c("measured_at", str, "commit time (UTC)"),
 ), integer_id=True, indexes=(("measurements_variant", ("setup_id", "removed"), False),))
+
+WINDOW_NLL, WINDOW_TOKENS = "window_nll", "window_tokens"
+"""Keys of a result row (as the engine makes it) holding its per-window losses, lists in window order:
+:func:`sweep.store.record_results` writes them to ``window_losses``, not to ``results``."""
+
+WINDOW_LOSSES = Table("window_losses", "Per-window losses of each result, one row per variant (arrays as BLOBs), "
+                      "committed with its result row: what paired intervals and racing are computed from.", (
+    _c("setup_id", str, "setups.id"),
+    _c("removed", str, KEY_DOC),
+    _c("n_windows", int, "scored windows measured (all of the text's, except for racing and eliminated variants)"),
+    _c("nll", bytes, "float64 little-endian array: each window's loss x num_loss_tokens in window order (the guide's "
+                     "weighting); math.fsum of it is results.nll_sum", "nats"),
+    _c("tokens", bytes, "int32 little-endian array: each window's num_loss_tokens; their sum is results.n_tokens"),
+), primary_key=("setup_id", "removed"), foreign_keys=(("setup_id", "setups", "id"),))
+
+PPL_INTERVALS = Table("ppl_intervals", "Paired bootstrap interval over windows of each variant's perplexity change "
+                      "against its setup's baseline (sweep.intervals), valid while both rows stay as measured.", (
+    _c("setup_id", str, "setups.id"),
+    _c("removed", str, KEY_DOC),
+    _c("change_pct", float, "perplexity change against the baseline on the whole text", "%", "lower"),
+    _c("low_pct", float, "lower end of its interval", "%"),
+    _c("high_pct", float, "upper end of its interval", "%"),
+    _c("level", float, "coverage of the interval (0.95)"),
+    _c("resamples", int, "bootstrap resamples of the windows"),
+    _c("seed", int, "seed of the resampled windows"),
+    _c("measured_at", str, "results.measured_at of the variant it was computed from"),
+    _c("baseline_at", str, "results.measured_at of the baseline it was computed against"),
+), primary_key=("setup_id", "removed"), foreign_keys=(("setup_id", "setups", "id"),))
 
 CALIBRATION_KEY = (
     _c("model_id", int, "models.id"),
@@ -309,7 +345,8 @@ HEALS = Table("heals", "LoRA-healed variants (`sweep heal`); (setup_id, removed)
 ), primary_key=("id",), foreign_keys=(("model_id", "models", "id"),))
 
 TABLES: tuple[Table, ...] = (META, SCHEMA_MIGRATIONS, MODELS, SETUPS, RESULTS, RUNS, MEASUREMENTS, LAYER_SIMILARITY,
-                             GREEDY_STEPS, STRATEGY_CHOICES, TASK_SETUPS, TASK_RESULTS, HEALS)
+                             GREEDY_STEPS, STRATEGY_CHOICES, TASK_SETUPS, TASK_RESULTS, HEALS, WINDOW_LOSSES,
+                             PPL_INTERVALS)
 """Every table, in creation order (a table's foreign keys point to tables before it)."""
 
 RESULTS_VS_BASELINE = View("results_vs_baseline", "Each variant against the baseline of its setup: the view to "
@@ -323,7 +360,7 @@ SELECT
     r.ppl,
     r.prefill_ms AS speed_ms,
     r.params,
-    100.0 * (r.ppl / b.ppl - 1.0) AS ppl_change_pct,
+    CASE WHEN r.status IN ('racing', 'eliminated') THEN NULL ELSE 100.0 * (r.ppl / b.ppl - 1.0) END AS ppl_change_pct,
     100.0 * (r.prefill_ms / b.prefill_ms - 1.0) AS speed_change_pct,
     r.status,
     r.error,
@@ -347,11 +384,17 @@ SELECT
     r.device,
     r.measured_at,
     r.prefill_interval_pct AS speed_interval_pct,
-    r.latency_noisy
+    r.latency_noisy,
+    i.low_pct AS ppl_change_low_pct,
+    i.high_pct AS ppl_change_high_pct,
+    w.n_windows
 FROM results r
 JOIN setups s ON s.id = r.setup_id
 JOIN models m ON m.id = s.model_id
 LEFT JOIN results b ON b.setup_id = r.setup_id AND b.removed = '' AND b.status = 'ok'
+LEFT JOIN window_losses w ON w.setup_id = r.setup_id AND w.removed = r.removed
+LEFT JOIN ppl_intervals i ON i.setup_id = r.setup_id AND i.removed = r.removed AND i.measured_at = r.measured_at
+    AND i.baseline_at = b.measured_at
 """, (
     _c("model", str, "model name"),
     _c("setup", str, "setup id"),
@@ -361,9 +404,11 @@ LEFT JOIN results b ON b.setup_id = r.setup_id AND b.removed = '' AND b.status =
     _c("ppl", float, "perplexity", better="lower"),
     _c("speed_ms", float, "median prefill time at batch 1", "ms", "lower"),
     _c("params", int, "parameters", better="lower"),
-    _c("ppl_change_pct", float, "perplexity change against the baseline: 100 (ppl / baseline - 1)", "%", "lower"),
+    _c("ppl_change_pct", float, "perplexity change against the baseline: 100 (ppl / baseline - 1); NULL for racing "
+                                "and eliminated rows, whose perplexity covers only their first n_windows windows",
+       "%", "lower"),
     _c("speed_change_pct", float, "prefill time change against the baseline (negative = faster)", "%", "lower"),
-    _c("status", str, STATUS_DOC),
+    _c("status", str, RESULT_STATUS_DOC),
     _c("error", str, "error text"),
     _c("bpb", float, "bits per byte", "bits/byte", "lower"),
     _c("decode_ms_per_token", float, "median decode time per token", "ms/token", "lower"),
@@ -386,6 +431,10 @@ LEFT JOIN results b ON b.setup_id = r.setup_id AND b.removed = '' AND b.status =
     _c("measured_at", str, "when (UTC)"),
     _c("speed_interval_pct", float, "half-width of the 95 % interval of the prefill median, in % of it", "%"),
     _c("latency_noisy", int, "1: timings too spread to be trusted as exact (see results.latency_noisy)"),
+    _c("ppl_change_low_pct", float, "lower end of the 95 % paired bootstrap interval of ppl_change_pct (over "
+                                    "windows; table ppl_intervals)", "%"),
+    _c("ppl_change_high_pct", float, "upper end of that interval: both ends on one side of 0 = a real change", "%"),
+    _c("n_windows", int, "scored windows its numbers cover (table window_losses; NULL: not stored)"),
 ))
 
 VIEWS: tuple[View, ...] = (RESULTS_VS_BASELINE,)
@@ -400,6 +449,9 @@ MIGRATIONS: dict[int, str] = {
     3: "runs.process_start: a run whose process is alive on this host is alive, a reused pid is not; results: "
        "prefill_interval_pct, decode_interval_pct and latency_noisy (how far to trust a timing); "
        "results_vs_baseline: speed_interval_pct and latency_noisy",
+    4: "window_losses (per-window NLL and tokens of each result, arrays as BLOBs) and ppl_intervals (paired "
+       "bootstrap interval of each perplexity change); results_vs_baseline: ppl_change_low_pct, ppl_change_high_pct "
+       "and n_windows; statuses racing and eliminated (--race)",
 }
 """Schema version -> what upgrading to it changes (recorded in ``schema_migrations`` when applied)."""
 
