@@ -323,3 +323,54 @@ def test_greedy_over_mix_units_runs_end_to_end_and_is_stored_beside_block_greedy
     assert units(mix[0]) < units(mix[1]) < units(mix[2])  # each round adds one unit to the previous variant
     stored = {r[0] for r in db.execute("select removed from results where status = 'ok'")}
     assert set(mix) <= stored
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+@pytest.mark.parametrize("key", ("r1", "r1-2", "s0", "v1-3", "1,r2"))
+def test_export_of_reordered_layers_reloads_as_the_physical_model(family_model, key, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from sweep.engine import models
+
+    family, model = family_model
+    variant = steps.parse_key(key)
+    step_seq = steps.steps_of(variant, 4)
+    models.export_pruned(model, None, variant, tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=model.config._attn_implementation)
+    reloaded.eval()
+    assert reloaded.config.num_hidden_layers == len(step_seq)
+    prompt = torch.randint(2, 90, (1, 12), generator=torch.Generator().manual_seed(4))
+    reference = physical(model, family, step_seq)
+    torch.testing.assert_close(reloaded(input_ids=prompt).logits, reference(input_ids=prompt).logits,
+                               rtol=0, atol=1e-6)
+    # generate() with the reloaded model's own cache: one slot per occurrence
+    tokens, got = _decode(reloaded, prompt, None)
+    text = torch.cat([prompt, tokens[:, :-1]], 1)
+    torch.testing.assert_close(got, reference(input_ids=text, use_cache=False).logits[0, prompt.shape[1] - 1:],
+                               rtol=0, atol=1e-5)
+    assert adapters.n_layers_of(model.config) == 4 and len(adapters.decoder_layers(model)) == 4
+
+
+@pytest.mark.parametrize("key, why", (("a1", "attention-only or MLP-only"), ("m2,r1", "attention-only or MLP-only"),
+                                      ("p1-2", "parallel layers")))
+def test_export_refuses_what_no_standard_config_expresses(key, why, tmp_path):
+    from sweep.engine import models
+    from sweep.errors import ExportError
+
+    with pytest.raises(ExportError, match=why):
+        models.export_pruned(tiny_model("llama"), None, steps.parse_key(key), tmp_path)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("family", ("gemma2", "gpt_neo", "qwen2", "opt", "phi3"))
+def test_export_of_a_repeat_reloads_on_families_with_per_layer_config_lists(family, tmp_path):
+    from sweep.engine import models
+
+    model = tiny_model(family)
+    models.export_pruned(model, None, ("r1-2",), tmp_path)  # verifies the reloaded logits against the in-memory variant
+    import json
+
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config.get("num_hidden_layers", config.get("num_layers", config.get("n_layer"))) == 6

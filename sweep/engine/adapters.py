@@ -709,6 +709,40 @@ def _occurrences(model: nn.Module, steps: Steps) -> tuple[list[nn.Module], list[
     return modules, slot_layers, slot_sources
 
 
+@contextlib.contextmanager
+def materialized(model: nn.Module, steps: Steps) -> Iterator[nn.Module]:
+    """Context in which ``model`` holds a deep copy of a layer per step (whole-block steps only: repeats, swaps,
+    reversals), numbered by position, with the config's layer count and per-layer lists following the steps:
+    what ``save_pretrained`` writes for export (it refuses the shared tensors of :func:`applied`). Restored on exit.
+
+    Raises:
+        ConfigError: a step that is not a whole block (no standard config expresses it).
+    """
+    import copy  # noqa: PLC0415 - only export copies layers
+
+    if any(isinstance(s, Par) or s.branches != "am" for s in steps):
+        raise ConfigError("only whole-layer steps can be materialized")
+    adapter = adapter_for(model)
+    parent_path, list_name = adapter.layers.rsplit(".", 1)
+    parent, layers, config = _get(model, parent_path), decoder_layers(model), model.config
+    copies = nn.ModuleList(copy.deepcopy(layers[s.layer]) for s in steps)
+    for position, layer in enumerate(copies):
+        for module in layer.modules():
+            for attr in _index_attrs(module):
+                setattr(module, attr, position)
+    changes = _config_changes(config, [s.layer for s in steps])
+    old_config = {name: getattr(config, name) for name in changes}
+    setattr(parent, list_name, copies)
+    for name, value in changes.items():
+        setattr(config, name, value)
+    try:
+        yield model
+    finally:
+        setattr(parent, list_name, layers)
+        for name, value in old_config.items():
+            setattr(config, name, value)
+
+
 # ---------------------------------------------------------------------------------------------- LoRA healing
 
 _LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
