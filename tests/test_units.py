@@ -140,21 +140,15 @@ def test_model_is_untouched_by_steps(family_model, ids):
     assert adapters.n_layers_of(model.config) == 4 and len(adapters.decoder_layers(model)) == 4
 
 
-def _zero_attention_output(model, family: str, layer: int) -> None:
-    attn = _attention(adapters.decoder_layers(model)[layer], family)
-    proj = attn.c_proj if family == "gpt2" else attn.o_proj
-    proj.weight.zero_()
-    if getattr(proj, "bias", None) is not None:
-        proj.bias.zero_()
+ATTENTION_OUTPUT = {"gpt2": "attn.c_proj", "gpt_neo": "attn.attention.out_proj", "opt": "self_attn.out_proj"}
+"""Where each family keeps its attention's output projection (default ``self_attn.o_proj``)."""
 
 
-@pytest.mark.parametrize("family", ("gpt2", "llama", "qwen3", "gemma2", "opt", "phi3"))
+@pytest.mark.parametrize("family", ("gpt2", "gpt_neo", "opt", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2",
+                                    "phi3"))
 def test_attention_with_zero_output_projection_removes_exactly(family, ids):
     model = tiny_model(family, seed=5)
-    attn_name = {"gpt2": "attn"}.get(family, "self_attn")
-    layer = adapters.decoder_layers(model)[2]
-    proj_name = {"gpt2": "c_proj", "opt": "out_proj"}.get(family, "o_proj")
-    proj = getattr(getattr(layer, attn_name), proj_name)
+    proj = adapters.decoder_layers(model)[2].get_submodule(ATTENTION_OUTPUT.get(family, "self_attn.o_proj"))
     proj.weight.zero_()
     if getattr(proj, "bias", None) is not None:
         proj.bias.zero_()
