@@ -155,8 +155,13 @@ def is_block_variant(variant: Iterable[Edit]) -> bool:
 
 
 def n_removed(variant: Iterable[Edit]) -> int:
-    """Units removed: whole blocks and branches alike (``"1,a3,r5"`` -> 2)."""
-    return sum(parse_edit(e)[0] in ("", "a", "m") for e in variant)
+    """The ``n_removed`` column: removed layers of a block variant (``"1,3"`` -> 2); otherwise removed residual
+    branches, a whole block counting as its two (``"1,a3"`` -> 3, as ``a1,m1,a3``; ``"a3,r5"`` -> 1), so that a
+    greedy search over ``--unit mix`` removes n units at step n."""
+    ops = [parse_edit(e)[0] for e in variant]
+    if all(op == "" for op in ops):
+        return len(ops)
+    return sum(2 if op == "" else 1 for op in ops if op in ("", "a", "m"))
 
 
 def variant_kind(variant: Iterable[Edit]) -> str:

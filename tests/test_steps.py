@@ -103,6 +103,11 @@ def test_explicit_groups_may_be_any_key():
         parse_remove("a2,r2", 4)
 
 
+def test_n_removed_counts_layers_of_block_variants_and_branches_otherwise():
+    counts = {key: steps.n_removed(parse_key(key)) for key in ("", "1,3", "a1", "1,a3", "m1,2,a3", "r2", "a1,r2")}
+    assert counts == {"": 0, "1,3": 2, "a1": 1, "1,a3": 3, "m1,2,a3": 4, "r2": 0, "a1,r2": 1}
+
+
 def test_variant_kinds():
     kinds = {key: steps.variant_kind(parse_key(key)) for key in ("", "1", "a1,a2", "m3", "1,a2", "a1,m2", "r1",
                                                                     "1,s2")}

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
 from sweep import steps
 from sweep.report import plotting
@@ -51,10 +52,12 @@ def _kind(row: Row) -> str:
 # ---------------------------------------------------------------------------------------------- units
 
 
-def unit_changes(rows: list[Row], baseline: Row | None) -> dict[int, dict[str, float | None]]:
+def unit_changes(rows: list[Row], baseline: Row | None,
+                 block_rows: list[Row] = ()) -> dict[int, dict[str, float | None]]:
     """Layer -> perplexity change (%) of removing its attention (``attn``), its MLP (``mlp``) and the whole
-    block (``block``), from the single-unit variants measured; layers with no unit variant are left out."""
-    by_key = {r["removed"]: r for r in rows}
+    block (``block``, from ``block_rows``), from the single-unit variants measured; layers with no unit variant
+    are left out."""
+    by_key = {r["removed"]: r for r in [*rows, *block_rows]}
     layers = sorted({steps.unit_layer(steps.parse_key(r["removed"])[0]) for r in rows
                      if _kind(r) in ("attn", "mlp") and r.get("n_removed") == 1})
     return {layer: {"attn": _change(by_key.get(f"a{layer}"), baseline),
@@ -62,8 +65,8 @@ def unit_changes(rows: list[Row], baseline: Row | None) -> dict[int, dict[str, f
                     "block": _change(by_key.get(str(layer)), baseline)} for layer in layers}
 
 
-def unit_table(rows: list[Row], baseline: Row | None) -> str | None:
-    changes = unit_changes(rows, baseline)
+def unit_table(rows: list[Row], baseline: Row | None, block_rows: list[Row] = ()) -> str | None:
+    changes = unit_changes(rows, baseline, block_rows)
     if not changes:
         return None
     body = [[str(layer), format_pct(c["attn"]), format_pct(c["mlp"]), format_pct(c["block"])]
@@ -89,9 +92,9 @@ def best_units_table(rows: list[Row], baseline: Row | None) -> str | None:
                   "speed change (%)"), body)
 
 
-def unit_findings(rows: list[Row], baseline: Row | None) -> list[str]:
+def unit_findings(rows: list[Row], baseline: Row | None, block_rows: list[Row] = ()) -> list[str]:
     """Sentences comparing attention and MLP removal, with numbers from :func:`unit_changes`."""
-    changes = unit_changes(rows, baseline)
+    changes = unit_changes(rows, baseline, block_rows)
     notes, parts = [], []
     for kind, name in (("attn", "attention"), ("mlp", "MLP")):
         values = {layer: c[kind] for layer, c in changes.items() if c[kind] is not None}
@@ -114,9 +117,9 @@ def unit_findings(rows: list[Row], baseline: Row | None) -> list[str]:
 
 
 @plotting.styled
-def plot_units(rows: list[Row], baseline: Row | None, subtitle: str) -> Figure | None:
+def plot_units(rows: list[Row], baseline: Row | None, subtitle: str, block_rows: list[Row] = ()) -> Figure | None:
     """Grouped bars per layer: perplexity change of removing its attention, its MLP and the whole block."""
-    changes = unit_changes(rows, baseline)
+    changes = unit_changes(rows, baseline, block_rows)
     if not changes:
         return None
     fig, ax = plotting.new_figure()
@@ -144,6 +147,8 @@ def _symlog_if_wide(ax, values: list[float]) -> None:
     finite_values = np.abs([v for v in values if finite(v)])
     if len(finite_values) and finite_values.max() > 20 * max(float(np.median(finite_values)), 1e-9):
         ax.set_yscale("symlog", linthresh=10 ** math.floor(math.log10(max(1.0, float(np.median(finite_values))))))
+        # plain tick labels: mathtext is off in every figure (plotting.STYLE), so 10^3 would print as markup
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:,g}"))
         ax.set_ylabel("perplexity change (%, symmetric log scale)")
     else:
         ax.set_ylabel("perplexity change (%)")
@@ -185,10 +190,30 @@ def other_order_table(rows: list[Row], baseline: Row | None) -> str | None:
             shown.append(row)
     if not shown:
         return None
-    body = [[f"`{r['removed']}`", r.get("kept_layers") or MISSING, format_ppl(r.get("ppl")),
+    n_layers = (baseline or {}).get("n_layers")
+    body = [[f"`{r['removed']}`", _steps_cell(r["removed"], n_layers), format_ppl(r.get("ppl")),
              format_pct(_change(r, baseline)), format_params(r.get("params"))]
             for r in sorted(shown, key=lambda r: r["removed"])]
     return table(("variant", "layers run", "perplexity (↓)", "ppl change (%)", "parameters (M)"), body)
+
+
+def _steps_cell(key: str, n_layers: int | None) -> str:
+    """The layers a variant runs, in order (``0,1,2,1,2,3``), from its key and the model's layer count."""
+    if not n_layers:
+        return MISSING
+    return f"`{steps.steps_text(steps.steps_of(steps.parse_key(key), int(n_layers)))}`"
+
+
+def greedy_line(choices: list[Row]) -> str | None:
+    """The greedy searches over units (``greedy-attn``, ``greedy-mlp``, ``greedy-mix``): their paths, one line each."""
+    paths: dict[str, list[Row]] = {}
+    for choice in choices:
+        if str(choice.get("strategy", "")).startswith("greedy-"):
+            paths.setdefault(choice["strategy"], []).append(choice)
+    lines = [f"`{name}` (calibration perplexity after each round): " + " → ".join(
+        f"`{c['removed']}` ({format_ppl(c.get('score'))})" for c in sorted(path, key=lambda c: c["n"]))
+        for name, path in sorted(paths.items())]
+    return "\n\n".join(lines) or None
 
 
 def order_findings(rows: list[Row], block_rows: list[Row], baseline: Row | None) -> list[str]:

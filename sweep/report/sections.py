@@ -322,7 +322,7 @@ def _baseline_part(ctx: ReportContext) -> str:
 
 
 def _findings_section(ctx: ReportContext) -> str | None:
-    notes = (findings.findings(ctx.frame) + edits.unit_findings(ctx.edit_rows, ctx.baseline)
+    notes = (findings.findings(ctx.frame) + edits.unit_findings(ctx.edit_rows, ctx.baseline, ctx.rows)
              + edits.order_findings(ctx.edit_rows, ctx.rows, ctx.baseline))
     if not notes:
         return None
@@ -488,18 +488,19 @@ def _tasks_section(ctx: ReportContext) -> str | None:
 
 def _units_section(ctx: ReportContext) -> str | None:
     """Attention-only and MLP-only removal (``--unit attn|mlp|mix``) per layer, and the best mix per size."""
-    per_layer = edits.unit_table(ctx.edit_rows, ctx.baseline)
+    per_layer = edits.unit_table(ctx.edit_rows, ctx.baseline, ctx.rows)
     best = edits.best_units_table(ctx.edit_rows, ctx.baseline)
     if per_layer is None and best is None:
         return None
     image = ctx.figure("units", "perplexity change when one branch or the whole block is removed",
-                       lambda: edits.plot_units(ctx.edit_rows, ctx.baseline, ctx.subtitle()))
+                       lambda: edits.plot_units(ctx.edit_rows, ctx.baseline, ctx.subtitle(), ctx.rows))
     return _join("## Attention and MLP removal", image,
                  "Removing a layer's attention (`a3`) or MLP (`m3`) drops that residual branch only; the layer's "
                  "input passes through its other branch. Perplexity change against the baseline, per layer:"
                  if per_layer else None, per_layer,
                  "The best variant per number of units removed (attention branches, MLP branches or both kinds; "
-                 "`3` in a key is both branches of layer 3):" if best else None, best)
+                 "`3` in a key is both branches of layer 3):" if best else None, best,
+                 edits.greedy_line(ctx.strategy_choices))
 
 
 def _order_section(ctx: ReportContext) -> str | None:
