@@ -223,7 +223,8 @@ def order_findings(rows: list[Row], block_rows: list[Row], baseline: Row | None)
     for op, label in ORDER_LABELS.items():
         values = [c[op] for c in changes.values() if c[op] is not None]
         if values:
-            parts.append(f"{label} {format_pct(float(np.median(values)))} ({len(values)} layers)")
+            parts.append(f"{label} {format_pct(float(np.median(values)))} ({len(values)} "
+                         f"layer{'s' if len(values) != 1 else ''})")
     if len(parts) < 2:
         return []
     return ["**Layer order.** Median perplexity change per layer: " + ", ".join(parts) + "."]
