@@ -26,7 +26,8 @@ MODEL_FIELDS = ("model", "revision", "dtype", "device", "tokenizer", "random_ini
 TASKS_COMMAND_FIELDS = MODEL_FIELDS + ("db", "batch_size", "seed", "strategy", "k", "n", "remove", "force") + TASK_FIELDS
 """Fields of `sweep tasks`: the model, the variant choice and the lm-eval settings (no perplexity text)."""
 HEAL_COMMAND_FIELDS = tuple(f.name for f in fields(SweepConfig)
-                            if f.name not in ("strategy", "k", "n", "force", "best", "pareto"))
+                            if f.name not in ("strategy", "k", "n", "force", "best", "pareto", "unit", "span",
+                                              "positions"))
 """Fields of `sweep heal`: everything of `sweep run` that defines its setup (so rows link), plus LoRA and tasks."""
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from sweep.errors import ConfigError, UnknownNameError
 from sweep.plan import PlanSpec
+from sweep.steps import UNITS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LATENCY_MODES = ("shared", "per-variant", "off")
@@ -74,13 +75,13 @@ class SweepConfig:
     """trie (variants share the computation of common leading layers) or per-variant (the plain reference)."""
 
     strategy: str = "single"
-    """Comma-separated: single, combinations, exhaustive, last-n, blocks, explicit, angular, block-influence, greedy."""
+    """Comma-separated: single, combinations, exhaustive, last-n, blocks, explicit, angular, block-influence, greedy; order edits: repeat, swap, reverse, parallel."""
     k: str = "2"
     """Subset sizes for `combinations`, e.g. 2 or 1-3."""
     n: str = "1-4"
     """Sizes for last-n, blocks, angular (block sizes), block-influence and greedy (layers removed), e.g. 1-4."""
     remove: str | None = None
-    """Explicit removals for `explicit`: layer lists separated by ';', e.g. "1,3;2,3,4"."""
+    """Explicit variants for `explicit`, separated by ';': layer lists or variant keys, e.g. "1,3;a2,m5;r3"."""
     force: bool = False
     """Allow exhaustive plans on more than 16 layers."""
     race: bool = False
@@ -93,6 +94,12 @@ class SweepConfig:
     """Bootstrap resamples of the paired intervals over windows (the view's ppl_change_low/high_pct, the report, --race); 2,000 puts 50 resamples in each 2.5-percent tail (sweep/intervals.py says why)."""
     race_level: float = 0.99
     """Coverage of the paired bootstrap interval that eliminates: a variant goes when it is worse than each of the --race-k leaders of its size at this level."""
+    unit: str = "block"
+    """What the removal strategies remove: block (whole layers), attn (attention branches), mlp (MLP branches) or mix (both kinds)."""
+    span: str | None = None
+    """Block lengths of the order strategies, e.g. 1-2; default: repeat 1, reverse 3, parallel 2 (swap: always 2)."""
+    positions: str | None = None
+    """First layers of the blocks the order strategies edit, e.g. 3,5-7; default: every middle layer (1 to L-2)."""
 
     latency: str = "shared"
     """shared (measure once per shape signature and reuse), per-variant, or off."""
@@ -218,6 +225,8 @@ def validate(cfg: SweepConfig) -> None:
         )
     if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
         raise UnknownNameError("--device", cfg.device, ("auto", "cpu", "cuda", "cuda:N"))
+    if cfg.unit not in UNITS:
+        raise UnknownNameError("--unit", cfg.unit, UNITS)
     _validate_similarity(cfg)
     validate_tasks_and_heal(cfg)
     _validate_parallel(cfg)
@@ -352,7 +361,7 @@ def _validate_race(cfg: SweepConfig) -> None:
 def plan_spec(cfg: SweepConfig) -> PlanSpec:
     """The plan settings of ``cfg`` (:mod:`sweep.plan` reads these, never the whole config)."""
     return PlanSpec(strategy=cfg.strategy, k=cfg.k, n=cfg.n, remove=cfg.remove, force=cfg.force,
-                    allow_last=cfg.allow_last)
+                    allow_last=cfg.allow_last, unit=cfg.unit, span=cfg.span, positions=cfg.positions)
 
 
 def flag(name: str) -> str:

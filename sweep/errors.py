@@ -27,6 +27,10 @@ class PlanError(SweepError):
     """A layer plan is invalid (index out of range, repeated layer, too many variants)."""
 
 
+class VariantKeyError(PlanError):
+    """A variant key, or one of its edits (``a3``, ``r2-4``...), that the key grammar does not allow."""
+
+
 class DataError(SweepError):
     """Evaluation text cannot be loaded or is too short."""
 

@@ -2,6 +2,10 @@
 
 A *variant* is the set of removed layers (numbered from 0). Its canonical key is the sorted layer list
 joined with commas: ``(1, 3) -> "1,3"``; the unpruned baseline is ``()`` -> ``""`` and is part of every plan.
+With ``--unit attn|mlp|mix`` the removal strategies remove residual branches instead (``"a3"``, ``"m5"``), and the
+order strategies (repeat, swap, reverse, parallel) plan layer-order edits (``"r3"``, ``"s3"``, ``"v2-4"``,
+``"p2-3"``): a variant is then a tuple of edits, ints for whole blocks and tokens for the rest (the grammar and
+the step sequences they denote are in :mod:`sweep.steps`).
 """
 from __future__ import annotations
 
@@ -10,22 +14,32 @@ import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
+from sweep import steps
 from sweep.errors import PlanError, UnknownNameError
 
 EXHAUSTIVE_LIMIT = 16
-"""Exhaustive plans over more layers than this need --force (2^17 - 1 = 131,071 variants)."""
+"""Exhaustive plans over more units than this need --force (2^17 - 1 = 131,071 variants)."""
 
 Removal = tuple[int, ...]
+"""A variant: removed layers, or (with units and order edits) the edits of :mod:`sweep.steps`."""
 
 
-def variant_key(removed: Iterable[int]) -> str:
-    """Canonical key of a variant: ``variant_key([3, 1]) == "1,3"``, baseline ``""``."""
-    return ",".join(str(i) for i in sorted(removed))
+def variant_key(removed: Iterable[steps.Edit]) -> str:
+    """Canonical key of a variant: ``variant_key([3, 1]) == "1,3"``, baseline ``""``; ``[1, "a3"] -> "1,a3"``."""
+    removed = tuple(removed)
+    if steps.is_block_variant(removed):
+        return ",".join(str(i) for i in sorted(removed))
+    return steps.variant_key(removed)
 
 
 def parse_key(key: str) -> Removal:
-    """Inverse of :func:`variant_key`: ``"1,3" -> (1, 3)``."""
-    return tuple(int(x) for x in key.split(",")) if key else ()
+    """Inverse of :func:`variant_key`: ``"1,3" -> (1, 3)``, ``"1,a3" -> (1, "a3")``."""
+    return steps.parse_key(key) if key else ()
+
+
+def variant_order(removed: Removal) -> tuple:
+    """How plans list variants: by units removed, then edit by edit (``(len, removed)`` for block variants)."""
+    return len(removed), [steps.edit_order(e) for e in removed]
 
 
 def kept_layers(removed: Iterable[int], n_layers: int) -> list[int]:
@@ -58,20 +72,27 @@ def parse_range(text: str, flag: str) -> list[int]:
 
 
 def parse_remove(text: str, n_layers: int) -> list[Removal]:
-    """Parse ``--remove "1,3;2,3,4"`` into removals, checking every index.
+    """Parse ``--remove "1,3;2,3,4"`` into removals, checking every index. A group may be any variant key
+    (``"a3,m5;r2"``, :mod:`sweep.steps`).
 
     Raises:
-        PlanError: empty group, non-integer, out-of-range or repeated layer.
+        PlanError: empty group, non-integer, out-of-range or repeated layer; VariantKeyError for a bad key.
     """
     removals = []
     for group in str(text).split(";"):
         group = group.strip()
         if not group:
             continue
+        if any(c.isalpha() for c in group):
+            try:
+                removals.append(_checked(steps.parse_key(group), n_layers))
+            except PlanError as exc:
+                raise PlanError(f"`--remove` group {group!r}: {exc}") from None
+            continue
         try:
             layers = [int(x) for x in group.split(",")]
         except ValueError:
-            raise PlanError(f"`--remove` groups are comma-separated layer numbers; got {group!r}") from None
+            raise PlanError(f"`--remove` groups are comma-separated layer numbers or variant keys; got {group!r}") from None
         bad = [i for i in layers if not 0 <= i < n_layers]
         if bad:
             raise PlanError(f"`--remove` layer {bad[0]} is out of range: the model has layers 0-{n_layers - 1}")
@@ -82,6 +103,12 @@ def parse_remove(text: str, n_layers: int) -> list[Removal]:
     if not removals:
         raise PlanError("`--remove` is empty; give layers like \"1,3;2,3,4\"")
     return removals
+
+
+def _checked(variant: Removal, n_layers: int) -> Removal:
+    """``variant`` after checking that its edits fit a model of ``n_layers`` layers (:func:`steps.steps_of`)."""
+    steps.steps_of(variant, n_layers)
+    return variant
 
 
 @dataclass(frozen=True)
@@ -95,49 +122,118 @@ class PlanSpec:
     force: bool = False
     allow_last: bool = False
     """angular only: a removed block may include the final layer."""
+    unit: str = "block"
+    """What the removal strategies remove: block, attn, mlp or mix (both kinds of branch)."""
+    span: str | None = None
+    """Order strategies: block lengths (default: repeat 1, reverse 3, parallel 2; swap is always 2)."""
+    positions: str | None = None
+    """Order strategies: first layers of the edited blocks (default: every middle layer, 1..L-2)."""
+
+
+def units_of(n_layers: int, spec: PlanSpec) -> list[steps.Edit]:
+    """The removable units of ``spec.unit`` (:func:`steps.unit_edits`)."""
+    return steps.unit_edits(spec.unit, n_layers)
 
 
 def _single(n_layers: int, spec: PlanSpec) -> Iterator[Removal]:
-    return ((i,) for i in range(n_layers))
+    return ((u,) for u in units_of(n_layers, spec))
+
+
+def _unit_word(spec: PlanSpec) -> str:
+    return "layers" if spec.unit == "block" else "units"
 
 
 def _combinations(n_layers: int, spec: PlanSpec) -> Iterator[Removal]:
+    units = units_of(n_layers, spec)
     for k in parse_range(spec.k, "--k"):
-        if k > n_layers:
-            raise PlanError(f"`--k` {k} is more than the model's {n_layers} layers")
-        yield from itertools.combinations(range(n_layers), k)
+        if k > len(units):
+            raise PlanError(f"`--k` {k} is more than the model's {len(units)} {_unit_word(spec)}")
+        yield from itertools.combinations(units, k)
 
 
 def _check_exhaustive(n_layers: int, spec: PlanSpec) -> None:
-    if n_layers > EXHAUSTIVE_LIMIT and not spec.force:
+    n_units = len(units_of(n_layers, spec))
+    if n_units > EXHAUSTIVE_LIMIT and not spec.force:
         raise PlanError(
-            f"exhaustive on {n_layers} layers is {2**n_layers - 1:,} variants; "
+            f"exhaustive on {n_units} {_unit_word(spec)} is {2**n_units - 1:,} variants; "
             f"add --force to run it, or use --strategy combinations --k 1-3"
         )
 
 
 def _exhaustive(n_layers: int, spec: PlanSpec) -> Iterator[Removal]:
     _check_exhaustive(n_layers, spec)
-    for k in range(1, n_layers + 1):
-        yield from itertools.combinations(range(n_layers), k)
+    units = units_of(n_layers, spec)
+    for k in range(1, len(units) + 1):
+        yield from itertools.combinations(units, k)
 
 
-def _sizes_within(spec_n: str, n_layers: int) -> list[int]:
+def _sizes_within(spec_n: str, n_layers: int, spec: PlanSpec | None = None) -> list[int]:
     sizes = parse_range(spec_n, "--n")
-    if sizes[-1] > n_layers:
-        raise PlanError(f"`--n` {sizes[-1]} is more than the model's {n_layers} layers")
+    n_units = len(units_of(n_layers, spec)) if spec is not None else n_layers
+    if sizes[-1] > n_units:
+        what = _unit_word(spec) if spec is not None else "layers"
+        raise PlanError(f"`--n` {sizes[-1]} is more than the model's {n_units} {what}")
     return sizes
 
 
 def _last_n(n_layers: int, spec: PlanSpec) -> Iterator[Removal]:
-    for n in _sizes_within(spec.n, n_layers):
-        yield tuple(range(n_layers - n, n_layers))
+    units = units_of(n_layers, spec)
+    for n in _sizes_within(spec.n, n_layers, spec):
+        yield tuple(units[len(units) - n:])
 
 
 def _blocks(n_layers: int, spec: PlanSpec) -> Iterator[Removal]:
-    for n in _sizes_within(spec.n, n_layers):
-        for start in range(n_layers - n + 1):
-            yield tuple(range(start, start + n))
+    """Contiguous runs of units (mix: a0, m0, a1, m1, ... so a run may start or end inside a block)."""
+    units = units_of(n_layers, spec)
+    for n in _sizes_within(spec.n, n_layers, spec):
+        for start in range(len(units) - n + 1):
+            yield tuple(units[start:start + n])
+
+
+ORDER_SPANS = {"repeat": "1", "swap": "2", "reverse": "3", "parallel": "2"}
+"""Default block lengths of the order strategies (``--span``)."""
+_ORDER_OPS = {"repeat": "r", "swap": "s", "reverse": "v", "parallel": "p"}
+
+
+def _order(name: str) -> Callable[[int, PlanSpec], Iterator[Removal]]:
+    """An order strategy: one edit per (first layer, block length), e.g. repeat -> r3, r3-4, ...
+
+    By default every block lies among the middle layers 1..L-2 (Sun et al. 2024, "Transformer Layers as
+    Painters": the first and last layers behave differently); ``--positions`` gives the first layers instead
+    (any layer, as long as the block fits in the model). Example, 6 layers, ``repeat --span 1-2``:
+    r1, r2, r3, r4, r1-2, r2-3, r3-4.
+    """
+    op = _ORDER_OPS[name]
+
+    def strategy(n_layers: int, spec: PlanSpec) -> Iterator[Removal]:
+        spans = [2] if name == "swap" else parse_range(spec.span or ORDER_SPANS[name], "--span")
+        if name == "swap" and spec.span not in (None, "2"):
+            raise PlanError("`--span`: swap always exchanges two adjacent layers; leave --span out")
+        if spec.positions:
+            starts, last = sorted({int(x) for x in _split(spec.positions)}), n_layers - 1
+            if starts[-1] > last:
+                raise PlanError(f"`--positions` layer {starts[-1]} is out of range: the model has layers 0-{last}")
+        else:
+            starts, last = list(range(1, n_layers - 1)), n_layers - 2
+        for span in spans:
+            for lo in starts:
+                hi = lo + span - 1
+                if hi <= last:
+                    yield (steps.format_edit(op, lo, hi),)
+
+    return strategy
+
+
+def _split(text: str) -> list[str]:
+    """``--positions "1,3-5"`` -> ["1", "3", "4", "5"] (layer numbers start at 0)."""
+    out = []
+    try:
+        for part in str(text).split(","):
+            lo, _, hi = part.strip().partition("-")
+            out += [str(i) for i in range(int(lo), int(hi or lo) + 1)]
+    except ValueError:
+        raise PlanError(f"`--positions` must look like 3, 1-4 or 1-4,8; got {text!r}") from None
+    return out
 
 
 def _explicit(n_layers: int, spec: PlanSpec) -> Iterator[Removal]:
@@ -149,7 +245,7 @@ def _explicit(n_layers: int, spec: PlanSpec) -> Iterator[Removal]:
 def _from_signals(n_layers: int, spec: PlanSpec) -> Iterator[Removal]:
     """angular, block-influence, greedy: their removals need a model and calibration text, so the runner adds
     them (:func:`sweep.engine.similarity.signal_removals`); here only ``--n`` is checked, before anything is loaded."""
-    sizes = _sizes_within(spec.n, n_layers)
+    sizes = _sizes_within(spec.n, n_layers, spec)
     if "angular" in spec.strategy.split(",") and not spec.allow_last and sizes[-1] > n_layers - 1:
         raise PlanError(f"`--strategy angular` with `--n` {sizes[-1]} would remove the final layer of "
                         f"{n_layers}; the final layer is never a candidate unless --allow-last")
@@ -166,10 +262,15 @@ STRATEGIES: dict[str, Callable[[int, PlanSpec], Iterable[Removal]]] = {
     "angular": _from_signals,
     "block-influence": _from_signals,
     "greedy": _from_signals,
+    **{name: _order(name) for name in ORDER_SPANS},
 }
 
 SIGNAL_STRATEGIES = ("angular", "block-influence", "greedy")
 """Strategies whose removals are chosen from calibration signals of the loaded model."""
+ORDER_STRATEGIES = tuple(ORDER_SPANS)
+"""Strategies that plan layer-order edits (repeat, swap, reverse, parallel); ``--unit`` does not apply to them."""
+UNIT_STRATEGIES = ("single", "combinations", "exhaustive", "last-n", "blocks", "explicit", "greedy")
+"""Strategies that work over the units of ``--unit`` (explicit: its keys name their units themselves)."""
 
 
 def strategy_names(text: str) -> list[str]:
@@ -206,11 +307,21 @@ def count_variants(n_layers: int, spec: PlanSpec) -> int:
     if "exhaustive" not in names:
         return len(plan_variants(n_layers, spec))
     _check_exhaustive(n_layers, spec)
-    for name in names:  # exhaustive contains every other plan, but their parameters must still be valid
-        if name != "exhaustive":
+    others = set()
+    for name in names:  # exhaustive contains every other removal plan, but their parameters must still be valid
+        if name in ORDER_STRATEGIES or name == "explicit":
+            others.update(variant_key(r) for r in STRATEGIES[name](n_layers, spec)
+                          if not _within_units(r, units_of(n_layers, spec)))
+        elif name != "exhaustive":
             for _ in STRATEGIES[name](n_layers, spec):
                 break
-    return 2**n_layers
+    return 2 ** len(units_of(n_layers, spec)) + len(others)
+
+
+def _within_units(variant: Removal, units: list[steps.Edit]) -> bool:
+    """A variant the exhaustive plan over ``units`` holds already (mix holds block ``3`` as ``a3,m3``)."""
+    return all(e in units or (isinstance(e, int) and f"a{e}" in units and f"m{e}" in units)
+               for e in steps.normalize(variant))
 
 
 def plan_variants(n_layers: int, spec: PlanSpec) -> list[Removal]:
@@ -228,12 +339,31 @@ def plan_variants(n_layers: int, spec: PlanSpec) -> list[Removal]:
     """
     if n_layers < 1:
         raise PlanError(f"the model has {n_layers} decoder layers; nothing to remove")
+    if spec.unit not in steps.UNITS:
+        raise UnknownNameError("--unit", spec.unit, list(steps.UNITS))
     names = strategy_names(spec.strategy)
     _check_remove_is_used(names, spec)
+    _check_unit_is_used(names, spec)
     removals: set[Removal] = {()}
     for name in names:
-        removals.update(tuple(sorted(r)) for r in STRATEGIES[name](n_layers, spec))
-    return sorted(removals, key=lambda r: (len(r), r))
+        removals.update(normalized(r) for r in STRATEGIES[name](n_layers, spec))
+    return sorted(removals, key=variant_order)
+
+
+def normalized(variant) -> Removal:
+    """The canonical tuple of a variant: sorted ints for block removals (as before), else :func:`steps.normalize`."""
+    variant = tuple(variant)
+    return tuple(sorted(variant)) if steps.is_block_variant(variant) else steps.normalize(variant)
+
+
+def _check_unit_is_used(names: list[str], spec: PlanSpec) -> None:
+    """``--unit`` other than block with only strategies it does not apply to would be silently ignored."""
+    if spec.unit != "block" and not set(names) & set(UNIT_STRATEGIES):
+        raise PlanError(f"`--unit {spec.unit}` applies to the strategies {', '.join(UNIT_STRATEGIES)}; "
+                        f"`{','.join(names)}` {'does' if len(names) == 1 else 'do'} not use it")
+    if spec.unit != "block" and set(names) & {"angular", "block-influence"}:
+        raise PlanError("`--strategy angular` and `block-influence` choose whole blocks; use --unit block with them "
+                        "(greedy works over any unit)")
 
 
 def format_duration(seconds: float) -> str:

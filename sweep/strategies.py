@@ -16,8 +16,9 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from sweep import steps
 from sweep.errors import PlanError
-from sweep.plan import Removal
+from sweep.plan import Removal, normalized
 
 Distances = Mapping[tuple[int, int], float]
 """(start l, block size n) -> d(l, n), defined for 0 <= l and l + n <= n_layers."""
@@ -70,9 +71,9 @@ class GreedyStep:
     step: int
     """1 for the first layer removed."""
     layer: int
-    """The layer removed in this round."""
+    """The layer removed in this round (or whose branch was removed, with --unit attn, mlp or mix)."""
     removed: Removal
-    """Every layer removed after this round (sorted)."""
+    """Every layer (or unit) removed after this round (canonical: sorted, ``a3,m3`` written ``3``)."""
     calib_ppl: float
     """Calibration perplexity of ``removed``."""
 
@@ -83,11 +84,13 @@ CalibPerplexities = Callable[[list[Removal]], list[float]]
 
 def greedy_path(n_layers: int, n_steps: int, calib_ppl: CalibPerplexities,
                 done: Sequence[GreedyStep] = (), on_step: Callable[[GreedyStep], None] = lambda s: None,
-                ) -> list[GreedyStep]:
+                units: Sequence[steps.Edit] | None = None) -> list[GreedyStep]:
     """SLEB's greedy search: each round removes the layer whose removal gives the lowest calibration perplexity.
 
     Rounds already in ``done`` (a stored path, for resuming) are not recomputed. Ties go to the lower layer;
-    NaN counts as worse than any finite perplexity.
+    NaN counts as worse than any finite perplexity. With ``units`` (``--unit attn|mlp|mix``,
+    :func:`sweep.steps.unit_edits`) each round removes one unit instead (FinerCut's search over attention and MLP
+    branches); in mix, removing both branches of a layer makes the variant key name the block (``a3,m3 -> 3``).
 
     Example, 3 layers, 2 steps: round 1 scores (0,), (1,), (2,) -> say (1,) is lowest: step 1 removes 1;
     round 2 scores (0, 1), (1, 2) -> say (1, 2): step 2 removes 2, path = [1, 2].
@@ -97,22 +100,32 @@ def greedy_path(n_layers: int, n_steps: int, calib_ppl: CalibPerplexities,
         on_step: called with each new step as soon as it is chosen (to store it).
 
     Raises:
-        PlanError: more steps than layers.
+        PlanError: more steps than units.
     """
-    if not 0 <= n_steps <= n_layers:
-        raise PlanError(f"`--n` {n_steps}: greedy can remove 0 to {n_layers} layers")
+    units = list(range(n_layers)) if units is None else list(units)
+    if not 0 <= n_steps <= len(units):
+        word = "layers" if all(isinstance(u, int) for u in units) else "units"
+        raise PlanError(f"`--n` {n_steps}: greedy can remove 0 to {len(units)} {word}")
     path = list(done[:n_steps])
-    removed: Removal = path[-1].removed if path else ()
+    chosen = _units_in(path[-1].removed, units) if path else []
     while len(path) < n_steps:
-        candidates = [tuple(sorted((*removed, layer))) for layer in range(n_layers) if layer not in removed]
+        left = [u for u in units if u not in chosen]
+        candidates = [normalized((*chosen, unit)) for unit in left]
         scores = calib_ppl(candidates)
         best = min(range(len(candidates)), key=lambda i: (_finite_or_inf(scores[i]), i))
-        layer = next(l for l in candidates[best] if l not in removed)
-        removed = candidates[best]
-        step = GreedyStep(len(path) + 1, layer, removed, scores[best])
+        chosen = [*chosen, left[best]]
+        step = GreedyStep(len(path) + 1, steps.unit_layer(left[best]), candidates[best], scores[best])
         on_step(step)
         path.append(step)
     return path
+
+
+def _units_in(removed: Removal, units: Sequence[steps.Edit]) -> list[steps.Edit]:
+    """The units a canonical variant removes: a block ``3`` is ``a3, m3`` when the units are branches."""
+    out = []
+    for edit in removed:
+        out += [edit] if edit in units else [u for u in (f"a{edit}", f"m{edit}") if u in units]
+    return out
 
 
 def _finite_or_inf(value: float | None) -> float:

@@ -44,6 +44,7 @@ from sweep.engine.status import describe_plan
 from sweep.engine.worker import Worker, load_worker
 from sweep.errors import PlanError
 from sweep.plan import Removal, parse_remove, variant_key
+from sweep.steps import is_block_variant, steps_of
 
 
 def one_removal(cfg: SweepConfig, text: str | None, command: str) -> tuple[Removal, int]:
@@ -59,6 +60,9 @@ def one_removal(cfg: SweepConfig, text: str | None, command: str) -> tuple[Remov
     removals = parse_remove(text, n_layers) if text else []
     if len(removals) != 1 or not removals[0]:
         raise PlanError(f'`--remove` for {command} takes one group of layers to remove, e.g. --remove "9,10,11"')
+    if command != "export" and not is_block_variant(removals[0]):
+        raise PlanError(f"`--remove` for {command} takes whole layers to remove; {variant_key(removals[0])!r} "
+                        "is a unit or order variant")
     return removals[0], n_layers
 
 
@@ -76,6 +80,9 @@ def export_variant(cfg: SweepConfig, remove: str, out: str | Path) -> str:
     model = load_model(cfg.model, cfg.revision, dtype, "cpu" if cfg.device == "auto" else cfg.device,
                        cfg.random_init, cfg.trust_remote_code)
     saved = export_pruned(model, tokenizer, removed, out)
+    if not is_block_variant(removed):
+        n_saved = len(steps_of(removed, n_layers))
+        return f"saved {cfg.model} as variant {variant_key(removed)} ({n_saved} layers, from {n_layers}) to {saved}"
     return (f"saved {cfg.model} without layers {variant_key(removed)} ({n_layers - len(removed)} of {n_layers} "
             f"layers) to {saved}")
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sweep.engine.adapters import pruned
+from sweep.engine.adapters import applied
 from sweep.engine.device import free_memory
 from sweep.plan import variant_key
 
@@ -101,12 +101,18 @@ def time_once(fn: Callable[[], object], device: torch.device) -> float:
     return timer_for(device)(fn)
 
 
-def prefill_call(model: nn.Module, prompt: torch.Tensor) -> Callable[[], object]:
-    """A prefill: one forward over the prompt (1, T) that builds the KV cache and returns last-token logits."""
+def prefill_call(model: nn.Module, prompt: torch.Tensor, new_cache: Callable[[], object] = lambda: None
+                 ) -> Callable[[], object]:
+    """A prefill: one forward over the prompt (1, T) that builds the KV cache and returns last-token logits.
+    ``new_cache()`` gives the cache to fill (None: the model's default; a variant without some attentions or with
+    repeated layers needs its own slot layout, :func:`sweep.engine.adapters.applied`)."""
 
     @torch.inference_mode()
     def run() -> object:
-        return model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+        cache = new_cache()
+        if cache is None:
+            return model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+        return model(input_ids=prompt, use_cache=True, past_key_values=cache, logits_to_keep=1)
 
     return run
 
@@ -201,9 +207,9 @@ def _time_variant(model: nn.Module, removed: Sequence[int], prompt: torch.Tensor
                   timer: Timer) -> tuple[float, float]:
     """One prefill and (if asked) one decode timing of a variant, in ms and ms per token; the decode continues
     from the timed prefill's KV cache (no second prefill)."""
-    with pruned(model, removed):
+    with applied(model, removed) as variant:
         result = {}
-        call = prefill_call(model, prompt)
+        call = prefill_call(model, prompt, variant.new_cache)
         prefill_ms = timer(lambda: result.setdefault("out", call()))
         decode_ms = time_decode(model, result["out"], decode_tokens, timer) if decode_tokens else math.nan
     return prefill_ms, decode_ms

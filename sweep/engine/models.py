@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from sweep.config import SweepConfig
-from sweep.engine.adapters import adapter_for, pruned
+from sweep import steps as variant_steps
+from sweep.engine.adapters import adapter_for, applied, decoder_layers, materialized, pruned
 from sweep.errors import ConfigError, ExportError, ModelLoadError
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -196,12 +197,55 @@ def export_pruned(model: nn.Module, tokenizer, removed: Sequence[int], out_dir: 
     """
     if getattr(model.config, "scale_attn_by_inverse_layer_idx", False) and removed:
         raise ExportError("this GPT-2 config scales attention by 1/(layer_idx+1); a pruned export would change it")
+    if not variant_steps.is_block_variant(removed):
+        return _export_reordered(model, tokenizer, tuple(removed), Path(out_dir))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    probe = torch.arange(min(16, model.config.vocab_size), device=next(model.parameters()).device)[None] % 7 + 1
+    probe = _probe(model)
     with pruned(model, removed), torch.no_grad():
         want = model(input_ids=probe, use_cache=False).logits.float().cpu()
         model.save_pretrained(out_dir)  # saves only the kept layers, renumbered; no copy of the weights
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    _verify_export(out_dir, probe.cpu(), want, model.config._attn_implementation)
+    return out_dir
+
+
+def _probe(model: nn.Module) -> torch.Tensor:
+    return torch.arange(min(16, model.config.vocab_size), device=next(model.parameters()).device)[None] % 7 + 1
+
+
+def exportable(model_type: str, variant: Sequence) -> str | None:
+    """Why a variant cannot be exported as a standard checkpoint (None: it can).
+
+    Removed blocks, repeats, swaps and reversals are a list of whole layers: the config's layer count and per-layer
+    lists say it. A removed attention or MLP branch is not: no standard config has a per-layer switch to drop one
+    branch (a checkpoint with that branch's output weights zeroed would compute the same but keep its size and
+    speed, so sweep does not write one). Parallel layers are not a standard block at all.
+    """
+    ops = {variant_steps.parse_edit(e)[0] for e in variant}
+    if ops & set(variant_steps.UNIT_OPS):
+        return (f"attention-only or MLP-only removal cannot be exported: the {model_type} config has no per-layer "
+                "switch that drops one residual branch, and a checkpoint with zeroed weights would be no smaller "
+                "or faster")
+    if "p" in ops:
+        return (f"parallel layers cannot be exported: no standard {model_type} config runs two layers on one input")
+    return None
+
+
+def _export_reordered(model: nn.Module, tokenizer, variant: tuple, out_dir: Path) -> Path:
+    """Export repeated, swapped or reversed layers (and removed ones): one copy of a layer per occurrence."""
+    why = exportable(getattr(model.config, "model_type", ""), variant)
+    if why:
+        raise ExportError(why)
+    order = variant_steps.steps_of(variant, len(decoder_layers(model)))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    probe = _probe(model)
+    with torch.no_grad():
+        with applied(model, variant):  # the in-memory variant the sweep measured
+            want = model(input_ids=probe, use_cache=False).logits.float().cpu()
+        with materialized(model, order):
+            model.save_pretrained(out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     _verify_export(out_dir, probe.cpu(), want, model.config._attn_implementation)

@@ -21,7 +21,8 @@ from sweep.engine.device import is_sticky_error
 from sweep.engine.similarity import signal_removals
 from sweep.engine.worker import Worker, load_worker
 from sweep.errors import StoreError
-from sweep.plan import Removal, format_duration, kept_layers, parse_key, plan_variants, variant_key
+from sweep.plan import Removal, format_duration, normalized, parse_key, plan_variants, variant_key, variant_order
+from sweep.steps import members
 
 Log = Callable[[str], None]
 
@@ -104,6 +105,7 @@ def run_sweep(cfg: SweepConfig, log: Log = print, progress: bool = True) -> Summ
     worker = load_worker(cfg)
     db, setup = open_setup(cfg, worker)
     variants = with_signal_variants(cfg, worker, db, variants, log, progress)
+    worker.check_variants(variants)  # e.g. attention removal on GPT-J: refused before anything is written
     store.reap_dead_runs(db, setup)  # a crashed earlier run is closed even when nothing is left to measure
     done = store.done_keys(db, setup, ("ok", "diverged", "eliminated") if cfg.race else ("ok", "diverged"))
     todo = [v for v in variants if variant_key(v) not in done]
@@ -197,7 +199,7 @@ def _measure_all(cfg, worker, db, setup, todo: list[Removal], summary: Summary, 
     # Perplexity first, so results reach the DB from the first chunk on; rows of signatures not timed yet are
     # completed by the latency phase at the end (_latency_for with nothing new to plan).
     latency = {} if per_variant_latency else store.latency_by_signature(db, setup)
-    order = _trie_order(todo, worker.n_layers) if cfg.engine == "trie" and worker.trie_ok else list(todo)
+    order = _trie_order(todo, worker) if cfg.engine == "trie" and worker.trie_ok else list(todo)
     bar = tqdm(total=len(todo), desc="variants", unit="variant", disable=not progress, dynamic_ncols=True)
     size, first = (8 if cfg.engine == "trie" else 1), 0
     while first < len(order) and not stop.stop:
@@ -292,7 +294,7 @@ def _measure_parallel(cfg, worker, db, setup, todo: list[Removal], summary: Summ
         summary.interrupted = True
         return
     prefix_sharing = cfg.engine == "trie" and worker.trie_ok
-    order = _trie_order(todo, worker.n_layers) if prefix_sharing else list(todo)
+    order = _trie_order(todo, worker) if prefix_sharing else list(todo)
     # Priced one by one: a chunk is a small sub-trie that shares far less than the whole plan.
     per_variant = worker.estimate_seconds(order, shared=False) / len(order) if prefix_sharing else 1.0
     worker.release_device()
@@ -315,12 +317,14 @@ def _failed_rows(worker):
     return lambda chunk, error: [{**worker.failed_row(r, error), "eval_seconds": None} for r in chunk]
 
 
-def _trie_order(todo: list[Removal], n_layers: int) -> list[Removal]:
-    """Variants sorted by kept-layer sequence, so that consecutive chunks are sub-tries sharing long prefixes.
+def _trie_order(todo: list[Removal], worker) -> list[Removal]:
+    """Variants sorted by step sequence, so that consecutive chunks are sub-tries sharing long prefixes.
 
-    Example, 3 layers: kept [] (all removed), [0], [0, 1], [0, 1, 2] (baseline), [0, 2], [1], [1, 2], [2].
+    Example, 3 layers: kept [] (all removed), [0], [0, 1], [0, 1, 2] (baseline), [0, 2], [1], [1, 2], [2]; a
+    unit step sorts beside its whole layer (``0a, 0, 0m``), a parallel group by its members.
     """
-    return sorted(todo, key=lambda removed: kept_layers(removed, n_layers))
+    return sorted(todo, key=lambda removed: [tuple((m.layer, m.branches) for m in members(s))
+                                             for s in worker.steps_of(removed)])
 
 
 def _next_chunk_size(rows: list[dict], size: int) -> int:
@@ -396,4 +400,4 @@ def with_signal_variants(cfg: SweepConfig, worker, db, variants: list[Removal], 
     chosen variants are then measured like any other, on the evaluation setup.
     """
     extra = signal_removals(cfg, worker.model, db, log, progress)
-    return sorted(set(variants) | {tuple(sorted(r)) for r in extra}, key=lambda r: (len(r), r))
+    return sorted(set(variants) | {normalized(r) for r in extra}, key=variant_order)

@@ -21,19 +21,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from sweep import store, strategies
-from sweep.config import SweepConfig, batch_size_or_default
+from sweep.config import SweepConfig, batch_size_or_default, plan_spec
 from sweep.engine import adapters, identity, models
 from sweep.engine.data import EvalSetup, TokenizedText, describe, load_text, resolve_windows, tokenize
 from sweep.engine.worker import Worker
 from sweep.errors import DataError, SweepError
-from sweep.plan import SIGNAL_STRATEGIES, Removal, parse_key, parse_range, strategy_names, variant_key
+from sweep.plan import SIGNAL_STRATEGIES, Removal, parse_key, parse_range, strategy_names, units_of, variant_key
 
 Log = Callable[[str], None]
 
@@ -263,15 +263,18 @@ def ensure_greedy_path(cal: Calibration, db, n_steps: int, log: Log = print,
     Candidates of a round are scored together by :meth:`Worker.evaluate_many` (one prefix-sharing trie pass)
     on the calibration windows; each round is stored as soon as it is chosen.
     """
+    key = unit_key(cal)
     done = [strategies.GreedyStep(r["step"], r["layer"], parse_key(r["removed"]),
                                   r["calib_ppl"] if r["calib_ppl"] is not None else math.nan)
-            for r in store.read_greedy_steps(db, cal.key)]
+            for r in store.read_greedy_steps(db, key)]
     if len(done) >= n_steps:
         return done[:n_steps]
     worker = Worker(cal.model, cal.tokens, EvalSetup(cal.max_length, cal.max_length, cal.cfg.calib_max_tokens),
                     cal.cfg)
     L = cal.n_layers
-    todo = sum(L - k for k in range(len(done), n_steps))
+    units = units_of(L, plan_spec(cal.cfg))
+    worker.check_variants([(u,) for u in units])
+    todo = sum(len(units) - k for k in range(len(done), n_steps))
     log(f"greedy: {n_steps - len(done)} round(s), {todo} calibration perplexities on {len(worker.token_ids):,} "
         f"tokens of {cal.tokens.name}" + (f" (resuming after step {len(done)})" if done else ""))
     bar = tqdm(total=todo, desc="greedy", unit="variant", disable=not progress, dynamic_ncols=True)
@@ -282,12 +285,20 @@ def ensure_greedy_path(cal: Calibration, db, n_steps: int, log: Log = print,
         return [row.get("ppl", math.nan) if row["status"] == "ok" else math.nan for row in rows]
 
     def save(step: strategies.GreedyStep) -> None:
-        store.record_greedy_step(db, cal.key, step.step, step.layer, variant_key(step.removed), step.calib_ppl)
+        store.record_greedy_step(db, key, step.step, step.layer, variant_key(step.removed), step.calib_ppl)
         bar.set_postfix_str(f"removed {variant_key(step.removed)}: calib ppl {step.calib_ppl:.2f}")
 
-    path = strategies.greedy_path(L, n_steps, calib_ppl, done=done, on_step=save)
+    path = strategies.greedy_path(L, n_steps, calib_ppl, done=done, on_step=save, units=units)
     bar.close()
     return path
+
+
+def unit_key(cal: Calibration) -> dict:
+    """The key a greedy path and its choices are stored under: the calibration key, its fingerprint marked with
+    the unit for --unit attn, mlp or mix (so a search over branches never resumes one over blocks)."""
+    if cal.cfg.unit == "block":
+        return cal.key
+    return {**cal.key, "calib_fingerprint": f"{cal.key['calib_fingerprint']}/{cal.cfg.unit}"}
 
 
 def signal_choices(cfg: SweepConfig, cal: Calibration, db, log: Log = print,
@@ -312,8 +323,10 @@ def signal_choices(cfg: SweepConfig, cal: Calibration, db, log: Log = print,
             choices += strategies.choose(name, sizes, cal.n_layers, influence=signals.block_influence)
         else:
             path = ensure_greedy_path(cal, db, max(sizes), log, progress)
-            choices += strategies.choose(name, sizes, cal.n_layers, path=path)
-    store.record_strategy_choices(db, cal.key, [{"strategy": c.strategy, "signal": c.signal, "n": c.n,
+            picks = strategies.choose(name, sizes, cal.n_layers, path=path)
+            # a search over branches is its own strategy beside the one over blocks (e.g. greedy-mix)
+            choices += picks if cfg.unit == "block" else [replace(c, strategy=f"greedy-{cfg.unit}") for c in picks]
+    store.record_strategy_choices(db, unit_key(cal), [{"strategy": c.strategy, "signal": c.signal, "n": c.n,
                                                  "removed": variant_key(c.removed), "score": c.score}
                                                 for c in choices])
     for c in choices:

@@ -15,6 +15,11 @@ Example, 3 layers, variants keeping [0,1,2] (baseline), [0,2], [1,2] and [0]::
 Per-variant evaluation runs 3+2+2+1 = 8 layer calls; the trie runs 6. Exhaustive over L layers costs
 2^L - 1 layer calls instead of L * 2^(L-1).
 
+A sequence does not have to be increasing, and a step does not have to be a whole block (:mod:`sweep.steps`):
+a repeated layer is a second node of the same layer, a swap a different order, a unit step (``3m``: layer 3
+without its attention) a different child of the same depth, and a parallel group one node that adds its
+members' updates (:class:`sweep.engine.adapters.StepRunner`).
+
 Each layer is called exactly as the model calls it: its arguments are captured once per batch by
 :func:`sweep.engine.adapters.capture_layer_calls` and replayed (see that function for why this is exact). The
 capture forward runs layers 0..L-2 of the unpruned model anyway, so their outputs are kept and the trie's unpruned
@@ -29,23 +34,33 @@ import torch
 
 from sweep.engine import adapters
 from sweep.engine.perplexity import Perplexity, scored_batches, scored_windows, window_nll
+from sweep.steps import Par, Step, members
 
 
 @dataclass
 class Node:
-    """A trie node: the variants whose kept sequence ends here, and children by next kept layer."""
+    """A trie node: the variants whose step sequence ends here, and children by next step."""
 
     keys: list[str] = field(default_factory=list)
-    children: dict[int, Node] = field(default_factory=dict)
+    children: dict[int | Step | Par, Node] = field(default_factory=dict)
+    """Whole-block steps are keyed by their layer number (as kept-layer lists have them)."""
 
 
-def build_trie(kept_sequences: dict[str, Sequence[int]]) -> Node:
-    """Trie over kept-layer sequences, e.g. ``{"": [0, 1, 2], "1": [0, 2]}``."""
+def _step(item: int | Step | Par) -> int | Step | Par:
+    return item.layer if isinstance(item, Step) and item.branches == "am" else item
+
+
+def _calls(step: int | Step | Par) -> int:
+    return 1 if isinstance(step, int) else len(members(step))
+
+
+def build_trie(kept_sequences: dict[str, Sequence[int | Step | Par]]) -> Node:
+    """Trie over step sequences, e.g. ``{"": [0, 1, 2], "1": [0, 2], "r1": [0, 1, 1, 2]}``."""
     root = Node()
     for key, kept in kept_sequences.items():
         node = root
-        for layer in kept:
-            node = node.children.setdefault(layer, Node())
+        for item in kept:
+            node = node.children.setdefault(_step(item), Node())
         node.keys.append(key)
     return root
 
@@ -66,8 +81,8 @@ class CallCounts:
 
 
 def layer_calls(root: Node) -> int:
-    """Layer calls one batch costs (one per non-root node)."""
-    return sum(1 + layer_calls(child) for child in root.children.values())
+    """Layer calls one batch costs (one per non-root node; a parallel group one per member)."""
+    return sum(_calls(step) + layer_calls(child) for step, child in root.children.items())
 
 
 def unpruned_prefix(root: Node, n_layers: int) -> int:
@@ -85,7 +100,7 @@ def trie_perplexities(model, kept_sequences: dict[str, Sequence[int]], head: Cal
     """Perplexity of every variant, with the guide's windowing and weighting (as :func:`perplexity.perplexity`).
 
     Args:
-        kept_sequences: variant key -> kept layers (ascending).
+        kept_sequences: variant key -> kept layers (ascending), or any step sequence (:func:`sweep.steps.steps_of`).
         head: a :class:`perplexity.HeadLoss`, or a logits function backbone output (B, t, H) -> logits (B, t, V).
         token_ids: (N,) tokens on the model's device.
         window_range: only these scored windows [first, stop) (default all): see :func:`perplexity.scored_batches`.
@@ -95,6 +110,7 @@ def trie_perplexities(model, kept_sequences: dict[str, Sequence[int]], head: Cal
         Each variant's perplexity with its per-window losses.
     """
     root = build_trie(kept_sequences)
+    run_step = adapters.StepRunner(model)
     finish = adapters.final_norm_fn(model)
     index = {key: i for i, key in enumerate(kept_sequences)}
     n_layers = len(adapters.decoder_layers(model))
@@ -119,13 +135,14 @@ def trie_perplexities(model, kept_sequences: dict[str, Sequence[int]], head: Cal
                 weighted = batch.window_weighted(sums, n_scored)  # (B,)
                 for key in node.keys:
                     nll[index[key], columns] = weighted
-            for layer, child in node.children.items():
-                unpruned = depth >= 0 and layer == depth
-                if unpruned and layer < len(calls.outputs):  # the capture forward already ran layers 0..layer
-                    score(child, calls.outputs[layer], depth + 1)
+            for step, child in node.children.items():
+                unpruned = depth >= 0 and step == depth
+                if unpruned and depth < len(calls.outputs):  # the capture forward already ran layers 0..depth
+                    score(child, calls.outputs[depth], depth + 1)
                 else:
-                    counts.layer_calls += 1
-                    score(child, adapters.call_layer(model, layer, hidden, calls), depth + 1 if unpruned else -1)
+                    counts.layer_calls += _calls(step)
+                    score(child, run_step(Step(step) if isinstance(step, int) else step, hidden, calls),
+                          depth + 1 if unpruned else -1)
 
         score(root, calls.hidden)
     per_window = nll.tolist()

@@ -22,6 +22,7 @@ from sweep.engine.device import (MemoryProbe, batch_size_for, device_name, free_
                                  retry_batch_sizes)
 from sweep.engine.data import EvalSetup, TokenizedText, load_tokens, resolve_windows
 from sweep.engine.faults import injected_delay, injected_fault
+from sweep import steps as variant_steps
 from sweep.plan import kept_layers, variant_key
 from sweep.store.schema import WINDOW_NLL, WINDOW_TOKENS
 
@@ -162,16 +163,47 @@ class Worker:
 
     # ------------------------------------------------------------------------------------------ variants
 
-    def params_of(self, removed: Sequence[int]) -> tuple[int, int]:
-        """(total, non-embedding) parameters of a variant: exact, without building it."""
-        total = self.total_params - sum(self.layer_params[i] for i in removed)
+    def steps_of(self, removed: Sequence) -> variant_steps.Steps:
+        """The step sequence of a variant (:func:`sweep.steps.steps_of`)."""
+        return variant_steps.steps_of(removed, self.n_layers)
+
+    def check_variants(self, variants: Sequence[Sequence]) -> None:
+        """Refuse, before anything is measured, variants this model cannot run (:func:`adapters.check_steps`)."""
+        for removed in variants:
+            if not variant_steps.is_block_variant(removed):
+                adapters.check_steps(self.model, self.steps_of(removed))
+
+    def params_of(self, removed: Sequence) -> tuple[int, int]:
+        """(total, non-embedding) parameters of a variant: exact, without building it.
+
+        A removed branch's weights (and its pre-norm's) do not count; a repeated layer counts once per
+        occurrence, as in the exported model that holds a copy of it per occurrence.
+        """
+        if variant_steps.is_block_variant(removed):
+            total = self.total_params - sum(self.layer_params[i] for i in removed)
+        else:
+            calls = [m for step in self.steps_of(removed) for m in variant_steps.members(step)]
+            total = (self.total_params - sum(self.layer_params)
+                     + sum(self.layer_params[m.layer] if m.branches == "am" else self._step_params(m) for m in calls))
         return total, total - self.embedding_params
 
-    def _base_row(self, removed: Sequence[int]) -> dict:
+    def _step_params(self, step: variant_steps.Step) -> int:
+        cache = self.__dict__.setdefault("_step_param_counts", {})
+        if step not in cache:
+            cache[step] = adapters.step_params(self.model, step)
+        return cache[step]
+
+    def _base_row(self, removed: Sequence) -> dict:
         total, non_embedding = self.params_of(removed)
-        kept = kept_layers(removed, self.n_layers)
-        return {"removed": variant_key(removed), "n_removed": len(removed), "n_layers": len(kept),
-                "kept_layers": variant_key(kept), "params": total, "params_non_embedding": non_embedding,
+        if variant_steps.is_block_variant(removed):
+            kept = kept_layers(removed, self.n_layers)
+            n_removed, n_layers, kept_text = len(removed), len(kept), variant_key(kept)
+        else:
+            steps = self.steps_of(removed)
+            n_removed, n_layers = variant_steps.n_removed(removed), variant_steps.n_calls(steps)
+            kept_text = variant_steps.steps_text(steps)
+        return {"removed": variant_key(removed), "n_removed": n_removed, "n_layers": n_layers,
+                "kept_layers": kept_text, "params": total, "params_non_embedding": non_embedding,
                 "device": self.device_name, "host": self.host}
 
     def failed_row(self, removed: Sequence[int], error: str) -> dict:
@@ -219,7 +251,7 @@ class Worker:
             try:
                 if injected_fault("oom", removed, batch_size < self.batch_size):
                     raise torch.OutOfMemoryError("injected by SWEEP_FAULTS")
-                with adapters.pruned(self.model, removed):
+                with adapters.applied(self.model, removed):
                     result = perplexity.perplexity(self.hidden_fn, self.head_loss, self.token_ids,
                                                    self.setup.max_length, self.setup.stride, batch_size,
                                                    self.device, window_range)
@@ -252,12 +284,12 @@ class Worker:
         full, head = self._batch_seconds()
         per_layer = max(full - head, 0.0) / max(self.n_layers, 1)
         if shared and self.cfg.engine == "trie" and self.trie_ok and len(variants) > 1:
-            variants_trie = trie.build_trie({variant_key(v): kept_layers(v, self.n_layers) for v in variants})
+            variants_trie = trie.build_trie({variant_key(v): self.steps_of(v) for v in variants})
             # nodes + the capture forward, less the unpruned prefix the trie takes from that forward
             layer_calls = (trie.layer_calls(variants_trie) + self.n_layers - 1
                            - trie.unpruned_prefix(variants_trie, self.n_layers))
             return n_batches * (head * len(variants) + per_layer * layer_calls)
-        return sum(n_batches * (head + per_layer * (self.n_layers - len(v))) for v in variants)
+        return sum(n_batches * (head + per_layer * variant_steps.n_calls(self.steps_of(v))) for v in variants)
 
     def _batch_seconds(self) -> tuple[float, float]:
         """Seconds of one batch of windows through the full model and with every layer removed (after a warm-up).
@@ -299,7 +331,7 @@ class Worker:
                 raise RuntimeError("CUDA error: an illegal memory access was encountered (injected by SWEEP_FAULTS)")
         if self.cfg.engine != "trie" or not self.trie_ok or len(removals) == 1:
             return [self.evaluate(r, window_range) for r in removals]
-        kept = {variant_key(r): kept_layers(r, self.n_layers) for r in removals}
+        kept = {variant_key(r): self.steps_of(r) for r in removals}
         start = time.perf_counter()
         for batch_size in retry_batch_sizes(self.batch_size):
             try:
@@ -316,8 +348,10 @@ class Worker:
 
     # ------------------------------------------------------------------------------------------ latency
 
-    def signature(self, removed: Sequence[int]) -> str:
-        return adapters.shape_signature(self.model, kept_layers(removed, self.n_layers))
+    def signature(self, removed: Sequence) -> str:
+        if variant_steps.is_block_variant(removed):
+            return adapters.shape_signature(self.model, kept_layers(removed, self.n_layers))
+        return adapters.shape_signature(self.model, self.steps_of(removed))
 
     def measure_latency(self, representatives: dict[str, Sequence[int]], progress=None,
                         should_stop=lambda: False, timer: latency.Timer | None = None) -> dict[str, dict]:

@@ -71,7 +71,10 @@ def _with(*ctes: str, other: bool = False) -> str:
     return "WITH RECURSIVE " + ",\n".join(parts) + "\n"
 
 
-ROWS = "rows AS (SELECT v.* FROM results_vs_baseline v JOIN chosen c ON v.setup = c.setup)"
+ROWS = ("rows AS (SELECT v.* FROM results_vs_baseline v JOIN chosen c ON v.setup = c.setup "
+        "WHERE v.removed NOT GLOB '*[a-z]*')")
+"""Whole-block variants only (keys of digits and commas), as the report's block sections: unit removals and
+order edits (``a3``, ``r3``) have their own report sections and would mix into the per-size queries."""
 """Every variant of the chosen setup: the view's rows."""
 MEASURED = f"measured AS (SELECT * FROM rows WHERE status = 'ok' AND abs(ppl) < {FINITE})"
 """Status ok with a finite perplexity: :func:`sweep.ranking.is_measured`."""

@@ -28,6 +28,7 @@ from sweep import ENGINE_VERSION, engine, ranking, store
 from sweep.config import SweepConfig, batch_size_or_default, plan_spec
 from sweep.errors import ConfigError, MissingExtraError, SweepError
 from sweep.plan import SIGNAL_STRATEGIES, Removal, parse_key, parse_range, parse_remove, plan_variants, variant_key
+from sweep.steps import is_block_variant
 
 Log = Callable[[str], None]
 
@@ -108,11 +109,13 @@ def task_version(name: str, manager) -> str:
 
 
 def newest_ppl_rows(db, model: str) -> list[dict]:
-    """Measured rows of ``model``'s newest setup (:func:`sweep.ranking.newest_setup`), as the report shows them."""
+    """Measured whole-block rows of ``model``'s newest setup (:func:`sweep.ranking.newest_setup`), as the report's
+    block sections show them (tasks evaluate layer removals; unit and order variants are not offered)."""
     newest = ranking.newest_setup(store.setups_overview(db), model)
     if newest is None:
         return []
-    return [r for r in store.read_view(db, model=model, setup=newest["setup"]) if ranking.is_measured(r)]
+    return [r for r in store.read_view(db, model=model, setup=newest["setup"])
+            if ranking.is_measured(r) and is_block_variant(parse_key(r["removed"]))]
 
 
 def select_variants(cfg: SweepConfig, n_layers: int, db) -> list[Removal]:
@@ -139,6 +142,10 @@ def select_variants(cfg: SweepConfig, n_layers: int, db) -> list[Removal]:
     else:
         chosen = plan_variants(n_layers, plan_spec(cfg))
         chosen += signal_choices(cfg, db)
+    others = [variant_key(r) for r in chosen if not is_block_variant(r)]
+    if others:
+        raise ConfigError(f"`sweep tasks` evaluates whole-layer removals; {', '.join(others[:3])} "
+                          f"{'is a unit or order variant' if len(others) == 1 else 'are unit or order variants'}")
     keys = dict.fromkeys([""] + [variant_key(r) for r in chosen])  # the baseline is the table's "base" column
     return [parse_key(k) for k in keys]
 

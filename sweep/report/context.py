@@ -19,6 +19,7 @@ import pandas as pd
 import sweep
 from sweep import ranking, store
 from sweep.errors import SweepError, UnknownNameError
+from sweep.report import edits
 from sweep.report.format import MISSING
 
 Row = dict[str, Any]
@@ -48,6 +49,11 @@ class ReportContext:
     """The model's task results (``store.read_task_results``)."""
     heals: list[Row] = field(default_factory=list)
     """The model's heals (``store.read_heals``)."""
+    edit_rows: list[Row] = field(default_factory=list)
+    """Rows of unit removals and layer-order edits (``a3``, ``r3``...): ``rows`` and ``frame`` hold only whole-block
+    removals and the baseline, which every block section reads (:func:`sweep.report.edits.split_rows`)."""
+    all_frame: pd.DataFrame | None = None
+    """Every row of the setup, unit and order variants included (what CSV / JSON export writes); None: ``frame``."""
     figures_written: list[Path] = field(default_factory=list)
     window_losses: dict[str, tuple[Any, Any]] = field(default_factory=dict)
     """Variant key -> (per-window NLL, per-window tokens) arrays of this setup (``store.read_window_losses``)."""
@@ -222,10 +228,11 @@ def _model_context(db: store.Database, model: str, setups: list[Row], setup: str
     frame = sweep.load_results(db, model=model, setup=chosen["setup"])  # as `sweep.load_results(...)` gives it
     partial = frame["status"].isin(PARTIAL_STATUSES)
     frame = frame[~partial].reset_index(drop=True)  # partial measurements never enter a ranking
-    rows = records(frame)
+    rows, edit_rows = edits.split_rows(records(frame))
+    blocks = frame[frame["removed"].isin({r["removed"] for r in rows})] if edit_rows else frame
     return ReportContext(
-        model=model, info=setup_fields(rows, chosen), rows=rows, frame=frame, eliminated=int(partial.sum()),
-        window_losses=store.read_window_losses(db, chosen["setup"]),
+        model=model, info=setup_fields(rows, chosen), rows=rows, frame=blocks, edit_rows=edit_rows, all_frame=frame,
+        eliminated=int(partial.sum()), window_losses=store.read_window_losses(db, chosen["setup"]),
         resamples=store.interval_resamples(db, chosen["setup"]),
         other_setups=tuple(s["setup"] for s in setups if s is not chosen), figure_stem=stem,
         signal_rows=store.similarity_overview(db, model), strategy_choices=store.read_strategy_choices(db, chosen["setup"]),

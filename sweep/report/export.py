@@ -33,14 +33,19 @@ def export_rows(db_path: str | Path, out: str | Path, fmt: str, model: str | Non
         raise UnknownNameError("export format", fmt, ["csv", "json"])
     contexts = load_contexts(db_path, model, setup)
     if str(out) == "-":
-        frame = pd.concat([_typed(ctx.frame) for ctx in contexts], ignore_index=True)
+        frame = pd.concat([_typed(_all(ctx)) for ctx in contexts], ignore_index=True)
         sys.stdout.write(_serialise(frame, fmt))
         return []
     paths = []
     for ctx in contexts:
         path = Path(out) / f"{ctx.figure_stem}.{fmt}"
-        paths.append(_write(path, _serialise(_typed(ctx.frame), fmt)))
+        paths.append(_write(path, _serialise(_typed(_all(ctx)), fmt)))
     return paths
+
+
+def _all(ctx) -> pd.DataFrame:
+    """Every row of the context's setup: block removals, unit removals and order edits alike."""
+    return ctx.all_frame if ctx.all_frame is not None else ctx.frame
 
 
 def _typed(frame: pd.DataFrame) -> pd.DataFrame:

@@ -27,7 +27,7 @@ from typing import Any
 import pandas as pd
 
 from sweep.plan import parse_key
-from sweep.report import analysis, findings, noise, signals, tasks
+from sweep.report import analysis, edits, findings, noise, signals, tasks
 from sweep.report.context import ReportContext, baseline_row, frame_of, setup_fields
 from sweep.report.format import (MISSING, code, finite, format_change_interval, format_ms, format_params, format_pct,
                                  format_points, format_ppl, format_signal, format_timing, is_noisy, table, text)
@@ -323,7 +323,8 @@ def _baseline_part(ctx: ReportContext) -> str:
 
 
 def _findings_section(ctx: ReportContext) -> str | None:
-    notes = findings.findings(ctx.frame)
+    notes = (findings.findings(ctx.frame) + edits.unit_findings(ctx.edit_rows, ctx.baseline, ctx.rows)
+             + edits.order_findings(ctx.edit_rows, ctx.rows, ctx.baseline))
     if not notes:
         return None
     return _join("## Findings", "\n".join(f"- {note}" for note in notes))
@@ -486,6 +487,38 @@ def _tasks_section(ctx: ReportContext) -> str | None:
                  "points." if accuracy else None, settings, accuracy.rstrip() if accuracy else None)
 
 
+def _units_section(ctx: ReportContext) -> str | None:
+    """Attention-only and MLP-only removal (``--unit attn|mlp|mix``) per layer, and the best mix per size."""
+    per_layer = edits.unit_table(ctx.edit_rows, ctx.baseline, ctx.rows)
+    best = edits.best_units_table(ctx.edit_rows, ctx.baseline)
+    if per_layer is None and best is None:
+        return None
+    image = ctx.figure("units", "perplexity change when one branch or the whole block is removed",
+                       lambda: edits.plot_units(ctx.edit_rows, ctx.baseline, ctx.subtitle(), ctx.rows))
+    return _join("## Attention and MLP removal", image,
+                 "Removing a layer's attention (`a3`) or MLP (`m3`) drops that residual branch only; the layer's "
+                 "input passes through its other branch. Perplexity change against the baseline, per layer:"
+                 if per_layer else None, per_layer,
+                 "The best variant per number of units removed (attention branches, MLP branches or both kinds; "
+                 "`3` in a key is both branches of layer 3):" if best else None, best,
+                 edits.greedy_line(ctx.strategy_choices))
+
+
+def _order_section(ctx: ReportContext) -> str | None:
+    """Repeating, swapping, reversing and parallelising layers, beside removing them."""
+    per_layer = edits.order_table(ctx.edit_rows, ctx.rows, ctx.baseline)
+    others = edits.other_order_table(ctx.edit_rows, ctx.baseline)
+    if per_layer is None and others is None:
+        return None
+    image = ctx.figure("order", "perplexity change when a layer is repeated, swapped or run in parallel",
+                       lambda: edits.plot_order(ctx.edit_rows, ctx.rows, ctx.baseline, ctx.subtitle()))
+    return _join("## Layer order", image,
+                 "Perplexity change per layer of repeating it (`r3`), swapping it with the next layer (`s3`) and "
+                 "running it in parallel with the next on the same input, their residual updates summed (`p3-4`), "
+                 "beside removing it:" if per_layer else None, per_layer,
+                 "Other order edits:" if others else None, others)
+
+
 def _footer_part(ctx: ReportContext) -> str:
     return _footer(ctx.info, ctx.rows, ctx.model)
 
@@ -499,6 +532,8 @@ SECTIONS: list[Section] = [
     _per_n_part,
     noise.noise_section,
     _pareto_section,
+    _units_section,
+    _order_section,
     _similarity_section,
     _strategies_section,
     _tasks_section,
@@ -526,9 +561,10 @@ def render_markdown(rows: list[Row], setup_info: Row | None = None, other_setups
     Returns:
         The markdown text, ending with a newline.
     """
-    rows = list(rows)
+    rows, edit_rows = edits.split_rows(list(rows))
     info = setup_fields(rows, setup_info or {})
     ctx = ReportContext(model=info.get("model") or "unknown model", info=info, rows=rows, frame=frame_of(rows),
+                        edit_rows=edit_rows,
                         other_setups=tuple(other_setups), figure_stem=figure_stem,
                         figures_dir=Path(figures_dir) if figures_dir is not None else None)
     return render(ctx)
