@@ -115,6 +115,8 @@ class SweepConfig:
     """Seconds the latency phase may run: past them it takes no repeat beyond the least count (unstable medians are flagged noisy)."""
     latency_warmup: int = 1
     """Untimed warm-up repeats before timing."""
+    latency_threads: int = 1
+    """CPU threads while timing latency (1: reproducible medians; 0: torch's default, every core); ignored on GPU."""
     decode_tokens: int = 32
     """Tokens generated greedily with the KV cache for decode latency (0 disables)."""
 
@@ -242,7 +244,7 @@ def _validate_latency(cfg: SweepConfig) -> None:
     for name in ("latency_seq", "latency_repeats", "latency_max_repeats"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"`--{flag(name)}` must be a positive integer, got {getattr(cfg, name)}")
-    for name in ("decode_tokens", "latency_warmup"):
+    for name in ("decode_tokens", "latency_warmup", "latency_threads"):
         if getattr(cfg, name) < 0:
             raise ConfigError(f"`--{flag(name)}` must be 0 or more, got {getattr(cfg, name)}")
     if cfg.latency == "off":

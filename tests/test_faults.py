@@ -61,7 +61,7 @@ def quick_args(work: Path, db: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("processes")  # real sweep processes: never two such tests at once
+@pytest.mark.xdist_group("sweep-processes")  # one sweep process at a time; worker-process tests run beside
 def test_kill_9_of_the_coordinator_loses_nothing_and_measures_nothing_twice(work):
     figures = reliability.coordinator_kills(work, kills=3, seed=1)
     assert_clean(figures)
@@ -70,7 +70,7 @@ def test_kill_9_of_the_coordinator_loses_nothing_and_measures_nothing_twice(work
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("processes")  # real sweep processes: never two such tests at once
+@pytest.mark.xdist_group("sweep-processes")  # one sweep process at a time; worker-process tests run beside
 def test_sigint_mid_sweep_then_resume(work):
     figures = reliability.signal_midway(work)
     assert_clean(figures)
@@ -78,7 +78,7 @@ def test_sigint_mid_sweep_then_resume(work):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("processes")  # real sweep processes: never two such tests at once
+@pytest.mark.xdist_group("sweep-processes")  # one sweep process at a time; worker-process tests run beside
 def test_sigterm_is_handled_like_ctrl_c(work):
     """A scheduler's SIGTERM: stop after the variant in flight, run recorded interrupted, exit 143, resumable."""
     figures = reliability.signal_midway(work, signal.SIGTERM)
@@ -104,7 +104,7 @@ def test_loky_workers_exit_when_the_coordinator_is_killed(work):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("processes")  # real sweep processes: never two such tests at once
+@pytest.mark.xdist_group("sweep-processes")  # one sweep process at a time; worker-process tests run beside
 def test_a_slow_live_run_is_neither_abandoned_nor_measured_twice(work):
     figures = reliability.slow_chunk(work)
     assert_clean(figures)  # includes: status shows it running, the second sweep refused, heartbeat fresh

@@ -114,3 +114,34 @@ def test_the_cuda_timer_measures_device_time():
     a = torch.randn(2048, 2048, device=device)
     small, large = timer(lambda: a @ a), timer(lambda: [a @ a for _ in range(20)])
     assert 0 < small < large
+
+
+def test_latency_is_timed_on_the_configured_cpu_threads_and_the_count_restored(model):
+    """The worker times on --latency-threads threads (1 by default) and leaves torch's count as it was."""
+    from sweep.config import SweepConfig
+    from sweep.engine.worker import Worker
+
+    seen = []
+
+    class ThreadCountingTimer:
+        def __call__(self, fn) -> float:
+            seen.append(torch.get_num_threads())
+            fn()
+            return 1.0
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for threads, expected in ((1, 1), (0, 2)):
+            seen.clear()
+            worker = Worker.__new__(Worker)  # only what measure_latency reads
+            worker.model, worker.device = model, torch.device("cpu")
+            worker.cfg = SweepConfig(latency_seq=8, decode_tokens=2, latency_repeats=5, latency_max_repeats=5,
+                                     latency_threads=threads)
+            worker.measure_latency({"full": ()}, timer=ThreadCountingTimer())
+            assert seen and set(seen) == {expected}
+            assert torch.get_num_threads() == 2
+        with latency.cpu_threads("cuda", 1):  # no effect on a GPU's timings
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(saved)

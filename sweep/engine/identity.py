@@ -64,7 +64,7 @@ def latency_settings(cfg: SweepConfig) -> str:
         return "off"
     return (f"{cfg.latency}:seq={cfg.latency_seq}:decode={cfg.decode_tokens}"
             f":repeats={cfg.latency_repeats}-{cfg.latency_max_repeats}:precision={cfg.latency_precision:g}"
-            f":budget={cfg.latency_budget:g}:warmup={cfg.latency_warmup}:seed={cfg.seed}")
+            f":budget={cfg.latency_budget:g}:warmup={cfg.latency_warmup}:threads={cfg.latency_threads}:seed={cfg.seed}")
 
 
 def evaluation_setup(cfg: SweepConfig, model_config, tokens: TokenizedText, windows: EvalSetup,

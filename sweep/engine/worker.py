@@ -356,9 +356,11 @@ class Worker:
     def measure_latency(self, representatives: dict[str, Sequence[int]], progress=None,
                         should_stop=lambda: False, timer: latency.Timer | None = None) -> dict[str, dict]:
         """Latency columns of one variant per shape signature (:func:`latency.measure_latency`, interleaved)."""
-        return latency.measure_latency(self.model, representatives, seq=self.cfg.latency_seq,
-                                       decode_tokens=self.cfg.decode_tokens, repeats=latency_repeats(self.cfg),
-                                       seed=self.cfg.seed, timer=timer, progress=progress, should_stop=should_stop)
+        with latency.cpu_threads(self.device, self.cfg.latency_threads):
+            return latency.measure_latency(self.model, representatives, seq=self.cfg.latency_seq,
+                                           decode_tokens=self.cfg.decode_tokens, repeats=latency_repeats(self.cfg),
+                                           seed=self.cfg.seed, timer=timer, progress=progress,
+                                           should_stop=should_stop)
 
 
 def latency_repeats(cfg: SweepConfig) -> latency.Repeats:
