@@ -168,3 +168,12 @@ def test_kv_cache_decoding_after_removal_matches_full_forward(family):
         prefill = model(input_ids=ids[:, :-1], use_cache=True)
         step = model(input_ids=ids[:, -1:], past_key_values=prefill.past_key_values, use_cache=True)
     torch.testing.assert_close(step.logits[:, -1], want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("removed", [[1], ["r1"]])
+def test_a_bfloat16_variant_exports_and_passes_its_reload_check(removed, tmp_path):
+    """The reload check compares like with like: a bfloat16 variant against a bfloat16 reload."""
+    model = tiny_model("llama", n_layers=3).to(torch.bfloat16)
+    models.export_pruned(model, None, removed, tmp_path)  # raises ExportError when the check fails
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert reloaded.config.num_hidden_layers == (2 if removed == [1] else 4)

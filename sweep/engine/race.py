@@ -32,6 +32,7 @@ import numpy as np
 from sweep import intervals, store
 from sweep.config import SweepConfig, race_fractions
 from sweep.plan import Removal, kept_layers, variant_key
+from sweep.steps import n_removed
 
 RACE_MIN_WINDOWS = 16
 """Fewest windows of the first slice: a bootstrap over fewer windows says little about the rest of the text."""
@@ -155,7 +156,7 @@ class Racer:
         """Drop the variants that can no longer be among the best k of their size (on windows 0..bound-1)."""
         groups: dict[int, list[str]] = {}
         for key, removed in self.alive.items():
-            groups.setdefault(len(removed), []).append(key)
+            groups.setdefault(n_removed(removed), []).append(key)  # the n_removed column's size
         nll = {key: np.asarray(self.losses[key][0][:bound]) for key in self.alive}
         tokens = np.asarray(self.losses[next(iter(self.alive))][1][:bound]) if self.alive else np.zeros(0)
         dropped = intervals.race_eliminated(list(groups.values()), nll, tokens, self.cfg.race_k,
