@@ -110,6 +110,7 @@ def test_a_slow_live_run_is_neither_abandoned_nor_measured_twice(work):
     assert_clean(figures)  # includes: status shows it running, the second sweep refused, heartbeat fresh
 
 
+@pytest.mark.slow
 def test_injected_oom_and_nan_are_rows_with_a_status(work):
     assert_clean(reliability.oom_and_nan(work))
     conn = sqlite3.connect(work / "oom-nan.db")
