@@ -67,3 +67,19 @@ def test_csv_export_holds_unit_and_order_rows(swept_db, tmp_path):
 
     content = "".join(p.read_text() for p in export_rows(swept_db, tmp_path / "rows", "csv"))
     assert ",a1," in content and ",r1," in content and ",p1-2," in content
+
+
+def test_a_setup_of_unit_variants_alone_has_no_empty_block_sections(tiny_gpt2_dir, sample_text_file, tmp_path):
+    from sweep.config import SweepConfig
+    from sweep.engine.runner import run_sweep
+    from sweep.report import write_reports
+
+    db = tmp_path / "units.db"
+    run_sweep(SweepConfig(model=str(tiny_gpt2_dir), data=str(sample_text_file), db=str(db),
+                          cache_dir=str(tmp_path / "cache"), max_length=64, max_tokens=512, latency="off",
+                          strategy="single", unit="attn"), log=lambda s: None, progress=False)
+    text = next(p for p in write_reports(str(db), tmp_path / "out", figures=False) if p.name != "index.md").read_text()
+    assert "## Attention and MLP removal" in text
+    for block_section in ("## Single layer removal", "## Combinatorial removal", "## Best and worst per number",
+                          "## Which differences are real"):
+        assert block_section not in text

@@ -95,8 +95,8 @@ def noise_section(ctx: ReportContext) -> str | None:
     each best-per-n variant beats its runner-up; a note on variants a race eliminated. None without per-window
     losses (results measured before schema version 4)."""
     eliminated = ctx.eliminated
-    if not ctx.window_losses and not eliminated:
-        return None
+    if not eliminated and (not ctx.window_losses or not any(r["n_removed"] for r in ctx.rows)):
+        return None  # nothing measured per window, or no whole-block variant (units have their own section)
     lines = ["## Which differences are real", ""]
     if ctx.window_losses:
         lines += ["Every variant is measured on the same windows of the text, so two variants are compared window by "

@@ -330,7 +330,14 @@ def _findings_section(ctx: ReportContext) -> str | None:
     return _join("## Findings", "\n".join(f"- {note}" for note in notes))
 
 
-def _single_part(ctx: ReportContext) -> str:
+def _edits_only(ctx: ReportContext) -> bool:
+    """A setup of unit or layer-order variants alone: the whole-block sections have nothing to say."""
+    return bool(ctx.edit_rows) and not any(r["n_removed"] for r in ctx.rows)
+
+
+def _single_part(ctx: ReportContext) -> str | None:
+    if _edits_only(ctx):
+        return None
     return _join(_single_section(ctx.rows, ctx.baseline),
                  ctx.figure("single", "perplexity change per removed layer"))
 
@@ -365,11 +372,15 @@ def _interaction_table(ctx: ReportContext, pairs: pd.DataFrame) -> str | None:
     return f"Strongest interactions ({len(pairs):,} pairs measured):\n\n" + table(INTERACTION_COLUMNS, rows)
 
 
-def _combinatorial_part(ctx: ReportContext) -> str:
+def _combinatorial_part(ctx: ReportContext) -> str | None:
+    if _edits_only(ctx):
+        return None
     return _combinatorial_section(ctx.rows, ctx.baseline, ctx.model, ctx.setup)
 
 
-def _per_n_part(ctx: ReportContext) -> str:
+def _per_n_part(ctx: ReportContext) -> str | None:
+    if _edits_only(ctx):
+        return None
     return _join(_per_n_section(ctx.rows),
                  ctx.figure("per-n", "best, median and worst perplexity per number of layers removed"))
 
