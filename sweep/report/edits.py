@@ -21,6 +21,8 @@ from sweep.report.format import MISSING, finite, format_params, format_pct, form
 Row = dict[str, Any]
 
 UNIT_KINDS = ("attn", "mlp", "mix")
+UNIT_LABELS = {"attn": "attention removed", "mlp": "MLP removed", "block": "block removed"}
+"""The per-layer unit columns of the units figure."""
 ORDER_LABELS = {"": "remove", "r": "repeat", "s": "swap with next", "p": "parallel with next"}
 """The per-layer order columns (span 1 for repeat, 2 for swap and parallel), beside removing the layer."""
 CHEAP_PCT = 10.0
@@ -122,24 +124,8 @@ def plot_units(rows: list[Row], baseline: Row | None, subtitle: str, block_rows:
     changes = unit_changes(rows, baseline, block_rows)
     if not changes:
         return None
-    fig, ax = plotting.new_figure()
-    layers = list(changes)
-    x = np.arange(len(layers))
-    width = 0.27
-    for k, (kind, label) in enumerate((("attn", "attention removed"), ("mlp", "MLP removed"),
-                                       ("block", "block removed"))):
-        values = [changes[layer][kind] if changes[layer][kind] is not None else math.nan for layer in layers]
-        if all(math.isnan(v) for v in values):
-            continue
-        ax.bar(x + (k - 1) * width, values, width=width, label=label, color=plotting.SERIES[k])
-    _symlog_if_wide(ax, [v for c in changes.values() for v in c.values() if v is not None])
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(x, [str(layer) for layer in layers])
-    ax.set_xlabel("layer (index, from 0)")
-    ax.legend(frameon=False, fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    plotting.titled(fig, "Perplexity change when one branch or the whole block is removed", subtitle)
-    return fig
+    return _layer_bars(changes, UNIT_LABELS, "Perplexity change when one branch or the whole block is removed",
+                       subtitle)
 
 
 def _symlog_if_wide(ax, values: list[float]) -> None:
@@ -236,20 +222,31 @@ def plot_order(rows: list[Row], block_rows: list[Row], baseline: Row | None, sub
     changes = order_changes(rows, block_rows, baseline)
     if not changes:
         return None
+    return _layer_bars(changes, ORDER_LABELS, "Perplexity change when a layer is repeated, swapped or run in parallel",
+                       subtitle)
+
+
+def _layer_bars(changes: dict[int, dict[str, float | None]], labels: dict[str, str], title: str,
+                subtitle: str) -> Figure:
+    """Grouped bars: per layer, one bar per kind of edit in ``labels`` that was measured (its change in %).
+
+    ``changes``: layer -> kind -> perplexity change (None: not measured). A kind keeps its colour whether or not
+    the others were measured; the bars of each layer are centred on its tick.
+    """
     fig, ax = plotting.new_figure()
     layers = list(changes)
     x = np.arange(len(layers))
-    shown = [op for op in ORDER_LABELS if any(c[op] is not None for c in changes.values())]
+    shown = [kind for kind in labels if any(c.get(kind) is not None for c in changes.values())]
     width = 0.8 / max(len(shown), 1)
-    for k, op in enumerate(shown):
-        values = [changes[layer][op] if changes[layer][op] is not None else math.nan for layer in layers]
-        ax.bar(x + (k - (len(shown) - 1) / 2) * width, values, width=width, label=ORDER_LABELS[op],
-               color=plotting.SERIES[k])
+    for k, kind in enumerate(shown):
+        values = [changes[layer][kind] if changes[layer].get(kind) is not None else math.nan for layer in layers]
+        ax.bar(x + (k - (len(shown) - 1) / 2) * width, values, width=width, label=labels[kind],
+               color=plotting.SERIES[list(labels).index(kind)])
     _symlog_if_wide(ax, [v for c in changes.values() for v in c.values() if v is not None])
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(x, [str(layer) for layer in layers])
     ax.set_xlabel("layer (index, from 0)")
     ax.legend(frameon=False, fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    plotting.titled(fig, "Perplexity change when a layer is repeated, swapped or run in parallel", subtitle)
+    plotting.titled(fig, title, subtitle)
     return fig
