@@ -375,6 +375,7 @@ def run_table(args: argparse.Namespace) -> Path | None:
                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "python": platform.python_version(),
                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "models": {}}
     out = Path(args.out) / f"cpu-table-{figures['date'][:10]}.json"
+    figures["import_seconds"] = import_seconds()
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.table_models or TABLE_MODELS:
             name, max_length = spec.rsplit(":", 1)
@@ -382,6 +383,8 @@ def run_table(args: argparse.Namespace) -> Path | None:
             row = figures["models"][name] = {"config": str(config_dir), "max_length": int(max_length)}
             row.update(table_limits(config_dir, int(max_length), ids.shape[1]))
             table_model(args, row, config_dir, ids, Path(tmp))
+            row["command_floor_seconds"] = figures["import_seconds"] + row["head_floor_seconds"]
+            row["best_possible_ratio"] = row["reference_min"] / row["command_floor_seconds"]
             save_json(figures, out)
     print_table(figures)
     save_json(figures, out)
@@ -416,6 +419,19 @@ def table_limits(config_dir: Path, max_length: int, n_tokens: int) -> dict:
     trie = head + layer * (variants - 1) / variants
     return {"head_macs_per_token": head, "layer_macs_per_token": layer, "sharing_limit": loop / trie,
             "head_floor_seconds": head_floor_seconds(hidden, vocab, n_tokens, variants)}
+
+
+def import_seconds(repeats: int = 3) -> float:
+    """Seconds a new process takes to import what `sweep run` of a GPT-2 needs before any work (sweep's engine, the
+    model class): the least of ``repeats`` runs. Part of every whole command's time, and of no reference loop's."""
+    code = "import sweep.cli, sweep.engine.runner, sweep.engine.worker; from transformers import GPT2LMHeadModel"
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code], check=True, env=env)
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def head_floor_seconds(hidden: int, vocab: int, n_tokens: int, variants: int) -> float:
@@ -516,6 +532,9 @@ def print_table(figures: dict) -> None:
         print(f"    ratios: --latency off x{row['ratio_latency_off']:.2f}{verdict(row['ratio_latency_off'], off)}, "
               f"default latency x{row['ratio_latency_default']:.2f}{verdict(row['ratio_latency_default'], default)}"
               f"; limit from sharing x{row['sharing_limit']:.2f}, head product floor {row['head_floor_seconds']:.1f} s")
+        print(f"    floor of the whole command: imports {figures['import_seconds']:.1f} s + head product "
+              f"{row['head_floor_seconds']:.1f} s = {row['command_floor_seconds']:.1f} s, so at most "
+              f"x{row['best_possible_ratio']:.2f} against this reference loop, before any layer or latency")
 
 
 def verdict(ratio: float, target: float | None) -> str:

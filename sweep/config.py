@@ -111,13 +111,13 @@ class SweepConfig:
     """Most timed repeats per latency measurement: a median still unstable then is stored and flagged noisy."""
     latency_precision: float = 0.03
     """A median is stable once its 95-percent bootstrap interval lies within this fraction of it (0.03: 3 percent); wider ones are flagged noisy."""
-    latency_budget: float = 30.0
+    latency_budget: float = 20.0
     """Seconds the latency phase may run: past them it takes no repeat beyond the least count (unstable medians are flagged noisy)."""
     latency_warmup: int = 1
     """Untimed warm-up repeats before timing."""
     latency_threads: int = 1
     """CPU threads while timing latency (1: reproducible medians; 0: torch's default, every core); ignored on GPU."""
-    decode_tokens: int = 32
+    decode_tokens: int = 16
     """Tokens generated greedily with the KV cache for decode latency (0 disables)."""
 
     db: str = "results.db"

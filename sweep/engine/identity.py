@@ -59,7 +59,7 @@ def model_identity(cfg: SweepConfig, model_config, device: torch.device | None =
 
 def latency_settings(cfg: SweepConfig) -> str:
     """The latency settings that change the timings, e.g.
-    ``shared:seq=128:decode=32:repeats=5-50:precision=0.03:budget=30:warmup=1:seed=0``."""
+    ``shared:seq=128:decode=16:repeats=5-50:precision=0.03:budget=20:warmup=1:threads=1:seed=0``."""
     if cfg.latency == "off":
         return "off"
     return (f"{cfg.latency}:seq={cfg.latency_seq}:decode={cfg.decode_tokens}"
