@@ -112,7 +112,7 @@ class SweepConfig:
     latency_precision: float = 0.03
     """A median is stable once its 95-percent bootstrap interval lies within this fraction of it (0.03: 3 percent); wider ones are flagged noisy."""
     latency_budget: float = 20.0
-    """Seconds the latency phase may run: past them it takes no repeat beyond the least count (unstable medians are flagged noisy)."""
+    """Seconds the latency phase may run: beyond the least count, a round starts only if it would end within them (unstable medians are flagged noisy)."""
     latency_warmup: int = 1
     """Untimed warm-up repeats before timing."""
     latency_threads: int = 1

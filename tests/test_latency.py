@@ -56,6 +56,22 @@ def test_stable_timings_stop_at_the_least_count_and_are_not_noisy(model):
     assert timer.calls == 2 * 2 * (1 + 6)  # (prefill + decode) x 2 variants x (warm-up + 6 rounds)
 
 
+def test_the_warm_up_round_decodes_only_a_few_tokens(model):
+    decode_steps = []  # one entry per forward over a single new token
+
+    def count(module, args, kwargs, output):
+        if kwargs["input_ids"].shape[1] == 1:
+            decode_steps.append(1)
+
+    handle = model.register_forward_hook(count, with_kwargs=True)
+    try:
+        measure(model, FakeTimer(itertools.repeat(4.0)), latency.Repeats(min_repeats=5, warmup=1), decode_tokens=6)
+    finally:
+        handle.remove()
+    # 2 variants x (warm-up: 2 steps + 5 timed rounds x 6 steps)
+    assert latency.WARMUP_DECODE_TOKENS == 2 and len(decode_steps) == 2 * (2 + 5 * 6)
+
+
 def test_spread_timings_run_to_the_most_repeats_and_are_flagged_noisy(model):
     rng = random.Random(0)
     timer = FakeTimer(rng.uniform(1.0, 100.0) for _ in itertools.count())
@@ -72,6 +88,22 @@ def test_a_spent_time_budget_stops_after_the_least_count_and_flags_what_is_unsta
     rows = measure(model, timer, latency.Repeats(min_repeats=5, max_repeats=50, budget_s=1.0, warmup=0),
                    clock=lambda: next(ticks))
     assert all(c["prefill_repeats"] == 5 and c["latency_noisy"] == 1 for c in rows.values())
+
+
+def test_no_round_starts_that_would_end_past_the_budget(model):
+    now = [0.0]
+
+    class SlowTimer(FakeTimer):  # every timed call takes 0.75 s of the fake clock: a round (2 variants x 2) 3 s
+        def __call__(self, fn) -> float:
+            now[0] += 0.75
+            return super().__call__(fn)
+
+    rng = random.Random(3)  # spread timings: never stable, so only the budget stops the phase
+    rows = measure(model, SlowTimer(rng.uniform(1.0, 100.0) for _ in itertools.count()),
+                   latency.Repeats(min_repeats=5, max_repeats=50, budget_s=20.0, warmup=0), clock=lambda: now[0])
+    # rounds end at 3, 6, ..., 18 s: after the sixth a seventh would end at 21 s, past the 20 s budget
+    assert all(c["prefill_repeats"] == 6 and c["latency_noisy"] == 1 for c in rows.values())
+    assert now[0] <= 20.0
 
 
 def test_only_unstable_variants_get_more_repeats(model):

@@ -3,7 +3,7 @@
 Repeats of several variants are interleaved (repeat r of every variant before repeat r+1 of any), so thermal or
 background drift is spread evenly and favours no variant. How many repeats: at least ``min_repeats``; then a
 variant stops once the 95 % bootstrap interval of its median (prefill and decode) lies within ``precision`` of
-the median, or at ``max_repeats``, or when the phase's time ``budget`` is spent. A median whose interval is still
+the median, or at ``max_repeats``, or when a next round would overrun the phase's time ``budget``. A median whose interval is still
 wider then is stored with its width and flagged noisy (``latency_noisy``): on a quiet machine a few repeats
 suffice, on a busy one the timings say they are not to be trusted.
 """
@@ -166,7 +166,8 @@ class Repeats:
     precision: float = 0.03
     """Target half-width of the median's 95 % interval, as a fraction of the median."""
     budget_s: float = 20.0
-    """Seconds of the whole phase after which no repeat beyond ``min_repeats`` starts."""
+    """Seconds the whole phase may take: beyond ``min_repeats``, a round starts only if it would end within them
+    (judged by the last round's time)."""
     warmup: int = 1
 
 
@@ -203,6 +204,7 @@ def measure_latency(model: nn.Module, representatives: dict[str, Sequence[int]],
     for round_idx in range(rounds):
         if should_stop():
             return {}
+        round_started = clock()
         warming_up = round_idx < repeats.warmup
         n_decode = min(decode_tokens, WARMUP_DECODE_TOKENS) if warming_up else decode_tokens
         for sig in active:
@@ -217,7 +219,8 @@ def measure_latency(model: nn.Module, representatives: dict[str, Sequence[int]],
                 samples[sig]["decode"].append(decode_ms)
         timed = round_idx + 1 - repeats.warmup
         if timed >= repeats.min_repeats:
-            out_of_time = clock() - started > repeats.budget_s
+            now = clock()  # a next round (at most this one's signatures) would take about as long as this one
+            out_of_time = now - started + (now - round_started) > repeats.budget_s
             active = [] if out_of_time else [s for s in active if s not in failed
                                               and not stable(samples[s], repeats.precision, seed)]
         else:
