@@ -9,6 +9,7 @@ suffice, on a busy one the timings say they are not to be trusted.
 """
 from __future__ import annotations
 
+import inspect
 import math
 import statistics
 import time
@@ -118,20 +119,33 @@ def prefill_call(model: nn.Module, prompt: torch.Tensor, new_cache: Callable[[],
         cache = new_cache()
         if cache is None:
             return model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-        return model(input_ids=prompt, use_cache=True, past_key_values=cache, logits_to_keep=1)
+        return model(input_ids=prompt, use_cache=True, logits_to_keep=1, **{cache_keyword(model): cache})
 
     return run
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The forward's name for the KV cache: ``cache`` since transformers 5.24 (the old ``past_key_values`` still
+    works there, with a deprecation warning, until 5.40), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def output_cache(output) -> object:
+    """The KV cache a forward returned, under either name (reading ``past_key_values`` warns from 5.24 on)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
 
 
 @torch.inference_mode()
 def time_decode(model: nn.Module, prefilled, n_new: int, timer: Timer) -> float:
     """Milliseconds per token of greedy decoding with the KV cache, continuing from a prefill's output."""
-    state = {"cache": prefilled.past_key_values, "token": prefilled.logits[:, -1].argmax(-1, keepdim=True)}  # (1, 1)
+    state = {"cache": output_cache(prefilled), "token": prefilled.logits[:, -1].argmax(-1, keepdim=True)}  # (1, 1)
+    keyword = cache_keyword(model)
 
     def steps() -> None:
         for _ in range(n_new):
-            step = model(input_ids=state["token"], past_key_values=state["cache"], use_cache=True)
-            state["cache"] = step.past_key_values
+            step = model(input_ids=state["token"], use_cache=True, **{keyword: state["cache"]})
+            state["cache"] = output_cache(step)
             state["token"] = step.logits[:, -1].argmax(-1, keepdim=True)
 
     return timer(steps) / n_new
