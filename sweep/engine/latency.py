@@ -3,9 +3,9 @@
 Repeats of several variants are interleaved (repeat r of every variant before repeat r+1 of any), so thermal or
 background drift is spread evenly and favours no variant. How many repeats: at least ``min_repeats``; then a
 variant stops once the 95 % bootstrap interval of its median (prefill and decode) lies within ``precision`` of
-the median, or at ``max_repeats``, or when a next round would overrun the phase's time ``budget``. A median whose interval is still
-wider then is stored with its width and flagged noisy (``latency_noisy``): on a quiet machine a few repeats
-suffice, on a busy one the timings say they are not to be trusted.
+the median, or at ``max_repeats``, or when a next round would overrun the phase's time ``budget``. A median whose
+interval is still wider then is stored with its width and flagged noisy (``latency_noisy``): on a quiet machine a
+few repeats suffice, on a busy one the timings say they are not to be trusted.
 """
 from __future__ import annotations
 
