@@ -375,7 +375,7 @@ def run_table(args: argparse.Namespace) -> Path | None:
                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "python": platform.python_version(),
                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "models": {}}
     out = Path(args.out) / f"cpu-table-{figures['date'][:10]}.json"
-    figures["import_seconds"] = import_seconds()
+    figures["import_seconds"] = import_seconds(args.repeats)
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.table_models or TABLE_MODELS:
             name, max_length = spec.rsplit(":", 1)
@@ -421,9 +421,9 @@ def table_limits(config_dir: Path, max_length: int, n_tokens: int) -> dict:
             "head_floor_seconds": head_floor_seconds(hidden, vocab, n_tokens, variants)}
 
 
-def import_seconds(repeats: int = 3) -> float:
+def import_seconds(repeats: int) -> float:
     """Seconds a new process takes to import what `sweep run` of a GPT-2 needs before any work (sweep's engine, the
-    model class): the least of ``repeats`` runs. Part of every whole command's time, and of no reference loop's."""
+    model class): the least of ``repeats`` runs (the table's ``--repeats``; each costs several seconds). Part of every whole command's time, and of no reference loop's."""
     code = "import sweep.cli, sweep.engine.runner, sweep.engine.worker; from transformers import GPT2LMHeadModel"
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     times = []

@@ -69,6 +69,7 @@ def test_table_times_the_reference_loop_and_both_sweep_commands_and_saves_ratios
     head, layer = row["head_macs_per_token"], row["layer_macs_per_token"]
     assert row["sharing_limit"] == pytest.approx((head + 2 * layer) / (head + 15 / 16 * layer))
     assert row["head_floor_seconds"] > 0
+    assert row["command_floor_seconds"] == pytest.approx(figures["import_seconds"] + row["head_floor_seconds"])
 
 
 def test_sharing_limit_of_distilgpt2_is_the_issues_1_37():
