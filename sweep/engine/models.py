@@ -12,8 +12,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sweep.config import SweepConfig
+from sweep.config import DEFAULT_CACHE_DIR, SweepConfig
 from sweep import steps as variant_steps
+from sweep.engine import gguf_read
 from sweep.engine.adapters import adapter_for, applied, decoder_layers, materialized, pruned
 from sweep.errors import ConfigError, ExportError, ModelLoadError
 
@@ -67,6 +68,9 @@ def _load_error(name: str, what: str, exc: Exception) -> ModelLoadError:
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if _looks_local(name) and not Path(name).expanduser().exists():
         return ModelLoadError(f"{what} {name!r}: no such directory")
+    if Path(name).expanduser().is_file():
+        return ModelLoadError(f"cannot load {what} from {name}: a local file must be a GGUF (.gguf); a Hugging "
+                              f"Face checkpoint is a directory ({text})")
     if Path(name).expanduser().is_dir():
         return ModelLoadError(f"cannot load {what} from {name}: {text}")
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in text.lower() or "connect" in text.lower() \
@@ -76,14 +80,18 @@ def _load_error(name: str, what: str, exc: Exception) -> ModelLoadError:
     return ModelLoadError(f"cannot load {what} {name!r} from the Hugging Face hub{hint} ({text})")
 
 
-def load_config(name: str, revision: str | None = None, trust_remote_code: bool = False):
+def load_config(name: str, revision: str | None = None, trust_remote_code: bool = False,
+                cache_dir: str | None = DEFAULT_CACHE_DIR):
     """The model's config alone (cheap: no weights), to check a plan before loading anything big.
 
     Raises:
-        ModelLoadError: unknown id or path, or no network for a hub id.
+        ModelLoadError: unknown id or path, no network for a hub id, an unreadable GGUF file;
+        MissingExtraError, ArchitectureError: a GGUF file without the gguf extra, or of an unsupported architecture.
     """
     from transformers import AutoConfig
 
+    if gguf_read.is_gguf(name):
+        return gguf_read.read_config(Path(name), cache_dir)
     try:
         return AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as exc:
@@ -93,12 +101,15 @@ def load_config(name: str, revision: str | None = None, trust_remote_code: bool 
 def weights_fingerprint(name: str, config, random_init: bool = False) -> str:
     """What identifies the weights, without reading them: part of every setup id.
 
-    Random init -> ``"random-init"``; a local directory -> hash of its weight files' names, sizes and
-    modification times (retrained weights make a new setup); a hub id -> the resolved commit hash.
+    Random init -> ``"random-init"``; a GGUF file -> the sha256 of its content; a local directory -> hash of its
+    weight files' names, sizes and modification times (retrained weights make a new setup); a hub id -> the
+    resolved commit hash.
     """
     if random_init:
         return "random-init"
     path = Path(name).expanduser()
+    if gguf_read.is_gguf(name):
+        return gguf_read.fingerprint(path, DEFAULT_CACHE_DIR)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".pt", ".pth"))
         blob = "|".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
@@ -114,20 +125,27 @@ def checkpoint_dtype(config) -> str:
 
 
 def load_model(name: str, revision: str | None = None, dtype: str = "auto", device: str = "auto",
-               random_init: bool = False, trust_remote_code: bool = False) -> nn.Module:
-    """Load a causal LM by hub id or local directory, in eval mode on the chosen device.
+               random_init: bool = False, trust_remote_code: bool = False,
+               cache_dir: str | None = DEFAULT_CACHE_DIR) -> nn.Module:
+    """Load a causal LM by hub id, local directory or GGUF file, in eval mode on the chosen device.
 
     Args:
         random_init: build from the config with random weights (timing and shape studies; needs no weights).
+        cache_dir: where a GGUF file's converted checkpoint is kept (:mod:`sweep.engine.gguf_read`).
 
     Raises:
-        ModelLoadError: unknown id/path, no network, or no weights; ArchitectureError: no decoder layers found.
+        ModelLoadError: unknown id/path, no network, no weights, an unreadable GGUF file; ArchitectureError: no
+            decoder layers found, or a GGUF architecture transformers cannot read; MissingExtraError: no gguf.
     """
     from transformers import AutoModelForCausalLM
 
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    config = load_config(name, revision, trust_remote_code)
+    config = load_config(name, revision, trust_remote_code, cache_dir)
+    if gguf_read.is_gguf(name) and not random_init:
+        model = gguf_read.read_model(Path(name), torch_dtype, cache_dir).to(torch_device).eval()
+        adapter_for(model)
+        return model
     try:
         if random_init:
             torch.manual_seed(0)  # seeds every device's generator
@@ -147,14 +165,17 @@ def load_model(name: str, revision: str | None = None, dtype: str = "auto", devi
     return model
 
 
-def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False):
-    """Load the tokenizer saved with a model (or given with --tokenizer).
+def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bool = False,
+                   cache_dir: str | None = DEFAULT_CACHE_DIR):
+    """Load the tokenizer saved with a model or in a GGUF file (or given with --tokenizer).
 
     Raises:
         ModelLoadError: no tokenizer files at that id or path.
     """
     from transformers import AutoTokenizer
 
+    if gguf_read.is_gguf(name):
+        return gguf_read.read_tokenizer(Path(name), cache_dir)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -169,18 +190,19 @@ def load_tokenizer(name: str, revision: str | None = None, trust_remote_code: bo
 def tokenizer_for(cfg: SweepConfig):
     """The tokenizer of a sweep: ``--tokenizer`` if given, else the one saved with the model."""
     if cfg.tokenizer:
-        return load_tokenizer(cfg.tokenizer, None, cfg.trust_remote_code)
-    return load_tokenizer(cfg.model, cfg.revision, cfg.trust_remote_code)
+        return load_tokenizer(cfg.tokenizer, None, cfg.trust_remote_code, cfg.cache_dir)
+    return load_tokenizer(cfg.model, cfg.revision, cfg.trust_remote_code, cfg.cache_dir)
 
 
 def model_for(cfg: SweepConfig) -> nn.Module:
     """The model of a sweep, as ``--model``, ``--revision``, ``--dtype``, ``--device`` and ``--random-init`` say."""
-    return load_model(cfg.model, cfg.revision, cfg.dtype, cfg.device, cfg.random_init, cfg.trust_remote_code)
+    return load_model(cfg.model, cfg.revision, cfg.dtype, cfg.device, cfg.random_init, cfg.trust_remote_code,
+                      cfg.cache_dir)
 
 
 def config_for(cfg: SweepConfig):
     """The config of ``--model`` (cheap: no weights)."""
-    return load_config(cfg.model, cfg.revision, cfg.trust_remote_code)
+    return load_config(cfg.model, cfg.revision, cfg.trust_remote_code, cfg.cache_dir)
 
 
 # ---------------------------------------------------------------------------------------------- export

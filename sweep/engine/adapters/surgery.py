@@ -1,12 +1,12 @@
-"""Where each architecture keeps its decoder layers, and everything that depends on it: removing layers in place,
-counting their parameters, shape signatures, replaying one layer at a time, and capturing the residual stream.
-The only module that knows attribute names such as ``transformer.h`` or ``model.layers``.
+"""Layer surgery on a loaded model: removing layers in place (reversibly), unit stand-ins for a removed attention
+or MLP branch, per-occurrence layers for repeats, swaps and parallel groups, parameter counts and shape signatures.
 
 Layer removal is reversible and cheap: :func:`remove_layers` swaps the decoder ``ModuleList`` for one holding
 only the kept layers (no weight is copied), makes the config agree (layer count and every per-layer list such
 as ``layer_types``) and renumbers each kept module's ``layer_idx`` so the KV cache is indexed correctly. It
 returns an ``undo`` callable; :func:`pruned` wraps both in a context manager. Export applies the same removal
-without undo and saves, so the in-memory variant and the exported model are the same code path.
+without undo and saves, so the in-memory variant and the exported model are the same code path. Where the layers
+are is the family record's business (:mod:`.families`).
 """
 from __future__ import annotations
 
@@ -14,93 +14,14 @@ import contextlib
 import hashlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from sweep.errors import ArchitectureError, ConfigError, PlanError
+from sweep.engine.adapters.families import Branches, branches_of, decoder_layers, n_layers_of, replace_layers
+from sweep.errors import ConfigError, PlanError
 from sweep.steps import Par, Step, Steps, is_block_variant, members, steps_of
-
-@dataclass(frozen=True)
-class Adapter:
-    """Where an architecture keeps its decoder layers and final norm (dotted attribute paths)."""
-
-    name: str
-    layers: str
-    final_norm: str | None
-
-
-_GPT2_STYLE = Adapter("gpt2-style", "transformer.h", "transformer.ln_f")
-_LLAMA_STYLE = Adapter("llama-style", "model.layers", "model.norm")
-ADAPTERS: dict[str, Adapter] = {
-    "gpt2": _GPT2_STYLE,
-    "gpt_neo": _GPT2_STYLE,
-    "gptj": _GPT2_STYLE,
-    "opt": Adapter("opt", "model.decoder.layers", "model.decoder.final_layer_norm"),
-    **{t: _LLAMA_STYLE for t in (
-        "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
-        "gemma3_text", "phi3", "olmo", "olmo2", "granite", "starcoder2", "smollm3", "cohere",
-    )},
-}
-"""model_type -> adapter. Types not listed fall back to :func:`_find_layers`."""
-
-
-def _get(obj: object, dotted: str) -> object:
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _find_layers(model: nn.Module, n_layers: int) -> str | None:
-    """Generic fallback: the dotted path of the ModuleList whose length is the config's layer count."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n_layers and n_layers > 0:
-            return name
-    return None
-
-
-def adapter_for(model: nn.Module) -> Adapter:
-    """The adapter of a loaded model.
-
-    Raises:
-        ArchitectureError: naming the model class when no decoder-layer list can be found.
-    """
-    model_type = getattr(model.config, "model_type", "")
-    known = ADAPTERS.get(model_type)
-    if known is not None:
-        with contextlib.suppress(AttributeError):
-            if isinstance(_get(model, known.layers), nn.ModuleList):
-                return known
-    path = _find_layers(model, n_layers_of(model.config))
-    if path is None:
-        raise ArchitectureError(
-            f"cannot find the decoder layers of {type(model).__name__} (model_type {model_type!r}); "
-            f"supported: {', '.join(sorted(ADAPTERS))} and models with one ModuleList of num_hidden_layers layers"
-        )
-    return Adapter(f"generic:{model_type}", path, _find_final_norm(model, path))
-
-
-FINAL_NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "norm_f")
-
-
-def _find_final_norm(model: nn.Module, layers_path: str) -> str | None:
-    """The final norm beside the layer list, under one of the names architectures use for it."""
-    parent = layers_path.rsplit(".", 1)[0] if "." in layers_path else ""
-    for name in FINAL_NORM_NAMES:
-        path = f"{parent}.{name}" if parent else name
-        with contextlib.suppress(AttributeError):
-            if isinstance(_get(model, path), nn.Module):
-                return path
-    return None
-
-
-def n_layers_of(config) -> int:
-    return int(getattr(config, "num_hidden_layers", 0) or 0)
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    return _get(model, adapter_for(model).layers)
 
 
 # ---------------------------------------------------------------------------------------------- removal
@@ -138,25 +59,22 @@ def remove_layers(model: nn.Module, removed: Sequence[int]) -> Callable[[], None
     Raises:
         ConfigError: a removed index is out of range or repeated.
     """
-    adapter = adapter_for(model)
-    layers: nn.ModuleList = _get(model, adapter.layers)
+    layers = decoder_layers(model)
     n_layers = len(layers)
     removed = list(removed)
     if any(not 0 <= i < n_layers for i in removed) or len(set(removed)) != len(removed):
         raise ConfigError(f"cannot remove layers {removed} from a model with layers 0-{n_layers - 1}")
     kept = [i for i in range(n_layers) if i not in set(removed)]
-    parent_path, list_name = adapter.layers.rsplit(".", 1)
-    parent = _get(model, parent_path)
     config = model.config
     changes = _config_changes(config, kept)
     old_config = {name: getattr(config, name) for name in changes}
     old_idx = _renumber(layers, kept)
-    setattr(parent, list_name, nn.ModuleList([layers[i] for i in kept]))
+    replace_layers(model, nn.ModuleList([layers[i] for i in kept]))
     for name, value in changes.items():
         setattr(config, name, value)
 
     def undo() -> None:
-        setattr(parent, list_name, layers)
+        replace_layers(model, layers)
         for name, value in old_config.items():
             setattr(config, name, value)
         for module, attr, idx in old_idx:
@@ -254,187 +172,7 @@ def shape_signature(model: nn.Module, kept: Sequence[int] | Steps) -> str:
     return "+".join(f"{n}x{code}" for code, n in sorted(codes.items())) or "0"
 
 
-
-# ---------------------------------------------------------------------------------------------- replay
-
-
-@dataclass
-class LayerCalls:
-    """How the model called each decoder layer in one unpruned forward, for replaying layers one by one.
-
-    ``hidden`` is the residual stream entering layer 0, (B, T, H); ``calls[i]`` holds the other positional and
-    keyword arguments layer i received (attention mask for its own layer type, rotary position embeddings, ...).
-    Calling layer i as ``layer(h, *args, **kwargs)`` with any residual stream h is exactly what the model would
-    do with the layers before it removed, because a layer's inputs other than h do not depend on earlier layers.
-    ``outputs[i]`` (when kept) is layer i's output in that forward, for i < L - 1: the residual stream after
-    layers 0..i, which the trie reuses instead of computing the unpruned prefix a second time.
-    """
-
-    hidden: torch.Tensor
-    calls: list[tuple[tuple, dict]]
-    outputs: list[torch.Tensor] = field(default_factory=list)
-
-
-class _StopForward(Exception):
-    """Raised by the last layer's hook: the rest of the forward is not needed."""
-
-
-def capture_layer_calls(model: nn.Module, input_ids: torch.Tensor, keep_outputs: bool = False) -> LayerCalls:
-    """Run the model's backbone just far enough to record every decoder layer's call arguments (and, with
-    ``keep_outputs``, the outputs of every layer but the last, which is never run)."""
-    layers = decoder_layers(model)
-    calls: list[tuple[tuple, dict]] = [((), {})] * len(layers)
-    first: dict[str, torch.Tensor] = {}
-    outputs: list[torch.Tensor] = []
-
-    def make_hook(i: int):
-        def hook(module, args, kwargs):
-            if i == 0:
-                first["hidden"] = args[0] if args else kwargs["hidden_states"]
-            rest_kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            calls[i] = (tuple(args[1:]), rest_kwargs)
-            if i == len(layers) - 1:
-                raise _StopForward  # the last layer's arguments are known: skip its work and the head
-        return hook
-
-    def keep_output(module, args, kwargs, out):
-        outputs.append(out[0] if isinstance(out, tuple) else out)
-
-    handles = [layer.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    if keep_outputs:
-        handles += [layer.register_forward_hook(keep_output, with_kwargs=True) for layer in layers[:-1]]
-    try:
-        with torch.no_grad():
-            model.base_model(input_ids=input_ids, use_cache=False)
-    except _StopForward:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    return LayerCalls(first["hidden"], calls, outputs)
-
-
-def call_layer(model: nn.Module, index: int, hidden: torch.Tensor, calls: LayerCalls) -> torch.Tensor:
-    """Replay decoder layer ``index`` on the residual stream ``hidden`` (B, T, H) with its captured arguments."""
-    args, kwargs = calls.calls[index]
-    out = decoder_layers(model)[index](hidden, *args, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-
-def final_norm_fn(model: nn.Module):
-    """The residual stream after the last kept layer -> the backbone's output (final norm, OPT's project_out)."""
-    adapter = adapter_for(model)
-    norm = _get(model, adapter.final_norm) if adapter.final_norm else None
-    project_out = getattr(getattr(model.base_model, "decoder", None), "project_out", None)
-
-    def finish(hidden: torch.Tensor) -> torch.Tensor:
-        if norm is not None:
-            hidden = norm(hidden)
-        if project_out is not None:
-            hidden = project_out(hidden)
-        return hidden
-
-    return finish
-
-
-# ---------------------------------------------------------------------------------------------- residual stream
-
-
-def capture_residual_stream(model: nn.Module, input_ids: torch.Tensor,
-                            attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """The residual stream entering every decoder layer, plus the last layer's output, from one forward.
-
-    Returns L + 1 tensors of shape (B, T, H): entry l is the input of layer l, entry L the output of the last
-    layer BEFORE the final norm. (``output_hidden_states`` cannot be used: for GPT-2 and others its last entry
-    is taken after the final norm.) The final norm and LM head are skipped.
-    """
-    layers = decoder_layers(model)
-    streams: list[torch.Tensor | None] = [None] * (len(layers) + 1)
-
-    def make_pre_hook(i: int):
-        def hook(module, args, kwargs):
-            streams[i] = args[0] if args else kwargs["hidden_states"]
-        return hook
-
-    def last_hook(module, args, kwargs, output):
-        streams[-1] = output[0] if isinstance(output, tuple) else output
-        raise _StopForward  # the final norm and the head are not needed
-
-    handles = [layer.register_forward_pre_hook(make_pre_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    handles.append(layers[-1].register_forward_hook(last_hook, with_kwargs=True))
-    try:
-        with torch.no_grad():
-            model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    except _StopForward:
-        pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    return streams
-
-
-# ---------------------------------------------------------------------------------------------- residual branches
-
-
-@dataclass(frozen=True)
-class Branches:
-    """Which children of a decoder layer make up each residual branch.
-
-    ``attn`` / ``mlp``: modules whose output is the branch's update (replaced by zero stand-ins when the branch is
-    removed; post-normed families list the norm applied to the branch output too, since norm(0) is not 0 for every
-    norm). ``attn_norm`` / ``mlp_norm``: the pre-norm feeding only that branch (replaced by a pass-through: its
-    output is no longer used, so it neither runs nor counts).
-    """
-
-    attn: tuple[str, ...]
-    mlp: tuple[str, ...]
-    attn_norm: tuple[str, ...] = ()
-    mlp_norm: tuple[str, ...] = ()
-
-
-_GPT2_BRANCHES = Branches(("attn",), ("mlp",), ("ln_1",), ("ln_2",))
-_PRE_NORMED = Branches(("self_attn",), ("mlp",), ("input_layernorm",), ("post_attention_layernorm",))
-# Gemma 2/3: post_attention_layernorm is the attention's OUTPUT norm here (the MLP has its own pre-norm).
-_SANDWICH = Branches(("self_attn", "post_attention_layernorm"), ("mlp", "post_feedforward_layernorm"),
-                     ("input_layernorm",), ("pre_feedforward_layernorm",))
-BRANCHES: dict[str, Branches] = {
-    "gpt2": _GPT2_BRANCHES,
-    "gpt_neo": _GPT2_BRANCHES,
-    # OPT's MLP is inline (fc1 -> activation -> fc2); its norms are pre-norms only with do_layer_norm_before.
-    "opt": Branches(("self_attn",), ("fc1", "fc2"), ("self_attn_layer_norm",), ("final_layer_norm",)),
-    **{t: _PRE_NORMED for t in ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma",
-                                "phi3", "olmo", "granite", "starcoder2", "smollm3")},
-    **{t: _SANDWICH for t in ("gemma2", "gemma3_text")},
-    "olmo2": Branches(("self_attn", "post_attention_layernorm"), ("mlp", "post_feedforward_layernorm")),
-}
-"""model_type -> residual branches of its decoder layers (families with one residual add per branch)."""
-
-PARALLEL_BLOCKS = {
-    "gptj": "GPT-J", "cohere": "Cohere", "phi": "Phi", "gpt_neox": "GPT-NeoX", "falcon": "Falcon",
-    "stablelm": "StableLM", "cohere2": "Cohere 2",
-}
-"""Families whose block adds attention and MLP outputs in one residual add (or may): branches not separable."""
-
-
-def branches_of(model: nn.Module) -> Branches:
-    """The residual branches of ``model``'s layers.
-
-    Raises:
-        ArchitectureError: naming the family, when its blocks have no separable branches (parallel attention and
-            MLP summed in one residual add, e.g. GPT-J) or sweep does not know its branch modules.
-    """
-    model_type = getattr(model.config, "model_type", "")
-    if model_type in PARALLEL_BLOCKS:
-        raise ArchitectureError(
-            f"{PARALLEL_BLOCKS[model_type]} ({model_type}) blocks run attention and MLP in parallel on one input and "
-            "add both in one residual add, so one branch cannot be removed on its own; use --unit block")
-    if model_type not in BRANCHES:
-        raise ArchitectureError(f"sweep does not know the residual branches of {model_type!r} layers; --unit attn, "
-                                f"mlp and mix support: {', '.join(sorted(BRANCHES))}")
-    branches = BRANCHES[model_type]
-    if model_type == "opt" and not getattr(model.config, "do_layer_norm_before", True):
-        branches = Branches(branches.attn, branches.mlp)  # post-norm OPT: the norms act on the residual stream
-    return branches
+# ---------------------------------------------------------------------------------------------- units and occurrences
 
 
 class ZeroAttention(nn.Module):
@@ -459,14 +197,14 @@ class PassThrough(nn.Module):
 
 
 class ZeroWidth(nn.Module):
-    """OPT's fc1 stand-in: (N, H) -> (N, 0), so the activation and fc2 do no work."""
+    """An inline MLP's first linear's stand-in (OPT's fc1): (N, H) -> (N, 0), so the activation and fc2 do no work."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x[..., :0]
 
 
 class ZeroOut(nn.Module):
-    """OPT's fc2 stand-in: (N, 0) -> zeros (N, H)."""
+    """An inline MLP's second linear's stand-in (OPT's fc2): (N, 0) -> zeros (N, H)."""
 
     def __init__(self, width: int):
         super().__init__()
@@ -476,14 +214,20 @@ class ZeroOut(nn.Module):
         return x.new_zeros(*x.shape[:-1], self.width)
 
 
-def _stand_in(layer: nn.Module, name: str) -> nn.Module:
-    if name in ("self_attn", "attn"):
-        return ZeroAttention()
-    if name == "fc1":
-        return ZeroWidth()
-    if name == "fc2":
-        return ZeroOut(getattr(layer, name).out_features)
-    return ZeroLike()
+def _stand_ins(layer: nn.Module, table: Branches, kind: str) -> dict[str, nn.Module]:
+    """Child name -> stand-in for removing the ``kind`` ("attn" or "mlp") branch of one layer.
+
+    The attention (first ``attn`` entry) gets :class:`ZeroAttention`, which leaves the KV cache alone; an inline
+    MLP ``(fc1, fc2)`` gets a zero-width input and zeros out, so its activation does no work; every other output
+    module (a whole MLP, a post-branch norm) gets zeros like its input.
+    """
+    names = getattr(table, kind)
+    if kind == "attn":
+        return {name: ZeroAttention() if i == 0 else ZeroLike() for i, name in enumerate(names)}
+    if table.inline_mlp:
+        first, last = names
+        return {first: ZeroWidth(), last: ZeroOut(getattr(layer, last).out_features)}
+    return {name: ZeroLike() for name in names}
 
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
@@ -536,8 +280,7 @@ def layer_occurrence(model: nn.Module, layer: int, branches: str = "am", cache_s
     table = branches_of(model)
     for kind, code in (("attn", "a"), ("mlp", "m")):
         if code not in branches:
-            for name in getattr(table, kind):
-                new._modules[name] = _stand_in(original, name)
+            new._modules.update(_stand_ins(original, table, kind))
             for name in getattr(table, f"{kind}_norm"):
                 new._modules[name] = PassThrough()
     return new
@@ -586,35 +329,8 @@ def check_steps(model: nn.Module, steps: Steps) -> None:
                                     "parallel layers must share one attention mask")
 
 
-class StepRunner:
-    """Calls steps on a residual stream with arguments captured from one unpruned forward (the trie's steps).
 
-    Unit steps run an occurrence built once per (layer, branches) (:func:`layer_occurrence`); a parallel group
-    adds the members' updates, each member called with its own captured arguments. The model is never mutated.
-    """
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.layers = decoder_layers(model)
-        self._occurrences: dict[Step, nn.Module] = {}
-
-    def module(self, step: Step) -> nn.Module:
-        if step.branches == "am":
-            return self.layers[step.layer]
-        if step not in self._occurrences:
-            self._occurrences[step] = layer_occurrence(self.model, step.layer, step.branches)
-        return self._occurrences[step]
-
-    def __call__(self, step: Step | Par, hidden: torch.Tensor, calls: LayerCalls) -> torch.Tensor:
-        if isinstance(step, Par):
-            update = None
-            for member in step.steps:
-                delta = self(member, hidden, calls) - hidden  # (B, T, H)
-                update = delta if update is None else update + delta
-            return hidden + update
-        args, kwargs = calls.calls[step.layer]
-        out = self.module(step)(hidden, *args, **kwargs)
-        return out[0] if isinstance(out, tuple) else out
+# ---------------------------------------------------------------------------------------------- variants in place
 
 
 @dataclass
@@ -670,14 +386,12 @@ def applied(model: nn.Module, variant) -> Iterator[AppliedVariant]:
         return
     steps = steps_of(variant, n_layers)
     check_steps(model, steps)
-    adapter = adapter_for(model)
-    parent_path, list_name = adapter.layers.rsplit(".", 1)
-    parent, layers, config = _get(model, parent_path), decoder_layers(model), model.config
+    layers, config = decoder_layers(model), model.config
     source = [members(s)[0].layer for s in steps]
     changes = _config_changes(config, source)
     old_config = {name: getattr(config, name) for name in changes}
     occurrences, slot_layers, slot_sources = _occurrences(model, steps)
-    setattr(parent, list_name, nn.ModuleList(occurrences))
+    replace_layers(model, nn.ModuleList(occurrences))
     for name, value in changes.items():
         setattr(config, name, value)
     types = getattr(config, "layer_types", None)
@@ -686,7 +400,7 @@ def applied(model: nn.Module, variant) -> Iterator[AppliedVariant]:
         slot_types = [original_types[i] for i in slot_sources] if types is not None and original_types else None
         yield AppliedVariant(model, slot_layers, slot_types)
     finally:
-        setattr(parent, list_name, layers)
+        replace_layers(model, layers)
         for name, value in old_config.items():
             setattr(config, name, value)
 
@@ -722,9 +436,7 @@ def materialized(model: nn.Module, steps: Steps) -> Iterator[nn.Module]:
 
     if any(isinstance(s, Par) or s.branches != "am" for s in steps):
         raise ConfigError("only whole-layer steps can be materialized")
-    adapter = adapter_for(model)
-    parent_path, list_name = adapter.layers.rsplit(".", 1)
-    parent, layers, config = _get(model, parent_path), decoder_layers(model), model.config
+    layers, config = decoder_layers(model), model.config
     copies = nn.ModuleList(copy.deepcopy(layers[s.layer]) for s in steps)
     for position, layer in enumerate(copies):
         for module in layer.modules():
@@ -732,59 +444,12 @@ def materialized(model: nn.Module, steps: Steps) -> Iterator[nn.Module]:
                 setattr(module, attr, position)
     changes = _config_changes(config, [s.layer for s in steps])
     old_config = {name: getattr(config, name) for name in changes}
-    setattr(parent, list_name, copies)
+    replace_layers(model, copies)
     for name, value in changes.items():
         setattr(config, name, value)
     try:
         yield model
     finally:
-        setattr(parent, list_name, layers)
+        replace_layers(model, layers)
         for name, value in old_config.items():
             setattr(config, name, value)
-
-
-# ---------------------------------------------------------------------------------------------- LoRA healing
-
-_LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-LORA_TARGETS: dict[str, tuple[str, ...]] = {
-    "gpt2": ("c_attn", "c_proj", "c_fc"),  # Conv1D; c_proj is both the attention output and the MLP output
-    "gpt_neo": ("q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"),
-    "gptj": ("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out"),
-    "opt": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
-    "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
-    **{t: _LLAMA_PROJECTIONS for t in (
-        "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
-        "gemma3_text", "olmo", "olmo2", "granite", "smollm3", "cohere",
-    )},
-}
-"""model_type -> module names of every attention and MLP projection (LoRA targets, as in the QLoRA paper)."""
-
-
-def _projection_names(layer: nn.Module) -> list[str]:
-    """Leaf names of the linear maps (nn.Linear or transformers' Conv1D) inside one decoder layer."""
-    names = []
-    for path, module in layer.named_modules():
-        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
-            leaf = path.rsplit(".", 1)[-1]
-            if leaf not in names:
-                names.append(leaf)
-    return names
-
-
-def lora_target_modules(model: nn.Module) -> list[str]:
-    """Names of the attention and MLP projections of ``model``'s decoder layers (LoRA's target modules).
-
-    Known families use :data:`LORA_TARGETS` (keeping only names present in the model); other families fall back
-    to every linear map inside a decoder layer, e.g. ``['c_attn', 'c_proj', 'c_fc']`` for GPT-2.
-
-    Raises:
-        ArchitectureError: no linear map found inside the decoder layers.
-    """
-    layers = decoder_layers(model)
-    present = _projection_names(layers[0]) if len(layers) else []
-    known = [n for n in LORA_TARGETS.get(getattr(model.config, "model_type", ""), ()) if n in present]
-    targets = known or present
-    if not targets:
-        raise ArchitectureError(f"no linear projections found inside the decoder layers of {type(model).__name__}; "
-                                "pass --lora-targets")
-    return targets
