@@ -2,7 +2,8 @@
 
 Modules, from the bottom up (each imports only those above it in this list):
 
-- :mod:`~sweep.engine.adapters`: where each architecture keeps its layers; removal in place, replay, signatures;
+- :mod:`~sweep.engine.adapters`: one record per model family; removal in place, replay, signatures;
+- :mod:`~sweep.engine.gguf_read`, :mod:`~sweep.engine.gguf_write`: GGUF files in (cached conversion) and out;
 - :mod:`~sweep.engine.models`: loading models and tokenizers, weights fingerprints, export;
 - :mod:`~sweep.engine.data`: evaluation text, tokenization cache, evaluation windows;
 - :mod:`~sweep.engine.device`: device names, sticky errors, memory, batch sizes;
@@ -36,8 +37,8 @@ from sweep.engine.data import EvalSetup, TokenizedText, describe, load_text, loa
 from sweep.engine.device import device_name
 from sweep.engine.identity import (ModelIdentity, SetupIdentity, evaluation_setup, model_identity, register_model,
                                    register_setup)
-from sweep.engine.models import (checkpoint_dtype, config_for, export_pruned, load_model, load_model_4bit,
-                                 model_for, tokenizer_for)
+from sweep.engine.models import (checkpoint_dtype, config_for, export_gguf, export_pruned, load_model,
+                                 load_model_4bit, model_for, tokenizer_for)
 from sweep.engine.runner import Summary, measure_variants, open_setup, run_sweep
 from sweep.engine.similarity import run_similarity
 from sweep.engine.status import describe_plan
@@ -67,19 +68,24 @@ def one_removal(cfg: SweepConfig, text: str | None, command: str) -> tuple[Remov
 
 
 def export_variant(cfg: SweepConfig, remove: str, out: str | Path) -> str:
-    """`sweep export`: save the model without the ``--remove`` layers so it reloads with ``from_pretrained``.
+    """`sweep export`: save the model without the ``--remove`` layers so it reloads with ``from_pretrained``, or,
+    when ``out`` ends in ``.gguf``, as a GGUF file with the source's tensors copied byte for byte.
 
-    The checkpoint's dtype is kept unless ``--dtype`` says otherwise (auto would upcast to float32 on CPU).
+    The checkpoint's dtype is kept unless ``--dtype`` says otherwise (auto would upcast to float32 on CPU); a GGUF
+    source exported to a directory is saved dequantized (float32).
 
     Returns:
         The line to print.
     """
     removed, n_layers = one_removal(cfg, remove, "export")
-    tokenizer = tokenizer_for(cfg)
-    dtype = checkpoint_dtype(config_for(cfg)) if cfg.dtype == "auto" else cfg.dtype
-    model = load_model(cfg.model, cfg.revision, dtype, "cpu" if cfg.device == "auto" else cfg.device,
-                       cfg.random_init, cfg.trust_remote_code)
-    saved = export_pruned(model, tokenizer, removed, out)
+    if str(out).lower().endswith(".gguf"):
+        saved = export_gguf(cfg.model, removed, out, cfg.cache_dir)
+    else:
+        tokenizer = tokenizer_for(cfg)
+        dtype = checkpoint_dtype(config_for(cfg)) if cfg.dtype == "auto" else cfg.dtype
+        model = load_model(cfg.model, cfg.revision, dtype, "cpu" if cfg.device == "auto" else cfg.device,
+                           cfg.random_init, cfg.trust_remote_code, cfg.cache_dir)
+        saved = export_pruned(model, tokenizer, removed, out)
     if not is_block_variant(removed):
         n_saved = len(steps_of(removed, n_layers))
         return f"saved {cfg.model} as variant {variant_key(removed)} ({n_saved} layers, from {n_layers}) to {saved}"

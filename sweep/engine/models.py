@@ -14,7 +14,7 @@ from torch import nn
 
 from sweep.config import DEFAULT_CACHE_DIR, SweepConfig
 from sweep import steps as variant_steps
-from sweep.engine import gguf_read
+from sweep.engine import gguf_read, gguf_write
 from sweep.engine.adapters import adapter_for, applied, decoder_layers, materialized, pruned
 from sweep.errors import ConfigError, ExportError, ModelLoadError
 
@@ -272,6 +272,52 @@ def _export_reordered(model: nn.Module, tokenizer, variant: tuple, out_dir: Path
         tokenizer.save_pretrained(out_dir)
     _verify_export(out_dir, probe.cpu(), want, model.config._attn_implementation, next(model.parameters()).dtype)
     return out_dir
+
+
+def export_gguf(source: str, variant: Sequence, out: str | Path, cache_dir: str | None = DEFAULT_CACHE_DIR) -> Path:
+    """Write ``variant`` of the GGUF file ``source`` as a GGUF file: every kept tensor copied byte for byte in its
+    own quantization type, blocks renumbered, the block count and per-layer metadata cut
+    (:mod:`sweep.engine.gguf_write`). Then reload it and check it is the variant sweep measured: the same logits
+    and perplexity on a probe as the in-memory variant of the source, and the same greedy tokens with the KV cache.
+
+    Raises:
+        ExportError: a source that is not a GGUF file (with how to convert one), a variant no GGUF can hold
+            (attention- or MLP-only removal, parallel layers), a file that cannot be written faithfully, or a
+            reload that differs.
+    """
+    if not gguf_read.is_gguf(source):
+        raise ExportError(
+            f"--out {Path(out).name}: a GGUF export copies the tensors of a GGUF source, and {source} is not one. "
+            "Convert the checkpoint first (llama.cpp's convert_hf_to_gguf.py, then llama-quantize for a quantized "
+            "file) and export from that with --model FILE.gguf, or give --out a directory for a Hugging Face "
+            "checkpoint")
+    model = load_model(source, dtype="float32", device="cpu", cache_dir=cache_dir)
+    why = exportable(getattr(model.config, "model_type", ""), variant)
+    if why:
+        raise ExportError(why)
+    order = [s.layer for s in variant_steps.steps_of(tuple(variant), len(decoder_layers(model)))]
+    written = gguf_write.write_gguf_variant(source, order, out)
+    probe = _probe(model)
+    with torch.no_grad(), applied(model, variant) as running:
+        want = model(input_ids=probe, use_cache=False).logits.float()
+        want_tokens = model.generate(probe, past_key_values=running.new_cache(), max_new_tokens=4, do_sample=False)
+    reloaded = gguf_read.read_model(written.path, torch.float32, cache_dir=None)  # never cached: a check
+    with torch.no_grad():
+        got = reloaded(input_ids=probe, use_cache=False).logits.float()
+        got_tokens = reloaded.generate(probe, max_new_tokens=4, do_sample=False)
+    if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max())):
+        raise ExportError(f"{written.path} does not reproduce the variant's logits once reloaded")
+    if abs(_probe_perplexity(got, probe) / _probe_perplexity(want, probe) - 1) > 1e-5:
+        raise ExportError(f"{written.path} does not reproduce the variant's perplexity once reloaded")
+    if not torch.equal(got_tokens, want_tokens):
+        raise ExportError(f"{written.path} generates other tokens with the KV cache than the variant")
+    return written.path
+
+
+def _probe_perplexity(logits: torch.Tensor, probe: torch.Tensor) -> float:
+    """Perplexity of the probe's next tokens under ``logits`` (1, T, V), in float64."""
+    nll = torch.nn.functional.cross_entropy(logits[0, :-1].double(), probe[0, 1:])
+    return float(nll.exp())
 
 
 def _verify_export(out_dir: Path, probe: torch.Tensor, want: torch.Tensor, attn: str | None,
