@@ -10,8 +10,13 @@ torch) and the ``extras`` (lm-eval tasks, LoRA healing, the offline demo).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from sweep import store
 from sweep.errors import StoreError
+
+Log = Callable[[str], None]
+"""Where a command's progress lines go (``print`` by default; tests pass a list's ``append``)."""
 
 __version__ = "0.1.0"
 ENGINE_VERSION = "2"

@@ -8,37 +8,25 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-from collections.abc import Callable
 from dataclasses import fields
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sweep import __version__, store
-from sweep.config import COMMAND_ONLY_FIELDS, TASK_FIELDS, SweepConfig, build_config, field_docs, flag
+from sweep import Log, __version__, store
+from sweep.config import SweepConfig, build_config, command_fields, default, field_docs, flag
 from sweep.errors import SweepError
 from sweep.plan import format_duration
 
 EXIT_USAGE = 2
 
-MODEL_FIELDS = ("model", "revision", "dtype", "device", "tokenizer", "random_init", "trust_remote_code")
-"""Fields `sweep export` needs (it evaluates nothing)."""
-
-TASKS_COMMAND_FIELDS = MODEL_FIELDS + ("db", "batch_size", "seed", "strategy", "k", "n", "remove", "force") + TASK_FIELDS
-"""Fields of `sweep tasks`: the model, the variant choice and the lm-eval settings (no perplexity text)."""
-HEAL_COMMAND_FIELDS = tuple(f.name for f in fields(SweepConfig)
-                            if f.name not in ("strategy", "k", "n", "force", "best", "pareto", "unit", "span",
-                                              "positions"))
-"""Fields of `sweep heal`: everything of `sweep run` that defines its setup (so rows link), plus LoRA and tasks."""
-
-
-def _add_config_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
-    """One flag per SweepConfig field, help taken from the field's docstring; default None = 'not given'."""
+def _add_config_flags(parser: argparse.ArgumentParser, command: str) -> None:
+    """One flag per SweepConfig field ``sweep COMMAND`` offers (:func:`command_fields`), help taken from the field's
+    docstring; default None = 'not given'."""
     docs = field_docs()
+    names = command_fields(command)
     for f in fields(SweepConfig):
-        if names is not None and f.name not in names:
+        if f.name not in names:
             continue
-        if names is None and f.name in COMMAND_ONLY_FIELDS:
-            continue  # settings of `sweep tasks` / `sweep heal` only: not flags of run and plan
         option = f"--{flag(f.name)}"
         if f.type.startswith("bool"):
             parser.add_argument(option, action="store_const", const=True, default=None, help=docs.get(f.name))
@@ -49,9 +37,22 @@ def _add_config_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | 
                                 help=f"{docs.get(f.name, '')} (default: {f.default})")
 
 
-def _add_preset_flag(parser: argparse.ArgumentParser) -> None:
+def _config_command(sub, command: str, summary: str) -> argparse.ArgumentParser:
+    """The parser of ``sweep COMMAND``, configured by a preset and the config flags it offers."""
+    parser = sub.add_parser(command, help=summary)
     parser.add_argument("--config", metavar="PRESET",
                         help="YAML preset: a path or a name in configs/ (e.g. gpt2); flags override its values")
+    _add_config_flags(parser, command)
+    return parser
+
+
+def _add_quiet_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_db_flag(parser: argparse.ArgumentParser) -> None:
+    """``--db`` of the commands that only read the DB (no other config flag)."""
+    parser.add_argument("--db", default=default("db"), help=f"results database (default: {default('db')})")
 
 
 def resolve_preset(name: str | None) -> Path | None:
@@ -70,17 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sweep {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="measure every planned variant and store each result in the DB")
-    _add_preset_flag(run)
-    _add_config_flags(run)
-    run.add_argument("--quiet", action="store_true", help="no progress bars")
-
-    plan = sub.add_parser("plan", help="show how many variants a plan has, how many are measured, and an estimate")
-    _add_preset_flag(plan)
-    _add_config_flags(plan)
+    _add_quiet_flag(_config_command(sub, "run", "measure every planned variant and store each result in the DB"))
+    _config_command(sub, "plan", "show how many variants a plan has, how many are measured, and an estimate")
 
     report = sub.add_parser("report", help="write markdown reports from the DB (no model loaded)")
-    report.add_argument("--db", default="results.db", help="results database (default: results.db)")
+    _add_db_flag(report)
     report.add_argument("--out", default="reports", help="directory for reports/<model>.md (default: reports)")
     report.add_argument("--model", default=None, help="only this model (default: every model in the DB)")
     report.add_argument("--setup", default=None, help="setup id when a model has several (default: newest)")
@@ -90,48 +85,39 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--no-figures", action="store_true", help="(md) write the markdown without PNG figures")
 
     status = sub.add_parser("status", help="progress of running and past sweeps in a DB (safe while one runs)")
-    status.add_argument("--db", default="results.db", help="results database (default: results.db)")
+    _add_db_flag(status)
 
-    export = sub.add_parser("export", help="save a physically pruned model that reloads with from_pretrained")
-    _add_preset_flag(export)
-    _add_config_flags(export, MODEL_FIELDS)
+    export = _config_command(sub, "export", "save a physically pruned model that reloads with from_pretrained")
     export.add_argument("--remove", required=True, help='layers to remove, e.g. "9,10,11"')
     export.add_argument("--out", required=True, help="output directory")
 
-    similarity = sub.add_parser("similarity", help="angular distances and Block Influence of every layer on "
-                                "calibration text, stored in the DB (for --strategy angular/block-influence)")
-    _add_preset_flag(similarity)
-    _add_config_flags(similarity)
-    similarity.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_quiet_flag(_config_command(sub, "similarity", "angular distances and Block Influence of every layer on "
+                                    "calibration text, stored in the DB (for --strategy angular/block-influence)"))
     _add_tasks_and_heal_parsers(sub)
     return parser
 
 
 def _add_tasks_and_heal_parsers(sub) -> None:
     """`sweep tasks` and `sweep heal`."""
-    tasks = sub.add_parser("tasks", help="accuracy of chosen variants on lm-eval tasks, stored in table task_results")
-    _add_preset_flag(tasks)
-    _add_config_flags(tasks, TASKS_COMMAND_FIELDS)
-    tasks.add_argument("--quiet", action="store_true", help="no progress bars")
-
-    heal = sub.add_parser("heal", help="LoRA-heal one pruned variant, re-measure it, store it in table heals")
-    _add_preset_flag(heal)
-    _add_config_flags(heal, HEAL_COMMAND_FIELDS)
+    _add_quiet_flag(_config_command(sub, "tasks", "accuracy of chosen variants on lm-eval tasks, stored in table "
+                                    "task_results"))
+    heal = _config_command(sub, "heal", "LoRA-heal one pruned variant, re-measure it, store it in table heals")
     heal.add_argument("--export", metavar="DIR", default=None,
                       help="save the healed (LoRA-merged, physically pruned) model to DIR; reloads with from_pretrained")
-    heal.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_quiet_flag(heal)
 
     browse = sub.add_parser("browse", help="explore the DB in a browser (Datasette, read-only): tables, one-click "
                             "queries and interactive charts; needs sweep[browse]")
-    browse.add_argument("--db", default="results.db", help="results database (default: results.db)")
+    _add_db_flag(browse)
     browse.add_argument("--port", type=int, default=8001, help="port to serve on (default: 8001)")
     browse.add_argument("--host", default="127.0.0.1",
                         help="address to listen on; 0.0.0.0 exposes it to the network (default: 127.0.0.1)")
 
 
-def _config_from(args: argparse.Namespace, names: tuple[str, ...] | None = None) -> SweepConfig:
-    given = {f.name: getattr(args, f.name) for f in fields(SweepConfig)
-             if (names is None or f.name in names) and hasattr(args, f.name)}
+def _config_from(args: argparse.Namespace) -> SweepConfig:
+    """The config of ``args.command``: its preset, then the config flags it offers (not its own, like --remove of
+    `sweep export`)."""
+    given = {name: getattr(args, name) for name in command_fields(args.command)}
     return build_config(resolve_preset(args.config), **given)
 
 
@@ -170,7 +156,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from sweep.engine import export_variant  # deferred: torch
 
-    print(export_variant(_config_from(args, MODEL_FIELDS), args.remove, args.out))
+    print(export_variant(_config_from(args), args.remove, args.out))
     return 0
 
 
@@ -179,7 +165,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def describe_status(db_path: str, log: Callable[[str], None] = print) -> list[dict]:
+def describe_status(db_path: str, log: Log = print) -> list[dict]:
     """What ``sweep status`` prints: the newest runs, their progress, rate and ETA. Loads no model."""
     runs = store.runs_overview(db_path)
     if not runs:
@@ -212,14 +198,14 @@ def cmd_similarity(args: argparse.Namespace) -> int:
 def cmd_tasks(args: argparse.Namespace) -> int:
     from sweep.extras.tasks import run_tasks  # deferred: torch and lm-eval
 
-    run_tasks(_config_from(args, TASKS_COMMAND_FIELDS), progress=not args.quiet)
+    run_tasks(_config_from(args), progress=not args.quiet)
     return 0
 
 
 def cmd_heal(args: argparse.Namespace) -> int:
     from sweep.extras.heal import run_heal  # deferred: torch and peft
 
-    row = run_heal(_config_from(args, HEAL_COMMAND_FIELDS), export=args.export, progress=not args.quiet)
+    row = run_heal(_config_from(args), export=args.export, progress=not args.quiet)
     return 0 if row["status"] == "ok" else 1
 
 

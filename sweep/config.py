@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from sweep.errors import ConfigError, UnknownNameError
-from sweep.plan import PlanSpec
 from sweep.steps import UNITS
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -30,166 +29,193 @@ def batch_size_or_default(cfg: "SweepConfig") -> int:
     return cfg.batch_size or CPU_BATCH_SIZE
 
 
+MEASURING = ("run", "plan", "similarity")
+"""The commands that offer every field of a measured setup as a flag."""
+GROUPS: dict[str, tuple[str, ...]] = {
+    "model": MEASURING + ("export", "tasks", "heal"),  # the model and how it loads
+    "setup": MEASURING + ("heal",),  # text, windows, engine, racing, latency, calibration, workers: so heals link
+    "common": MEASURING + ("tasks", "heal"),  # batches, the DB, the seed
+    "strategy": MEASURING + ("tasks",),  # which variants the strategies plan (`sweep tasks` measures them)
+    "remove": MEASURING + ("tasks", "heal"),  # explicit variants (`sweep heal`: the one it heals)
+    "edits": MEASURING,  # what the removal strategies remove; where the order edits go
+    "angular": MEASURING + ("heal",),  # --allow-last: read by the plan, offered by heal like the setup
+    "tasks": ("tasks", "heal"),  # lm-evaluation-harness settings
+    "choose": ("tasks",),  # which measured variants `sweep tasks` evaluates
+    "heal": ("heal",),  # LoRA healing
+}
+"""Field group -> the commands whose flags offer its fields. Each field names its group (:func:`setting`)."""
+PLAN_GROUPS = ("strategy", "remove", "edits", "angular")
+"""The groups of :class:`PlanSpec`: the settings :mod:`sweep.plan` reads."""
+
+
+def setting(default: Any, group: str) -> Any:
+    """A field of :class:`SweepConfig`: its default and its group (a key of :data:`GROUPS`)."""
+    if group not in GROUPS:
+        raise ValueError(f"unknown field group {group!r}; groups: {', '.join(GROUPS)}")
+    return dataclasses.field(default=default, metadata={"group": group})
+
+
 @dataclass(frozen=True)
 class SweepConfig:
-    """Everything that defines a sweep. Every field has a default and is settable from YAML or a flag."""
+    """Everything that defines a sweep. Every field has a default and a group (:func:`setting`), and is settable from
+    YAML or a flag."""
 
-    model: str = "gpt2"
+    model: str = setting("gpt2", "model")
     """Hugging Face hub id or local directory of a causal LM."""
-    revision: str | None = None
+    revision: str | None = setting(None, "model")
     """Hub revision (branch, tag or commit); ignored for local directories."""
-    dtype: str = "auto"
+    dtype: str = setting("auto", "model")
     """Weights dtype: auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16 or float16."""
-    device: str = "auto"
+    device: str = setting("auto", "model")
     """auto (first CUDA GPU if any, else CPU), cpu, cuda or cuda:N."""
-    tokenizer: str | None = None
+    tokenizer: str | None = setting(None, "model")
     """Tokenizer hub id or directory when it is not saved with the model."""
-    random_init: bool = False
+    random_init: bool = setting(False, "model")
     """Build the model from its config with random weights (timing and shape studies; no weights needed)."""
-    trust_remote_code: bool = False
+    trust_remote_code: bool = setting(False, "model")
     """Allow model code from the hub (needed by a few architectures)."""
 
-    data: str = "Salesforce/wikitext"
+    data: str = setting("Salesforce/wikitext", "setup")
     """Evaluation text: hub dataset id, or a local .parquet/.txt/.jsonl file or saved dataset directory."""
-    data_config: str | None = "wikitext-2-raw-v1"
+    data_config: str | None = setting("wikitext-2-raw-v1", "setup")
     """Hub dataset configuration name (only for hub datasets)."""
-    split: str = "test"
+    split: str = setting("test", "setup")
     """Dataset split to evaluate on."""
-    text_column: str = "text"
+    text_column: str = setting("text", "setup")
     """Column holding the text; rows are joined with blank lines ("\\n\\n") as in the transformers guide."""
-    max_length: int | None = None
+    max_length: int | None = setting(None, "setup")
     """Tokens per evaluation window; default min(model context, 1024)."""
-    stride: int | None = None
+    stride: int | None = setting(None, "setup")
     """Tokens the window advances by; default = max_length (non-overlapping windows)."""
-    max_tokens: int | None = None
+    max_tokens: int | None = setting(None, "setup")
     """Evaluate only the first N tokens of the text (recorded with the result); None = all."""
-    batch_size: int = 0
+    batch_size: int = setting(0, "common")
     """Evaluation windows per forward pass; 0 = auto (from free GPU memory, trie cache included; 8 on CPU)."""
-    head: str = "auto"
+    head: str = setting("auto", "setup")
     """LM head + loss: online (log-sum-exp over vocabulary blocks, no logits tensor), chunked (4,096-row logits, compiled per --compile), fused (liger-kernel; CUDA), auto (online on CPU, chunked on CUDA)."""
-    compile: str = "auto"
+    compile: str = setting("auto", "setup")
     """torch.compile the chunked LM head + loss (fused, no float32 copy of the logits): auto (on CUDA), on, off."""
-    compile_layers: bool = False
+    compile_layers: bool = setting(False, "setup")
     """torch.compile every decoder layer (a GPU lever: fewer kernel launches; compiled once per window shape)."""
-    engine: str = "trie"
+    engine: str = setting("trie", "setup")
     """trie (variants share the computation of common leading layers) or per-variant (the plain reference)."""
 
-    strategy: str = "single"
+    strategy: str = setting("single", "strategy")
     """Comma-separated: single, combinations, exhaustive, last-n, blocks, explicit, angular, block-influence, greedy; order edits: repeat, swap, reverse, parallel."""
-    k: str = "2"
+    k: str = setting("2", "strategy")
     """Subset sizes for `combinations`, e.g. 2 or 1-3."""
-    n: str = "1-4"
+    n: str = setting("1-4", "strategy")
     """Sizes for last-n, blocks, angular (block sizes), block-influence and greedy (layers removed), e.g. 1-4."""
-    remove: str | None = None
+    remove: str | None = setting(None, "remove")
     """Explicit variants for `explicit`, separated by ';': layer lists or variant keys, e.g. "1,3;a2,m5;r3"."""
-    force: bool = False
+    force: bool = setting(False, "strategy")
     """Allow exhaustive plans on more than 16 layers."""
-    race: bool = False
+    race: bool = setting(False, "setup")
     """Race the variants of `exhaustive` / `combinations`: all are measured on a first slice of the windows, and only those that can still be among the --race-k best per number of removed layers go on, until they have seen the whole text (docs/racing.md)."""
-    race_k: int = 3
+    race_k: int = setting(3, "setup")
     """Racing keeps every variant that can still be among this many best per number of removed layers."""
-    race_slices: str = "1/16,1/8,1/4,1/2"
+    race_slices: str = setting("1/16,1/8,1/4,1/2", "setup")
     """Fractions of the windows after which the race eliminates (each at least 16 windows, a multiple of the batch); survivors then see the whole text."""
-    resamples: int = 2000
+    resamples: int = setting(2000, "setup")
     """Bootstrap resamples of the paired intervals over windows (the view's ppl_change_low/high_pct, the report, --race); 2,000 puts 50 resamples in each 2.5-percent tail (sweep/intervals.py says why)."""
-    race_level: float = 0.99
+    race_level: float = setting(0.99, "setup")
     """Coverage of the paired bootstrap interval that eliminates: a variant goes when it is worse than each of the --race-k leaders of its size at this level."""
-    unit: str = "block"
+    unit: str = setting("block", "edits")
     """What the removal strategies remove: block (whole layers), attn (attention branches), mlp (MLP branches) or mix (both kinds)."""
-    span: str | None = None
+    span: str | None = setting(None, "edits")
     """Block lengths of the order strategies, e.g. 1-2; default: repeat 1, reverse 3, parallel 2 (swap: always 2)."""
-    positions: str | None = None
+    positions: str | None = setting(None, "edits")
     """First layers of the blocks the order strategies edit, e.g. 3,5-7; default: every middle layer (1 to L-2)."""
 
-    latency: str = "shared"
+    latency: str = setting("shared", "setup")
     """shared (measure once per shape signature and reuse), per-variant, or off."""
-    latency_seq: int = 128
+    latency_seq: int = setting(128, "setup")
     """Prompt length (tokens, batch 1) of the prefill latency measurement."""
-    latency_repeats: int = 5
+    latency_repeats: int = setting(5, "setup")
     """Least timed repeats per latency measurement; more are taken until the median is stable (median, IQR, interval stored)."""
-    latency_max_repeats: int = 50
+    latency_max_repeats: int = setting(50, "setup")
     """Most timed repeats per latency measurement: a median still unstable then is stored and flagged noisy."""
-    latency_precision: float = 0.03
+    latency_precision: float = setting(0.03, "setup")
     """A median is stable once its 95-percent bootstrap interval lies within this fraction of it (0.03: 3 percent); wider ones are flagged noisy."""
-    latency_budget: float = 20.0
+    latency_budget: float = setting(20.0, "setup")
     """Seconds the latency phase may run: beyond the least count, a round starts only if it would end within them (unstable medians are flagged noisy)."""
-    latency_warmup: int = 1
+    latency_warmup: int = setting(1, "setup")
     """Untimed warm-up repeats before timing."""
-    latency_threads: int = 1
+    latency_threads: int = setting(1, "setup")
     """CPU threads while timing latency (1: reproducible medians; 0: torch's default, every core); ignored on GPU."""
-    decode_tokens: int = 16
+    decode_tokens: int = setting(16, "setup")
     """Tokens generated greedily with the KV cache for decode latency (0 disables)."""
 
-    db: str = "results.db"
+    db: str = setting("results.db", "common")
     """SQLite file that receives every result as soon as it is measured."""
-    cache_dir: str = DEFAULT_CACHE_DIR
+    cache_dir: str = setting(DEFAULT_CACHE_DIR, "setup")
     """Where tokenized text is cached between runs (default: ~/.cache/sweep instead when the working directory is read-only)."""
-    seed: int = 0
+    seed: int = setting(0, "common")
     """Seed for anything random (latency prompts)."""
 
     # Similarity-guided and greedy planners: calibration text distinct from the evaluation split.
-    calib_data: str = "Salesforce/wikitext"
+    calib_data: str = setting("Salesforce/wikitext", "setup")
     """Calibration text for `sweep similarity` and the angular, block-influence and greedy strategies (like --data)."""
-    calib_data_config: str | None = "wikitext-2-raw-v1"
+    calib_data_config: str | None = setting("wikitext-2-raw-v1", "setup")
     """Hub dataset configuration of the calibration text (only for hub datasets)."""
-    calib_split: str = "validation"
+    calib_split: str = setting("validation", "setup")
     """Split of the calibration text; keep it distinct from the evaluation --split."""
-    calib_max_tokens: int | None = 32768
+    calib_max_tokens: int | None = setting(32768, "setup")
     """Calibration tokens used (cut into --max-length windows); `null` in a preset = all."""
-    angular_tokens: str = "last"
+    angular_tokens: str = setting("last", "setup")
     """Which tokens the `angular` strategy averages d(l, n) over: last (Gromov et al., PruneMe) or all."""
-    allow_last: bool = False
+    allow_last: bool = setting(False, "angular")
     """Let the `angular` strategy remove a block that includes the final layer."""
     # ---- downstream tasks (`sweep tasks`) and LoRA healing (`sweep heal`); not flags of run/plan
-    tasks: str = "boolq,lambada_openai,lambada_standard,arc_easy"
+    tasks: str = setting("boolq,lambada_openai,lambada_standard,arc_easy", "tasks")
     """Comma-separated lm-evaluation-harness task names for `sweep tasks` (any lm-eval task, e.g. mmlu)."""
-    task_include: str | None = None
+    task_include: str | None = setting(None, "tasks")
     """Directory of extra lm-eval task YAML files (custom or local tasks), added to lm-eval's own."""
-    num_fewshot: int = 0
+    num_fewshot: int = setting(0, "tasks")
     """Few-shot examples in each task prompt."""
-    limit: int | None = None
+    limit: int | None = setting(None, "tasks")
     """Evaluate only the first N examples of each task (quick runs; part of the task setup id)."""
-    best: int | None = None
+    best: int | None = setting(None, "choose")
     """`sweep tasks`: the K lowest-perplexity variants per number of removed layers, read from --db."""
-    pareto: bool = False
+    pareto: bool = setting(False, "choose")
     """`sweep tasks`: the variants on the parameters/perplexity Pareto front, read from --db."""
-    lora_r: int = 16
+    lora_r: int = setting(16, "heal")
     """LoRA rank of `sweep heal`."""
-    lora_alpha: int = 32
+    lora_alpha: int = setting(32, "heal")
     """LoRA scaling alpha (the update is scaled by alpha / r)."""
-    lora_dropout: float = 0.05
+    lora_dropout: float = setting(0.05, "heal")
     """Dropout on the LoRA input during healing."""
-    lora_targets: str | None = None
+    lora_targets: str | None = setting(None, "heal")
     """Comma-separated module names LoRA adapts; default every attention and MLP projection of the family."""
-    heal_steps: int = 200
+    heal_steps: int = setting(200, "heal")
     """Optimizer steps of the LoRA heal."""
-    heal_lr: float = 2e-4
+    heal_lr: float = setting(2e-4, "heal")
     """Peak learning rate of the LoRA heal (AdamW; linear warm-up over the first tenth of the steps, then constant)."""
-    heal_batch_size: int = 4
+    heal_batch_size: int = setting(4, "heal")
     """Sequences per healing step."""
-    heal_seq: int = 256
+    heal_seq: int = setting(256, "heal")
     """Tokens per healing sequence."""
-    heal_data: str = "Salesforce/wikitext"
+    heal_data: str = setting("Salesforce/wikitext", "heal")
     """Healing text: hub dataset id or local .parquet/.txt/.jsonl file (as --data)."""
-    heal_data_config: str | None = "wikitext-2-raw-v1"
+    heal_data_config: str | None = setting("wikitext-2-raw-v1", "heal")
     """Hub configuration of --heal-data."""
-    heal_split: str = "train"
+    heal_split: str = setting("train", "heal")
     """Split of --heal-data trained on."""
-    heal_eval_split: str = "validation"
+    heal_eval_split: str = setting("validation", "heal")
     """Split of --heal-data whose loss is logged before, during and after healing (held out)."""
-    heal_eval_batches: int = 8
+    heal_eval_batches: int = setting(8, "heal")
     """Held-out batches (of --heal-batch-size sequences) in each evaluation loss."""
-    heal_eval_every: int = 50
+    heal_eval_every: int = setting(50, "heal")
     """Steps between held-out evaluation losses during healing."""
-    heal_tasks: bool = False
+    heal_tasks: bool = setting(False, "heal")
     """`sweep heal`: also evaluate --tasks on the base, pruned and healed model."""
-    qlora: bool = False
+    qlora: bool = setting(False, "heal")
     """Heal with QLoRA (4-bit base weights; needs CUDA and bitsandbytes)."""
-    workers: int | None = None
+    workers: int | None = setting(None, "setup")
     """Worker processes, each pinned to one device; default: number of visible GPUs, 1 on CPU (in-process)."""
-    backend: str = "loky"
+    backend: str = setting("loky", "setup")
     """Where workers run: loky (local processes) or dask (an existing Dask cluster, see --scheduler)."""
-    scheduler: str | None = None
+    scheduler: str | None = setting(None, "setup")
     """Dask scheduler address for --backend dask, e.g. tcp://10.0.0.5:8786."""
 
     def __post_init__(self) -> None:
@@ -271,16 +297,6 @@ def _validate_similarity(cfg: SweepConfig) -> None:
         raise ConfigError(f"`--calib-max-tokens` must be at least 2, got {cfg.calib_max_tokens}")
 
 
-TASK_FIELDS = ("tasks", "task_include", "num_fewshot", "limit", "best", "pareto")
-"""Fields only `sweep tasks` (and `sweep heal --heal-tasks`) read."""
-HEAL_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets", "heal_steps", "heal_lr", "heal_batch_size",
-               "heal_seq", "heal_data", "heal_data_config", "heal_split", "heal_eval_split", "heal_eval_batches",
-               "heal_eval_every", "heal_tasks", "qlora")
-"""Fields only `sweep heal` reads."""
-COMMAND_ONLY_FIELDS = TASK_FIELDS + HEAL_FIELDS
-"""Fields that `sweep run` and `sweep plan` do not offer as flags (they change none of their numbers)."""
-
-
 def validate_tasks_and_heal(cfg: "SweepConfig") -> None:
     """Checks of the `sweep tasks` / `sweep heal` fields; errors name the flag.
 
@@ -325,7 +341,7 @@ def race_fractions(text: str) -> list[float]:
     """``--race-slices`` as ascending fractions in (0, 1): ``"1/16,1/8,0.25"`` -> [0.0625, 0.125, 0.25].
 
     Raises:
-        ConfigError: a part that is not a fraction in (0, 1).
+        ConfigError: a part that is not a fraction in (0, 1), or no fraction at all.
     """
     fractions = []
     for part in (p.strip() for p in text.split(",") if p.strip()):
@@ -337,6 +353,8 @@ def race_fractions(text: str) -> list[float]:
         if not 0.0 < value < 1.0:
             raise ConfigError(f"`--race-slices` fractions must be in (0, 1), got {part!r}")
         fractions.append(value)
+    if not fractions:
+        raise ConfigError("`--race-slices` names no fraction; give e.g. 1/16,1/8,1/4,1/2")
     return sorted(set(fractions))
 
 
@@ -360,10 +378,32 @@ def _validate_race(cfg: SweepConfig) -> None:
         raise ConfigError("`--race` times latency per shape signature: use `--latency shared` or `off`")
 
 
+def group_fields(*groups: str) -> tuple[str, ...]:
+    """The fields of ``groups``, in the order of :class:`SweepConfig`."""
+    return tuple(f.name for f in fields(SweepConfig) if f.metadata["group"] in groups)
+
+
+def command_fields(command: str) -> tuple[str, ...]:
+    """The fields the flags of ``sweep COMMAND`` offer (:data:`GROUPS`): ``command_fields("export")`` is the model's."""
+    return group_fields(*(group for group, commands in GROUPS.items() if command in commands))
+
+
+def default(name: str) -> Any:
+    """The default of field ``name``, for settings that other modules hold under their own names."""
+    return SweepConfig.__dataclass_fields__[name].default
+
+
+PLAN_SPEC_DOC = """The plan settings: the fields of :data:`PLAN_GROUPS` with the config's defaults, a view of
+SweepConfig so that :mod:`sweep.plan` reads these, never the whole config."""
+PlanSpec = dataclasses.make_dataclass(
+    "PlanSpec", [(f.name, f.type, dataclasses.field(default=f.default)) for f in fields(SweepConfig)
+                 if f.metadata["group"] in PLAN_GROUPS],
+    frozen=True, namespace={"__module__": __name__, "__doc__": PLAN_SPEC_DOC})
+
+
 def plan_spec(cfg: SweepConfig) -> PlanSpec:
-    """The plan settings of ``cfg`` (:mod:`sweep.plan` reads these, never the whole config)."""
-    return PlanSpec(strategy=cfg.strategy, k=cfg.k, n=cfg.n, remove=cfg.remove, force=cfg.force,
-                    allow_last=cfg.allow_last, unit=cfg.unit, span=cfg.span, positions=cfg.positions)
+    """The plan settings of ``cfg``."""
+    return PlanSpec(**{name: getattr(cfg, name) for name in group_fields(*PLAN_GROUPS)})
 
 
 def flag(name: str) -> str:
@@ -489,4 +529,5 @@ def replace(cfg: SweepConfig, **changes: Any) -> SweepConfig:
     return dataclasses.replace(cfg, **changes)
 
 
-__all__ = ["SweepConfig", "build_config", "load_preset", "field_names", "field_docs", "flag", "plan_spec", "replace"]
+__all__ = ["SweepConfig", "PlanSpec", "build_config", "command_fields", "default", "load_preset", "field_names",
+           "field_docs", "flag", "plan_spec", "replace"]

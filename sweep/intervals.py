@@ -67,6 +67,13 @@ class Interval:
         return self.low > 0 or self.high < 0
 
 
+def change_pct(value, base):
+    """The change of ``value`` against ``base`` in percent: ``change_pct(12.0, 10.0) == 20.0`` (floats, arrays or
+    Series alike). The point the intervals bracket; the view's ``*_change_pct`` columns state the same rule in SQL
+    (``store/schema.py``; ``tests/test_runner.py`` checks that they agree)."""
+    return 100.0 * (value / base - 1.0)
+
+
 def _quantiles(samples: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
     tail = (1.0 - level) / 2
     return np.quantile(samples, tail, axis=0), np.quantile(samples, 1.0 - tail, axis=0)

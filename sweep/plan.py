@@ -12,9 +12,9 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 
 from sweep import steps
+from sweep.config import PlanSpec
 from sweep.errors import PlanError, UnknownNameError
 
 EXHAUSTIVE_LIMIT = 16
@@ -109,25 +109,6 @@ def _checked(variant: Removal, n_layers: int) -> Removal:
     """``variant`` after checking that its edits fit a model of ``n_layers`` layers (:func:`steps.steps_of`)."""
     steps.steps_of(variant, n_layers)
     return variant
-
-
-@dataclass(frozen=True)
-class PlanSpec:
-    """The plan-related settings (a view of SweepConfig, so that plan stays torch- and config-free)."""
-
-    strategy: str = "single"
-    k: str = "2"
-    n: str = "1-4"
-    remove: str | None = None
-    force: bool = False
-    allow_last: bool = False
-    """angular only: a removed block may include the final layer."""
-    unit: str = "block"
-    """What the removal strategies remove: block, attn, mlp or mix (both kinds of branch)."""
-    span: str | None = None
-    """Order strategies: block lengths (default: repeat 1, reverse 3, parallel 2; swap is always 2)."""
-    positions: str | None = None
-    """Order strategies: first layers of the edited blocks (default: every middle layer, 1..L-2)."""
 
 
 def units_of(n_layers: int, spec: PlanSpec) -> list[steps.Edit]:

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 Row = Mapping[str, Any]
+"""A row of the view or of an overview, by column name (the report reads rows as these too)."""
 
 
 def is_measured(row: Row) -> bool:

@@ -1,6 +1,7 @@
 """The command line, run in-process on the tiny GPT-2: bad input is one line on stderr, exit 2 and no DB write."""
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import shutil
@@ -14,7 +15,7 @@ import pytest
 
 from sweep import store
 from sweep.cli import build_parser, main
-from sweep.config import field_names, flag
+from sweep.config import command_fields, field_names, flag, group_fields
 from sweep.plan import STRATEGIES, variant_key
 
 FAST = ["--max-tokens", "512", "--max-length", "64", "--latency", "off", "--quiet"]
@@ -108,10 +109,20 @@ def test_run_help_has_a_flag_for_every_config_field(capsys):
         build_parser().parse_args(["run", "--help"])
     assert info.value.code == 0
     text = capsys.readouterr().out
-    from sweep.config import COMMAND_ONLY_FIELDS  # `sweep tasks` / `sweep heal` settings are not run flags
+    only_tasks_or_heal = group_fields("tasks", "choose", "heal")  # `sweep tasks` / `sweep heal` settings
 
-    missing = [name for name in field_names() if f"--{flag(name)}" not in text and name not in COMMAND_ONLY_FIELDS]
+    missing = [name for name in field_names() if f"--{flag(name)}" not in text and name not in only_tasks_or_heal]
     assert missing == []
+    assert "--lora-r" not in text and "--best" not in text
+
+
+@pytest.mark.parametrize("command", ["run", "plan", "similarity", "export", "tasks", "heal"])
+def test_each_command_offers_a_flag_for_each_field_of_its_groups_and_no_other(command):
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    sub = subparsers.choices[command]
+    own = {"export": ["remove"]}.get(command, [])  # `sweep export --remove`: its own flag, the variant it saves
+    offered = [a.dest for a in sub._actions if a.dest in field_names() and a.dest not in own]
+    assert offered == list(command_fields(command))
 
 
 # ------------------------------------------------------------------------------------------ bad model

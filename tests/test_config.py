@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from sweep.config import DTYPES, SweepConfig, build_config, field_docs, field_names, flag, load_preset
+from sweep.config import (DTYPES, PlanSpec, SweepConfig, build_config, command_fields, field_docs, field_names, flag,
+                          group_fields, load_preset, plan_spec, setting)
 from sweep.errors import ConfigError, UnknownNameError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -49,6 +50,32 @@ def test_config_is_frozen():
     cfg = SweepConfig()
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.model = "other"  # type: ignore[misc]
+
+
+def test_an_unknown_field_group_is_refused_naming_the_groups():
+    with pytest.raises(ValueError, match="unknown field group 'plann'.*strategy"):
+        setting(1, "plann")
+
+
+def test_plan_spec_holds_the_fields_plan_reads_with_the_config_defaults():
+    assert [f.name for f in dataclasses.fields(PlanSpec)] == ["strategy", "k", "n", "remove", "force", "unit", "span",
+                                                             "positions", "allow_last"]
+    assert PlanSpec() == plan_spec(SweepConfig())
+    cfg = SweepConfig(strategy="exhaustive", unit="mix", allow_last=True, max_tokens=64)
+    assert plan_spec(cfg) == PlanSpec(strategy="exhaustive", unit="mix", allow_last=True)
+
+
+def test_export_offers_the_model_alone_and_tasks_and_heal_their_own_fields():
+    assert command_fields("export") == ("model", "revision", "dtype", "device", "tokenizer", "random_init",
+                                         "trust_remote_code")
+    assert set(command_fields("tasks")) == set(command_fields("export")) | {
+        "batch_size", "db", "seed", "strategy", "k", "n", "remove", "force", "tasks", "task_include", "num_fewshot",
+        "limit", "best", "pareto"}
+    # heal: every setting of `sweep run` that defines its setup (so its rows link), the variant, tasks and LoRA
+    assert set(command_fields("run")) - set(command_fields("heal")) == {"strategy", "k", "n", "force", "unit", "span",
+                                                                        "positions"}
+    assert set(command_fields("heal")) - set(command_fields("run")) == set(group_fields("tasks", "heal"))
+    assert "lora_r" in group_fields("heal") and "best" not in command_fields("heal")
 
 
 def test_flag_spelling_uses_dashes():

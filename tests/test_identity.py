@@ -2,12 +2,13 @@
 flags (sweep/engine/identity.py), so each finds what the others stored."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from sweep import engine, store
 from sweep.config import SweepConfig, replace
 from sweep.engine import identity, models, similarity
-from sweep.engine.data import load_tokens, resolve_windows
+from sweep.engine.data import TokenizedText, load_tokens, resolve_windows, used_tokens
 
 
 @pytest.fixture(scope="module")
@@ -67,3 +68,12 @@ def test_a_changed_flag_is_a_different_setup_and_an_unchanged_one_is_not(swept):
     for changed in (replace(cfg, max_length=32), replace(cfg, latency="shared"), replace(cfg, dtype="bfloat16"),
                     replace(cfg, max_tokens=192)):
         assert _identity_of(changed) != original, changed
+
+
+def test_the_calibration_fingerprint_counts_the_tokens_used_not_the_cap():
+    tokens = TokenizedText(ids=np.arange(500), n_bytes=2000, fingerprint="f", name="text")
+    whole = identity.calibration_fingerprint(tokens, 64, None)
+    assert identity.calibration_fingerprint(tokens, 64, 500) == whole
+    assert identity.calibration_fingerprint(tokens, 64, 10_000) == whole  # a cap beyond the text cuts nothing
+    assert identity.calibration_fingerprint(tokens, 64, 499) != whole
+    assert used_tokens(500, None) == used_tokens(500, 10_000) == 500 and used_tokens(500, 64) == 64

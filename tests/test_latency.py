@@ -8,8 +8,17 @@ import random
 import pytest
 import torch
 
+from sweep.config import SweepConfig
 from sweep.engine import latency
+from sweep.engine.worker import latency_repeats
 from tiny import tiny_model
+
+
+def test_the_default_repeats_are_the_rule_of_the_default_latency_flags():
+    cfg = SweepConfig()
+    assert latency.Repeats() == latency_repeats(cfg) == latency.Repeats(
+        min_repeats=cfg.latency_repeats, max_repeats=cfg.latency_max_repeats, precision=cfg.latency_precision,
+        budget_s=cfg.latency_budget, warmup=cfg.latency_warmup)
 
 
 def test_median_interval_is_zero_for_constant_timings_and_grows_with_their_spread():

@@ -26,11 +26,34 @@ def test_boundaries_round_fractions_up_to_the_floor_and_to_whole_batches():
 
 
 @pytest.mark.parametrize("values,flag", [({"race_slices": "1/0"}, "--race-slices"), ({"race_slices": "2"}, "--race-slices"),
+                                         ({"race_slices": " , "}, "--race-slices"),
                                          ({"race_k": 0}, "--race-k"), ({"race": True, "strategy": "single"}, "--race"),
                                          ({"race": True, "strategy": "exhaustive", "workers": 2}, "--race")])
 def test_bad_race_settings_name_the_flag(values, flag):
     with pytest.raises(ConfigError, match=flag):
         SweepConfig(**values)
+
+
+def test_a_text_without_windows_after_the_first_slice_cannot_race_and_says_why():
+    slices = [1 / 16, 1 / 8, 1 / 4, 1 / 2]
+    assert race.no_race_line(128, slices, 8, 256) is None and race.no_race_line(17, slices, 1, 256) is None
+    line = race.no_race_line(16, slices, 8, 256)
+    assert "the text has 16 windows and the first slice needs 16 with more after it" in line
+    assert "all 256 variants on the whole text" in line
+    assert "needs 24" in race.no_race_line(20, slices, 12, 5)  # the floor of 16 in whole batches of 12
+
+
+def test_race_on_a_short_text_measures_every_variant_and_says_so_first(tiny_gpt2_dir, sample_text_file, tmp_path):
+    lines = []
+    db = tmp_path / "short.db"
+    run_sweep(config(tiny_gpt2_dir, sample_text_file, db, tmp_path, max_tokens=512, race=True), log=lines.append,
+              progress=False)
+    said = [i for i, line in enumerate(lines) if line.startswith("race:")]
+    assert len(said) == 1 and "the text has 16 windows and the first slice needs 16" in lines[said[0]]
+    assert "all 16 variants on the whole text" in lines[said[0]]
+    assert said[0] < next(i for i, line in enumerate(lines) if line.startswith("done:"))
+    rows = view(db)
+    assert len(rows) == 16 and all(r["status"] == "ok" and r["n_windows"] == 16 for r in rows.values())
 
 
 def test_elimination_drops_only_variants_each_leader_really_beats():

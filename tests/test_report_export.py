@@ -99,3 +99,12 @@ def test_cli_rejects_an_unknown_format(db, capsys):
         main(["report", "--db", str(db), "--format", "xml"])
     assert exit_info.value.code == 2
     assert "csv" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["md", "csv"])
+def test_a_report_or_export_that_cannot_be_written_names_its_path(db, tmp_path, capsys, fmt):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    code = main(["report", "--db", str(db), "--out", str(blocked), "--format", fmt, "--model", MODEL, "--no-figures"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"sweep: error: cannot write {blocked}/") and len(err.splitlines()) == 1

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sqlite3
 import subprocess
@@ -14,6 +15,7 @@ import torch
 from conftest import GPT2_TOKENIZER, WIKITEXT_TEST, need_shared
 from sweep.config import SweepConfig
 from sweep.engine.runner import run_sweep
+from sweep.intervals import change_pct
 
 
 def rows(db, sql="select * from results_vs_baseline order by n_removed, removed"):
@@ -62,8 +64,10 @@ def test_view_compares_each_variant_with_its_baseline(tiny_gpt2_dir, sample_text
     baseline = next(r for r in view if r["removed"] == "")
     for r in view:
         assert r["status"] == "ok"
-        assert r["ppl_change_pct"] == pytest.approx(100 * (r["ppl"] / baseline["ppl"] - 1))
-        assert r["speed_change_pct"] == pytest.approx(100 * (r["speed_ms"] / baseline["speed_ms"] - 1))
+        # the view's SQL and intervals.change_pct state one rule twice: they must agree
+        assert r["ppl_change_pct"] == pytest.approx(change_pct(r["ppl"], baseline["ppl"]), rel=1e-12)
+        assert r["speed_change_pct"] == pytest.approx(change_pct(r["speed_ms"], baseline["speed_ms"]), rel=1e-12)
+        assert r["params_change_pct"] == pytest.approx(change_pct(r["params"], baseline["params"]), rel=1e-12)
         assert r["n_layers"] == 4 - r["n_removed"]
         assert math.isclose(r["ppl"], math.exp(r["nll_sum"] / r["n_tokens"]), rel_tol=1e-12)
     per_layer = baseline["params"] - view[1]["params"]
@@ -92,25 +96,34 @@ def test_per_variant_latency_times_every_variant(tiny_gpt2_dir, sample_text_file
 
 
 @pytest.mark.slow
-def test_sigint_stops_after_current_variant_and_resume_completes(tiny_gpt2_dir, sample_text_file, tmp_path):
-    db = tmp_path / "r.db"
+def test_sigint_stops_after_current_variant_exits_130_and_resume_completes(tiny_gpt2_dir, sample_text_file, tmp_path):
+    """Ctrl-C lands while the first variant is held mid-evaluation (the test-only ``hold`` fault), so the run cannot
+    have finished first: it completes that variant, records itself interrupted and exits 130."""
+    db, faults = tmp_path / "r.db", tmp_path / "faults"
+    faults.mkdir()
     args = [sys.executable, "-m", "sweep", "run", "--model", str(tiny_gpt2_dir), "--data", str(sample_text_file),
             "--db", str(db), "--cache-dir", str(tmp_path / "cache"), "--strategy", "exhaustive", "--max-length", "64",
-            "--max-tokens", "1024", "--latency", "off", "--quiet"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            "--max-tokens", "1024", "--latency", "off", "--engine", "per-variant", "--quiet"]
+    held = {**os.environ, "SWEEP_FAULTS": "hold=120", "SWEEP_FAULTS_DIR": str(faults), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=held)
     deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if rows(db, "select count(*) as n from results")[0]["n"] >= 2:
-                break
-        except sqlite3.OperationalError:  # the DB or its tables do not exist yet
-            pass
+    while not (faults / "held").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
+    assert (faults / "held").exists(), proc.communicate(timeout=10)
     proc.send_signal(signal.SIGINT)
+    said = []
+    for line in proc.stdout:  # unbuffered: released only once the handler has said it will stop
+        said.append(line)
+        if line.startswith("Ctrl-C: stopping after the current variant"):
+            break
+    (faults / "release").touch()
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode in (0, 130), err
+    out = "".join(said) + out
+    assert proc.returncode == 130, err
+    assert "interrupted: measured 1 variants" in out
     partial = rows(db, "select * from results")
-    assert 2 <= len(partial) <= 16 and all(r["status"] == "ok" for r in partial)
+    assert len(partial) == 1 and partial[0]["status"] == "ok"  # the variant in flight, and no other
+    assert rows(db, "select status from runs") == [{"status": "interrupted"}]
     assert sqlite3.connect(db).execute("pragma integrity_check").fetchone()[0] == "ok"
     subprocess.run(args, check=True, capture_output=True)
     final = rows(db, "select removed from results")

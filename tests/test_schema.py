@@ -6,12 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from sweep import store
+from sweep import intervals, store
 from sweep.errors import StoreError
 from sweep.store import schema
 
 V1_DUMP = Path(__file__).parent / "data" / "results-v1.sql"
 V2_DUMP = Path(__file__).parent / "data" / "results-v2.sql"
+V3_DUMP = Path(__file__).parent / "data" / "results-v3.sql"
 
 
 def _load_dump(path: Path, dump: Path = V1_DUMP) -> Path:
@@ -68,6 +69,38 @@ def test_a_version_2_file_upgrades_in_place_and_its_runs_gain_a_process_start(tm
     run = db.execute("SELECT status, process_start FROM runs").fetchall()
     assert run == [("done", None)]  # unknown for runs of the older release
     assert len(store.read_view(db)) == 8
+
+
+def test_a_version_3_file_upgrades_in_place_keeping_its_timings_and_takes_per_window_losses(tmp_path):
+    path = _load_dump(tmp_path / "v3.db", V3_DUMP)
+    before = _contents(path)
+    assert dict(before["meta"]) == {"schema_version": "3"} and len(before["results"]) == 8
+    assert "window_losses" not in before and "ppl_intervals" not in before
+    db = store.open_db(path)
+    assert store.schema_version(db) == schema.SCHEMA_VERSION == 4
+    after = _contents(path)
+    for table, rows in before.items():
+        if table not in ("meta", "schema_migrations"):
+            assert [row[: len(rows[0])] for row in after[table]] == rows, table  # nothing lost or changed
+    assert [(v, d) for v, d, _ in after["schema_migrations"]][1:] == [(4, schema.MIGRATIONS[4])]
+    assert after["schema_migrations"][0][:2] == (3, "created at schema version 3")
+    assert all(process_start for *_, process_start in after["runs"])  # version 3's runs keep their process start
+    view = {r["removed"]: r for r in store.read_view(db)}
+    assert len(view) == 8
+    # the timings of version 3 survive with their intervals; old rows have no per-window losses, hence no interval
+    assert all(r["speed_ms"] > 0 and r["speed_interval_pct"] is not None and r["latency_noisy"] is not None
+               and r["n_windows"] is None and r["ppl_change_low_pct"] is None for r in view.values())
+    assert after["window_losses"] == [] and after["ppl_intervals"] == []
+    # re-measured with per-window losses, the baseline and a variant get their paired interval in the old file
+    setup = view[""]["setup"]
+    for removed, scale in (("", 1.0), ("1", 1.001)):
+        row = store.find_result(db, setup, removed)
+        nll = [scale * row["nll_sum"] / 4 * w for w in (0.9, 1.1, 0.95, 1.05)]
+        store.record_results(db, [{**row, store.WINDOW_NLL: nll, store.WINDOW_TOKENS: [31, 31, 31, 31]}])
+    assert intervals.refresh_intervals(db, setup) == 2  # the baseline's own (zero) interval and the variant's
+    view = {r["removed"]: r for r in store.read_view(db)}
+    assert view["1"]["n_windows"] == 4 and view["1"]["ppl_change_low_pct"] < view["1"]["ppl_change_high_pct"]
+    assert {k for k, r in view.items() if r["ppl_change_low_pct"] is not None} == {"", "1"}
 
 
 def test_an_upgraded_file_is_left_alone_on_the_next_open(tmp_path):

@@ -222,6 +222,12 @@ class EvalSetup:
     max_tokens: int | None
 
 
+def used_tokens(n_tokens: int, max_tokens: int | None) -> int:
+    """How many of a text's ``n_tokens`` are used: the first ``max_tokens`` (``--max-tokens``,
+    ``--calib-max-tokens``), or all of them when it is None: ``used_tokens(5000, 4096) == 4096``."""
+    return min(n_tokens, max_tokens or n_tokens)
+
+
 def model_context(config) -> int | None:
     """The model's context length in tokens, from whichever config field its family uses; None if unknown."""
     for name in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
@@ -256,7 +262,7 @@ def load_tokens(cfg: SweepConfig, tokenizer, setup: EvalSetup) -> TokenizedText:
     name = describe(cfg.data, cfg.data_config, cfg.split)
     text = load_text(cfg.data, cfg.data_config, cfg.split, cfg.text_column)
     tokens = tokenize(text, tokenizer, name, cfg.cache_dir)
-    n_eval = min(len(tokens.ids), setup.max_tokens or len(tokens.ids))
+    n_eval = used_tokens(len(tokens.ids), setup.max_tokens)
     if n_eval < setup.max_length:
         limit = " (capped by --max-tokens)" if setup.max_tokens and setup.max_tokens < len(tokens.ids) else ""
         raise DataError(f"--data {cfg.data}: {n_eval:,} tokens{limit}, fewer than one window of "

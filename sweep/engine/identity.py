@@ -16,7 +16,7 @@ import torch
 from sweep import ENGINE_VERSION, store
 from sweep.config import SweepConfig
 from sweep.engine.adapters import n_layers_of
-from sweep.engine.data import EvalSetup, TokenizedText
+from sweep.engine.data import EvalSetup, TokenizedText, used_tokens
 from sweep.engine.device import device_name
 from sweep.engine.models import dtype_name, model_class_name, resolve_device, resolve_dtype, weights_fingerprint
 
@@ -97,7 +97,7 @@ def find_setup(db, setup: SetupIdentity) -> str | None:
 
 def calibration_fingerprint(tokens: TokenizedText, max_length: int, max_tokens: int | None) -> str:
     """Fingerprint of the calibration tokens actually used: text + tokenizer (``tokens.fingerprint``) + windows."""
-    used = min(len(tokens.ids), max_tokens or len(tokens.ids))
+    used = used_tokens(len(tokens.ids), max_tokens)
     blob = f"{tokens.fingerprint}:max_length={max_length}:tokens={used}"
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

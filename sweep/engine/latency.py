@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from sweep.config import default
 from sweep.engine.adapters import applied
 from sweep.engine.device import free_memory
 from sweep.plan import variant_key
@@ -173,16 +174,16 @@ def cpu_threads(device: torch.device | str, threads: int) -> Iterator[None]:
 
 @dataclass
 class Repeats:
-    """When the latency phase stops timing a variant (``--latency-repeats`` and the flags after it)."""
+    """When the latency phase stops timing a variant (``--latency-repeats`` and the flags after it; their defaults)."""
 
-    min_repeats: int = 5
-    max_repeats: int = 50
-    precision: float = 0.03
+    min_repeats: int = default("latency_repeats")
+    max_repeats: int = default("latency_max_repeats")
+    precision: float = default("latency_precision")
     """Target half-width of the median's 95 % interval, as a fraction of the median."""
-    budget_s: float = 20.0
+    budget_s: float = default("latency_budget")
     """Seconds the whole phase may take: beyond ``min_repeats``, a round starts only if it would end within them
     (judged by the last round's time)."""
-    warmup: int = 1
+    warmup: int = default("latency_warmup")
 
 
 def stable(samples: dict[str, list[float]], precision: float, seed: int = 0) -> bool:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sweep import intervals, store
+from sweep import Log, intervals, store
 from sweep.config import SweepConfig, race_fractions
 from sweep.plan import Removal, kept_layers, variant_key
 from sweep.steps import n_removed
@@ -53,13 +53,28 @@ def race_boundaries(n_windows: int, fractions: Sequence[float], batch_size: int,
 
     Example: 128 windows, [1/16, 1/8, 1/4, 1/2], batch 8 -> [16, 32, 64, 128].
     """
-    bounds = set()
-    for fraction in fractions:
-        count = max(min_windows, math.ceil(fraction * n_windows))
-        count = math.ceil(count / batch_size) * batch_size
-        if count < n_windows:
-            bounds.add(count)
-    return sorted(bounds) + [n_windows]
+    counts = {_slice_windows(fraction, n_windows, batch_size, min_windows) for fraction in fractions}
+    return sorted(c for c in counts if c < n_windows) + [n_windows]
+
+
+def _slice_windows(fraction: float, n_windows: int, batch_size: int, min_windows: int = RACE_MIN_WINDOWS) -> int:
+    """Windows of the slice ending at ``fraction`` of the text: at least ``min_windows``, in whole batches."""
+    count = max(min_windows, math.ceil(fraction * n_windows))
+    return math.ceil(count / batch_size) * batch_size
+
+
+def no_race_line(n_windows: int, fractions: Sequence[float], batch_size: int, n_variants: int) -> str | None:
+    """The line that says a race cannot eliminate anything, because the text is too short for a first slice with
+    windows left after it; None when it can race.
+
+    Example: 12 windows, [1/16, ...], batch 8: the first slice needs 16 windows, so all variants see the whole text.
+    """
+    first = _slice_windows(min(fractions), n_windows, batch_size)
+    if first < n_windows:
+        return None
+    return (f"race: no racing: the text has {n_windows:,} windows and the first slice needs {first:,} with more after "
+            f"it (at least {RACE_MIN_WINDOWS}, in whole batches of {batch_size}); measuring all {n_variants:,} "
+            "variants on the whole text (more windows: a larger --max-tokens or a smaller --max-length)")
 
 
 @dataclass
@@ -71,7 +86,7 @@ class Racer:
     db: store.Database
     setup: str
     record: Record
-    log: Callable[[str], None] = print
+    log: Log = print
     seen: dict[str, int] = field(default_factory=dict)
     losses: dict[str, tuple[list[float], list[int]]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -97,8 +112,11 @@ class Racer:
     def run(self, todo: Sequence[Removal], should_stop: Callable[[], bool]) -> bool:
         """Race ``todo`` to the end, or until ``should_stop()``; True when every variant reached a final status."""
         self.load(todo)
-        n_windows = self.worker.n_windows()
-        bounds = race_boundaries(n_windows, race_fractions(self.cfg.race_slices), self.worker.batch_size)
+        n_windows, fractions = self.worker.n_windows(), race_fractions(self.cfg.race_slices)
+        bounds = race_boundaries(n_windows, fractions, self.worker.batch_size)
+        cannot = no_race_line(n_windows, fractions, self.worker.batch_size, len(self.alive))
+        if cannot:
+            self.log(cannot)
         for stage, bound in enumerate(bounds, 1):
             if not self.measure_to(bound, n_windows, should_stop):
                 return False

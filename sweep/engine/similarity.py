@@ -27,15 +27,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from sweep import store, strategies
+from sweep import Log, store, strategies
 from sweep.config import SweepConfig, batch_size_or_default, plan_spec
 from sweep.engine import adapters, identity, models
-from sweep.engine.data import EvalSetup, TokenizedText, describe, load_text, resolve_windows, tokenize
+from sweep.engine.data import EvalSetup, TokenizedText, describe, load_text, resolve_windows, tokenize, used_tokens
 from sweep.engine.worker import Worker
 from sweep.errors import DataError, SweepError
 from sweep.plan import SIGNAL_STRATEGIES, Removal, parse_key, parse_range, strategy_names, units_of, variant_key
-
-Log = Callable[[str], None]
 
 
 @dataclass
@@ -204,7 +202,7 @@ class Calibration:
     @property
     def token_ids(self) -> torch.Tensor:
         """(N,) the calibration tokens used, on the model's device."""
-        used = self.tokens.ids[: self.cfg.calib_max_tokens or len(self.tokens.ids)]
+        used = self.tokens.ids[: used_tokens(len(self.tokens.ids), self.cfg.calib_max_tokens)]
         return torch.as_tensor(used).to(next(self.model.parameters()).device)
 
 

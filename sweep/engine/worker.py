@@ -20,7 +20,7 @@ from sweep.config import CPU_BATCH_SIZE, SweepConfig
 from sweep.engine import adapters, latency, models, perplexity, trie
 from sweep.engine.device import (MemoryProbe, batch_size_for, device_name, free_memory, memory_probe,
                                  retry_batch_sizes)
-from sweep.engine.data import EvalSetup, TokenizedText, load_tokens, resolve_windows
+from sweep.engine.data import EvalSetup, TokenizedText, load_tokens, resolve_windows, used_tokens
 from sweep.engine.faults import injected_delay, injected_fault
 from sweep import steps as variant_steps
 from sweep.plan import kept_layers, variant_key
@@ -41,7 +41,7 @@ class Worker:
         self.cfg = cfg
         self.setup = setup
         self.device = next(model.parameters()).device
-        n_eval = min(len(tokens.ids), setup.max_tokens or len(tokens.ids))
+        n_eval = used_tokens(len(tokens.ids), setup.max_tokens)
         self.token_ids = torch.as_tensor(tokens.ids[:n_eval]).to(self.device)  # (N,) moved once
         # Bytes covered by the evaluated tokens, pro rata when --max-tokens cuts the text.
         self.tokens_per_byte = len(tokens.ids) / tokens.n_bytes

@@ -15,20 +15,18 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 
 import torch
 from tqdm.auto import tqdm
 
-from sweep import engine, store
+from sweep import Log, engine, store
 from sweep.config import SweepConfig
 from sweep.engine import TokenizedText
 from sweep.errors import DataError, MissingExtraError
 from sweep.extras import tasks
 from sweep.plan import Removal, variant_key
-
-Log = Callable[[str], None]
 
 WARMUP_FRACTION = 0.1
 """Linear learning-rate warm-up over the first 10 % of steps, then constant (short runs need no decay)."""

@@ -18,19 +18,17 @@ import logging
 import math
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
-from sweep import ENGINE_VERSION, engine, ranking, store
+from sweep import ENGINE_VERSION, Log, engine, ranking, store
 from sweep.config import SweepConfig, batch_size_or_default, plan_spec
 from sweep.errors import ConfigError, MissingExtraError, SweepError
 from sweep.plan import SIGNAL_STRATEGIES, Removal, parse_key, parse_range, parse_remove, plan_variants, variant_key
 from sweep.steps import is_block_variant
-
-Log = Callable[[str], None]
 
 HEADLINE_METRICS = ("acc", "exact_match", "acc_norm", "f1", "mcc")
 """The first of these that a task reports is its ``metric``/``value``/``stderr``; all go to ``metrics``."""

@@ -8,10 +8,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from sweep.errors import SweepError
 from sweep.report import analysis
 from sweep.report.context import ReportContext, load_contexts, records, report_filename, report_filenames
-from sweep.report.export import FORMATS, export_rows
+from sweep.report.export import FORMATS, export_rows, write_file
 from sweep.report.format import MISSING, finite, format_pct, format_ppl, table, text
 from sweep.report.sections import SECTIONS, ppl_cell, render, render_markdown
 
@@ -46,19 +45,10 @@ def write_reports(db_path: str | Path, out_dir: str | Path = "reports", model: s
     for ctx in contexts:
         ctx.figures_dir = out_dir if figures else None
         markdown = render(ctx)  # figures are drawn while rendering, before the markdown that embeds them is written
-        paths.append(_write(out_dir / f"{ctx.figure_stem}.md", markdown))
+        paths.append(write_file(out_dir / f"{ctx.figure_stem}.md", markdown))
     if index if index is not None else (model is None and setup is None and len(contexts) > 1):
-        _write(out_dir / INDEX_NAME, render_index(contexts))
+        write_file(out_dir / INDEX_NAME, render_index(contexts))
     return paths
-
-
-def _write(path: Path, content: str) -> Path:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(content, encoding="utf-8")
-    except OSError as exc:
-        raise SweepError(f"cannot write report {path}: {exc.strerror or exc}") from None
-    return path
 
 
 def report_text(paths: Iterable[str | Path]) -> str:

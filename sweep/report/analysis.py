@@ -14,7 +14,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from sweep import ranking
+from sweep import intervals, ranking
 from sweep.plan import parse_key
 
 
@@ -53,7 +53,7 @@ def change_pct(frame: pd.DataFrame) -> pd.Series:
     """
     base = baseline_ppl(frame)
     ppl = pd.to_numeric(frame["ppl"], errors="coerce").astype(float)
-    return 100.0 * (ppl / base - 1.0) if base is not None else ppl * math.nan
+    return intervals.change_pct(ppl, base) if base is not None else ppl * math.nan
 
 
 def single_changes(frame: pd.DataFrame) -> pd.Series:

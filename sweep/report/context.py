@@ -19,10 +19,9 @@ import pandas as pd
 import sweep
 from sweep import ranking, store
 from sweep.errors import SweepError, UnknownNameError
+from sweep.ranking import Row
 from sweep.report import edits
 from sweep.report.format import MISSING
-
-Row = dict[str, Any]
 
 
 @dataclass

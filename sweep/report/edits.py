@@ -8,17 +8,16 @@ and the bar it describes cannot disagree.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter
 
 from sweep import steps
+from sweep.intervals import change_pct
+from sweep.ranking import Row
 from sweep.report import plotting
 from sweep.report.format import MISSING, finite, format_params, format_pct, format_ppl, table
-
-Row = dict[str, Any]
 
 UNIT_KINDS = ("attn", "mlp", "mix")
 UNIT_LABELS = {"attn": "attention removed", "mlp": "MLP removed", "block": "block removed"}
@@ -36,7 +35,7 @@ def _change(row: Row | None, baseline: Row | None) -> float | None:
     """Perplexity change (%) against the baseline, or None when either is not measured."""
     if not (_ok(row) and _ok(baseline)):
         return None
-    return 100.0 * (row["ppl"] / baseline["ppl"] - 1.0)
+    return change_pct(row["ppl"], baseline["ppl"])
 
 
 def split_rows(rows: list[Row]) -> tuple[list[Row], list[Row]]:

@@ -39,7 +39,7 @@ def export_rows(db_path: str | Path, out: str | Path, fmt: str, model: str | Non
     paths = []
     for ctx in contexts:
         path = Path(out) / f"{ctx.figure_stem}.{fmt}"
-        paths.append(_write(path, _serialise(_typed(_all(ctx)), fmt)))
+        paths.append(write_file(path, _serialise(_typed(_all(ctx)), fmt)))
     return paths
 
 
@@ -59,7 +59,12 @@ def _serialise(frame: pd.DataFrame, fmt: str) -> str:
     return frame.to_json(orient="records", indent=1) + "\n"
 
 
-def _write(path: Path, content: str) -> Path:
+def write_file(path: Path, content: str) -> Path:
+    """Write ``content`` (UTF-8) to ``path``, creating its folder: a report, an index or an export.
+
+    Raises:
+        SweepError: the file cannot be written (the path and the reason).
+    """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(content, encoding="utf-8")

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 
+from sweep.intervals import change_pct
 from sweep.report import analysis
 from sweep.report.format import finite, format_pct, format_points, format_times
 
@@ -129,14 +130,14 @@ def speed_knee(frame: pd.DataFrame) -> str | None:
         knee += 1
     if knee == 0:
         return (f"**Speed.** Even the cheapest speed-up on the Pareto front ({_variant(keys[1])}: prefill "
-                f"{format_pct(100 * (ms[1] / ms[0] - 1))}) costs more perplexity than it saves time "
-                f"({format_pct(100 * (ppl[1] / ppl[0] - 1))}).")
+                f"{format_pct(change_pct(ms[1], ms[0]))}) costs more perplexity than it saves time "
+                f"({format_pct(change_pct(ppl[1], ppl[0]))}).")
     text = (f"**Speed.** Speed gains pay up to removing {_variant(keys[knee])} (prefill "
-            f"{format_pct(100 * (ms[knee] / ms[0] - 1))}, perplexity {format_pct(100 * (ppl[knee] / ppl[0] - 1))})")
+            f"{format_pct(change_pct(ms[knee], ms[0]))}, perplexity {format_pct(change_pct(ppl[knee], ppl[0]))})")
     if knee + 1 < len(front):
         text += (f"; the next step on the Pareto front ({_variant(keys[knee + 1])}) saves another "
-                 f"{100 * (1 - ms[knee + 1] / ms[knee]):,.0f} % of prefill time for "
-                 f"{format_pct(100 * (ppl[knee + 1] / ppl[knee] - 1))} perplexity")
+                 f"{-change_pct(ms[knee + 1], ms[knee]):,.0f} % of prefill time for "
+                 f"{format_pct(change_pct(ppl[knee + 1], ppl[knee]))} perplexity")
     return text + "."
 
 

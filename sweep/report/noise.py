@@ -9,15 +9,13 @@ Reads the per-window losses the context loaded; no SQL, no torch.
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 
 from sweep import intervals
+from sweep.ranking import Row
 from sweep.report.context import ReportContext
 from sweep.report.format import format_change_interval, format_pct
-
-Row = dict[str, Any]
 
 SHOW_TIES = 12
 """At most this many within-noise neighbours of the single-layer ranking are named (the rest are counted)."""

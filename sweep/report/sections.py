@@ -22,17 +22,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
 from sweep.plan import parse_key
+from sweep.ranking import Row
 from sweep.report import analysis, edits, findings, noise, signals, tasks
 from sweep.report.context import ReportContext, baseline_row, frame_of, setup_fields
 from sweep.report.format import (MISSING, code, finite, format_change_interval, format_ms, format_params, format_pct,
                                  format_points, format_ppl, format_signal, format_timing, is_noisy, table, text)
 
-Row = dict[str, Any]
 Section = Callable[[ReportContext], "str | None"]
 
 VARIANT_COLUMNS = (
@@ -89,10 +88,6 @@ def rank_key(row: Row) -> tuple[int, float]:
     if row["status"] == "diverged":
         return (1, 0.0)  # NaN/inf perplexity: worse than any measured one
     return (2, 0.0)  # failed: no perplexity at all
-
-
-def baseline_row(rows: list[Row]) -> Row | None:
-    return next((r for r in rows if r["removed"] == ""), None)
 
 
 # --- sections ----------------------------------------------------------------------------------
@@ -311,7 +306,6 @@ BROWSE_LINE = ("In a browser: `sweep browse --db results.db` (`pip install 'swee
 
 
 # --- sections as registered builders --------------------------------------------------------------
-
 
 
 def _join(*parts: str | None) -> str:

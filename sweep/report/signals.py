@@ -15,18 +15,18 @@ from __future__ import annotations
 
 import math
 from math import comb
-from typing import Any
 
 import numpy as np
 from matplotlib.colors import LogNorm
 
+from sweep.intervals import change_pct
+from sweep.ranking import Row
 from sweep.report import plotting
+from sweep.report.context import baseline_row
 from sweep.report.format import format_pct, format_ppl
 
 STRATEGY_LINES = ("last-n", "angular", "block-influence", "greedy", "oracle")
 """Order of lines and table rows."""
-
-Row = dict[str, Any]
 
 
 def _ok_ppl(row: Row | None) -> float | None:
@@ -70,7 +70,8 @@ def strategy_points(rows: list[Row], choices: list[Row]) -> dict[str, dict[int, 
 
 
 def _baseline_ppl(rows: list[Row]) -> float | None:
-    return next((_ok_ppl(r) for r in rows if r["removed"] == ""), None)
+    baseline = baseline_row(rows)
+    return _ok_ppl(baseline) if baseline else None
 
 
 # ---------------------------------------------------------------------------------------------- table
@@ -108,7 +109,7 @@ def strategy_table(rows: list[Row], choices: list[Row]) -> str | None:
                 cells.append(f"{format_ppl(points[name][n][1])} ({points[name][n][0]})")
             else:
                 key, ppl = points[name][n]
-                gap = f", {format_pct(100 * (ppl / oracle[n][1] - 1))} vs oracle" if n in oracle else ""
+                gap = f", {format_pct(change_pct(ppl, oracle[n][1]))} vs oracle" if n in oracle else ""
                 cells.append(f"{format_ppl(ppl)} ({key}{gap})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     note = ("" if oracle else "\n\nNo oracle: measure every variant of a size (`--strategy exhaustive`, or "

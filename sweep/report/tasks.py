@@ -17,14 +17,13 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
-from typing import Any
 
 from matplotlib.ticker import FuncFormatter, PercentFormatter
 
+from sweep.intervals import change_pct
+from sweep.ranking import Row
 from sweep.report import plotting
 from sweep.report.format import format_pct, format_ppl
-
-Row = dict[str, Any]
 
 
 def newest_task_rows(task_rows: Sequence[Row]) -> list[Row]:
@@ -108,7 +107,7 @@ def _ppl_change(value: float | None, base: float | None) -> str:
     """``12.00 (+20.0 %)``: a perplexity and its change against the base."""
     if value is None:
         return "—"
-    return format_ppl(value) + (f" ({format_pct(100 * (value / base - 1))})" if base else "")
+    return format_ppl(value) + (f" ({format_pct(change_pct(value, base))})" if base else "")
 
 
 def _perplexity_lines(heals: Sequence[Row]) -> list[str]:

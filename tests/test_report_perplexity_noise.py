@@ -1,4 +1,5 @@
-"""The report's "Which differences are real" section against an independent paired bootstrap (test_intervals)."""
+"""Perplexity differences within noise: the report's "Which differences are real" section against an independent
+paired bootstrap (test_intervals). Noisy latency timings: test_report_latency_noise."""
 from __future__ import annotations
 
 from sweep import store

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import matplotlib.container
 import pytest
-from results_fixture import MODEL, N_LAYERS, make_results_db, result_row, variants
+from results_fixture import MODEL, N_LAYERS, make_results_db
 
 import sweep
 from sweep import store
