@@ -362,7 +362,8 @@ def run_table(args: argparse.Namespace) -> Path | None:
     """The CPU speed table: per model, the reference loop (the guide's recipe over physically pruned copies, model
     loaded, float32, batch 1, full logits) and the whole `sweep run --strategy exhaustive` command, with
     `--latency off` and with the default latency, repeated ``--repeats`` times in turns; ratios of the minimum
-    times, with the physical limit of each model beside them. Saved as JSON as each measurement ends."""
+    times, with the physical limit of each model beside them, and `sweep plan`'s estimate of each sweep command next
+    to its measured time. Saved as JSON as each measurement ends."""
     for path in (args.tokenizer, args.data):
         if not Path(path).exists():
             print(f"bench: {path} not found; the table needs ../shared (see ../shared/README.md)", file=sys.stderr)
@@ -454,7 +455,8 @@ def head_floor_seconds(hidden: int, vocab: int, n_tokens: int, variants: int) ->
 
 
 def table_model(args, row: dict, config_dir: Path, ids: torch.Tensor, tmp: Path) -> None:
-    """The three measurements of one model, ``--repeats`` times in turns, with the machine's load around each."""
+    """The three measurements of one model, ``--repeats`` times in turns, with the machine's load around each, and
+    `sweep plan`'s estimate of each sweep command next to its measured time."""
     model = models.load_model(str(config_dir), dtype="float32", device="cpu", random_init=True)
     n_layers = adapters.n_layers_of(model.config)
     removals = [r for k in range(n_layers + 1) for r in itertools.combinations(range(n_layers), k)]
@@ -465,16 +467,82 @@ def table_model(args, row: dict, config_dir: Path, ids: torch.Tensor, tmp: Path)
         row["reference"].append({"seconds": seconds, **load()})
         print(f"  {config_dir.name}: reference loop {seconds:7.1f} s  (load {os.getloadavg()[0]:.1f})", flush=True)
         for latency, key in (("off", "sweep_latency_off"), ("shared", "sweep_latency_default")):
-            seconds, deviation = sweep_command(args, config_dir, row["max_length"], ids.shape[1], latency, tmp, ppl)
-            row[key].append({"seconds": seconds, "max_ppl_deviation": deviation, **load()})
+            settings = table_settings(args, config_dir, row["max_length"], ids.shape[1], latency,
+                                      tmp / f"table-{config_dir.name}-{latency}.db")
+            measurement = table_estimates(settings, config_dir, tmp)
+            seconds, deviation = sweep_command(settings, tmp, ppl)
+            measurement.update(seconds=seconds, max_ppl_deviation=deviation, **load())
+            for name in ("estimate", "estimate_calibrated"):
+                if name in measurement:
+                    measurement[name]["error"] = measurement[name]["seconds"] / seconds - 1
+            row[key].append(measurement)
             print(f"  {config_dir.name}: sweep run --latency {latency:6} {seconds:7.1f} s  max |ppl/ref - 1| "
-                  f"{deviation:.1e}  (load {os.getloadavg()[0]:.1f})", flush=True)
+                  f"{deviation:.1e}  (load {os.getloadavg()[0]:.1f}); {estimate_text(measurement)}", flush=True)
     for key in ("reference", "sweep_latency_off", "sweep_latency_default"):
         times = [m["seconds"] for m in row[key]]
         row[f"{key}_min"], row[f"{key}_spread"] = min(times), (max(times) - min(times)) / min(times)
     row["ratio_latency_off"] = row["reference_min"] / row["sweep_latency_off_min"]
     row["ratio_latency_default"] = row["reference_min"] / row["sweep_latency_default_min"]
     del model
+
+
+ESTIMATE_TOLERANCE = 0.3
+"""`sweep plan`'s estimate is on target within this fraction of the measured time (issue #25: within +-30 %)."""
+
+PLAN_SCRIPT = ("import json, sys; from sweep.config import SweepConfig; from sweep.engine import describe_plan; "
+               "info = describe_plan(SweepConfig(**json.loads(sys.argv[1])), log=lambda line: print(line, "
+               "file=sys.stderr)); print(json.dumps(info))")
+"""`sweep plan` in a new process (so its start-up is a real one), printing its figures as JSON."""
+
+
+def table_estimates(settings: dict, config_dir: Path, tmp: Path) -> dict:
+    """`sweep plan`'s estimate of a table command, from the probe (into the command's fresh DB) and, for the
+    default latency, also calibrated on the `--latency off` run just measured (a copy of its DB: same shape)."""
+    db = Path(settings["db"])
+    for stale in tmp.glob(db.name + "*"):
+        stale.unlink()
+    found = {"estimate": plan_estimate(settings, tmp)}
+    measured = tmp / f"table-{config_dir.name}-off.db"
+    if settings["latency"] != "off" and measured.exists():
+        calibrating = tmp / f"table-{config_dir.name}-calibrating.db"
+        with sqlite3.connect(measured) as source, sqlite3.connect(calibrating) as copy:
+            source.backup(copy)
+        found["estimate_calibrated"] = plan_estimate({**settings, "db": str(calibrating)}, tmp)
+        for stale in tmp.glob(calibrating.name + "*"):
+            stale.unlink()
+    return found
+
+
+def plan_estimate(settings: dict, cwd: Path) -> dict:
+    """What `sweep plan` estimates for ``settings`` (the SweepConfig fields of a command): seconds, its range, and
+    whether it was calibrated on earlier measurements in the DB."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-c", PLAN_SCRIPT, json.dumps(settings)], env=env, cwd=cwd,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if done.returncode:
+        raise RuntimeError(f"sweep plan failed ({done.returncode}): {done.stderr[-2000:]}")
+    info = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"seconds": info["estimate_seconds"], "low_seconds": info["estimate_low_seconds"],
+            "high_seconds": info["estimate_high_seconds"], "calibrated": info["estimate_calibrated"],
+            "line": next(line for line in done.stderr.splitlines() if line.startswith("estimate:")), **load()}
+
+
+def estimate_text(measurement: dict) -> str:
+    """``estimate 26.7 s (18.7-34.7 s): -8 % (within +-30 %)``, and the calibrated one when there is one."""
+    parts = []
+    for name, label in (("estimate", "estimate"), ("estimate_calibrated", "calibrated on the --latency off run")):
+        if name in measurement:
+            found = measurement[name]
+            spread = "" if found["low_seconds"] == found["high_seconds"] else \
+                f" ({found['low_seconds']:.1f}-{found['high_seconds']:.1f} s)"
+            parts.append(f"{label} {found['seconds']:.1f} s{spread}: {found['error']:+.0%}"
+                         f"{estimate_verdict(found['error'])}")
+    return "; ".join(parts)
+
+
+def estimate_verdict(error: float) -> str:
+    return f" (within +-{ESTIMATE_TOLERANCE:.0%})" if abs(error) <= ESTIMATE_TOLERANCE else \
+        f" (MISSED +-{ESTIMATE_TOLERANCE:.0%})"
 
 
 def load() -> dict:
@@ -497,17 +565,24 @@ def reference_loop(model, removals, ids: torch.Tensor, max_length: int) -> tuple
     return seconds, ppl
 
 
-def sweep_command(args, config_dir: Path, max_length: int, n_tokens: int, latency: str, tmp: Path,
-                  reference: dict) -> tuple[float, float]:
-    """Wall seconds of the whole `sweep run` command (a new process: imports, model, tokens, DB, every variant),
-    and its largest relative perplexity difference from the reference loop."""
-    db = tmp / f"table-{config_dir.name}-{latency}.db"
+def table_settings(args, config_dir: Path, max_length: int, n_tokens: int, latency: str, db: Path) -> dict:
+    """The SweepConfig fields of one table command: `sweep run --strategy exhaustive` of a random-init model."""
+    return {"model": str(config_dir), "random_init": True, "tokenizer": args.tokenizer, "data": args.data,
+            "max_tokens": n_tokens, "max_length": max_length, "strategy": "exhaustive", "latency": latency,
+            "db": str(db), "cache_dir": str(ROOT / ".cache" / "sweep")}
+
+
+def sweep_command(settings: dict, tmp: Path, reference: dict) -> tuple[float, float]:
+    """Wall seconds of the whole `sweep run` command of ``settings`` (a new process: imports, model, tokens,
+    `results.db`, every variant) into a fresh DB, and its largest relative perplexity difference from the
+    reference loop."""
+    db = Path(settings["db"])
     for stale in tmp.glob(db.name + "*"):
         stale.unlink()
-    command = [sys.executable, "-m", "sweep", "run", "--model", str(config_dir), "--random-init", "--tokenizer",
-               args.tokenizer, "--data", args.data, "--max-tokens", str(n_tokens), "--max-length", str(max_length),
-               "--strategy", "exhaustive", "--latency", latency, "--db", str(db),
-               "--cache-dir", str(ROOT / ".cache" / "sweep"), "--quiet"]
+    command = [sys.executable, "-m", "sweep", "run", "--quiet"]
+    for name, value in settings.items():
+        flag = "--" + name.replace("_", "-")
+        command += [flag] if value is True else [flag, str(value)]
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     start = time.perf_counter()
     subprocess.run(command, check=True, env=env, cwd=tmp, stdout=subprocess.DEVNULL)
@@ -535,6 +610,10 @@ def print_table(figures: dict) -> None:
         print(f"    floor of the whole command: imports {figures['import_seconds']:.1f} s + head product "
               f"{row['head_floor_seconds']:.1f} s = {row['command_floor_seconds']:.1f} s, so at most "
               f"x{row['best_possible_ratio']:.2f} against this reference loop, before any layer or latency")
+        for key, label in (("sweep_latency_off", "--latency off"), ("sweep_latency_default", "default latency")):
+            for m in row[key]:
+                print(f"    `sweep plan` for {label}: {estimate_text(m)} against {m['seconds']:.1f} s measured "
+                      f"(load {m['estimate']['load_1min']:.1f} at the plan, {m['load_1min']:.1f} after the run)")
 
 
 def verdict(ratio: float, target: float | None) -> str:

@@ -70,6 +70,16 @@ def test_table_times_the_reference_loop_and_both_sweep_commands_and_saves_ratios
     assert row["sharing_limit"] == pytest.approx((head + 2 * layer) / (head + 15 / 16 * layer))
     assert row["head_floor_seconds"] > 0
     assert row["command_floor_seconds"] == pytest.approx(figures["import_seconds"] + row["head_floor_seconds"])
+    # `sweep plan`'s estimate of each command, next to its measured time: from the probe into the fresh DB, and for
+    # the default latency also calibrated on the --latency off run of the same shape
+    for key in ("sweep_latency_off", "sweep_latency_default"):
+        [measured] = row[key]
+        estimate = measured["estimate"]
+        assert not estimate["calibrated"] and estimate["line"].startswith("estimate: ")
+        assert 0 < estimate["low_seconds"] <= estimate["seconds"] <= estimate["high_seconds"]
+        assert estimate["error"] == pytest.approx(estimate["seconds"] / measured["seconds"] - 1)
+    assert "estimate_calibrated" not in row["sweep_latency_off"][0]
+    assert row["sweep_latency_default"][0]["estimate_calibrated"]["calibrated"]
 
 
 def test_sharing_limit_of_distilgpt2_is_the_issues_1_37():

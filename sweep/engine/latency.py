@@ -224,7 +224,7 @@ def measure_latency(model: nn.Module, representatives: dict[str, Sequence[int]],
         n_decode = min(decode_tokens, WARMUP_DECODE_TOKENS) if warming_up else decode_tokens
         for sig in active:
             try:
-                prefill_ms, decode_ms = _time_variant(model, representatives[sig], prompt, n_decode, timer)
+                prefill_ms, decode_ms = time_variant(model, representatives[sig], prompt, n_decode, timer)
             except Exception as exc:  # a latency failure is data: perplexity is still measured
                 free_memory(device)
                 failed[sig] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
@@ -249,7 +249,7 @@ def measure_latency(model: nn.Module, representatives: dict[str, Sequence[int]],
             for sig, s in samples.items()}
 
 
-def _time_variant(model: nn.Module, removed: Sequence[int], prompt: torch.Tensor, decode_tokens: int,
+def time_variant(model: nn.Module, removed: Sequence[int], prompt: torch.Tensor, decode_tokens: int,
                   timer: Timer) -> tuple[float, float]:
     """One prefill and (if asked) one decode timing of a variant, in ms and ms per token; the decode continues
     from the timed prefill's KV cache (no second prefill)."""

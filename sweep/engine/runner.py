@@ -237,9 +237,9 @@ def _measure_all(run: Run, todo: list[Removal]) -> None:
     # Perplexity first, so results reach the DB from the first chunk on; rows of signatures not timed yet are
     # completed by the latency phase at the end (_latency_for with nothing new to plan).
     latency = {} if per_variant_latency else store.latency_by_signature(run.db, run.setup)
-    order = _trie_order(todo, worker) if cfg.engine == "trie" and worker.trie_ok else list(todo)
+    order = trie_order(todo, worker) if cfg.engine == "trie" and worker.trie_ok else list(todo)
     bar = tqdm(total=len(todo), desc="variants", unit="variant", disable=not run.progress, dynamic_ncols=True)
-    size, first = (8 if cfg.engine == "trie" else 1), 0
+    size, first = (FIRST_CHUNK if cfg.engine == "trie" else 1), 0
     while first < len(order) and not run.should_stop():
         chunk = order[first : first + min(size, PER_VARIANT_GROUP if per_variant_latency else size)]
         if per_variant_latency:
@@ -251,7 +251,7 @@ def _measure_all(run: Run, todo: list[Removal]) -> None:
             _first_estimate(rows[0], len(todo))
         first += len(chunk)
         if cfg.engine == "trie":  # per-variant chunks stay at one variant: Ctrl-C stops after the current one
-            size = _next_chunk_size(rows, size)
+            size = next_chunk_size(rows, size)
     summary.interrupted = first < len(order)
     bar.close()
     if not summary.interrupted and not per_variant_latency:
@@ -340,7 +340,7 @@ def _measure_parallel(run: Run, todo: list[Removal], n_workers: int) -> None:
         run.summary.interrupted = True
         return
     prefix_sharing = cfg.engine == "trie" and worker.trie_ok
-    order = _trie_order(todo, worker) if prefix_sharing else list(todo)
+    order = trie_order(todo, worker) if prefix_sharing else list(todo)
     # Priced one by one: a chunk is a small sub-trie that shares far less than the whole plan.
     per_variant = worker.estimate_seconds(order, shared=False) / len(order) if prefix_sharing else 1.0
     worker.release_device()
@@ -362,7 +362,11 @@ def _failed_rows(worker):
     return lambda chunk, error: [{**worker.failed_row(r, error), "eval_seconds": None} for r in chunk]
 
 
-def _trie_order(todo: list[Removal], worker) -> list[Removal]:
+FIRST_CHUNK = 8
+"""Variants in the first trie chunk; later chunks are sized from its time (:func:`next_chunk_size`)."""
+
+
+def trie_order(todo: list[Removal], worker) -> list[Removal]:
     """Variants sorted by step sequence, so that consecutive chunks are sub-tries sharing long prefixes.
 
     Example, 3 layers: kept [] (all removed), [0], [0, 1], [0, 1, 2] (baseline), [0, 2], [1], [1, 2], [2]; a
@@ -372,7 +376,7 @@ def _trie_order(todo: list[Removal], worker) -> list[Removal]:
                                              for s in worker.steps_of(removed)])
 
 
-def _next_chunk_size(rows: list[dict], size: int) -> int:
+def next_chunk_size(rows: list[dict], size: int) -> int:
     """Grow or shrink chunks so that one takes about CHUNK_SECONDS."""
     per_variant = max(sum(r.get("eval_seconds") or 0.0 for r in rows) / max(len(rows), 1), 1e-3)
     return max(1, min(512, int(CHUNK_SECONDS / per_variant)))

@@ -1,67 +1,119 @@
-"""What `sweep plan` prints: the plan against the DB, with an estimate.
+"""What `sweep plan` prints: the plan against the DB, with an estimate of the run's wall time.
 
 It loads no weights: the setup id is computed exactly as `sweep run` computes it (:mod:`identity`, from the config
-and the tokenized text), so it counts what a run has stored.
+and the tokenized text), so it counts what a run has stored; the estimate (:mod:`estimate`) times one random-init
+layer of the same config and reads earlier chunks of the same shape from the DB.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import socket
+import time
 from pathlib import Path
 
-from sweep import store
-from sweep.config import SweepConfig, plan_spec
-from sweep.engine import identity, models
+import torch
+
+from sweep import Log, store
+from sweep.config import SweepConfig, batch_size_or_default, plan_spec
+from sweep.engine import estimate, identity, models
 from sweep.engine.adapters import n_layers_of
-from sweep.engine.data import load_tokens, resolve_windows
-from sweep.plan import SIGNAL_STRATEGIES, PlanSpec, count_variants, format_duration, parse_range, plan_variants, \
+from sweep.engine.data import load_tokens, resolve_windows, used_tokens
+from sweep.errors import SweepError
+from sweep.plan import SIGNAL_STRATEGIES, PlanSpec, count_variants, parse_key, parse_range, plan_variants, \
     strategy_names, variant_key
+from sweep.store.throughput import latency_rounds, measured_chunks
 
-Log = Callable[[str], None]
+
+ESTIMATED_VARIANTS = 200_000
+"""Plans up to this size are enumerated (to count what is measured and to price their chunks)."""
 
 
-def describe_plan(cfg: SweepConfig, log: Log = print) -> dict:
-    """What ``sweep plan`` prints: variant count, how many are measured, and a time estimate. Loads no weights.
+def describe_plan(cfg: SweepConfig, log: Log = print, imports_s: float | None = None) -> dict:
+    """What ``sweep plan`` prints: variant count, how many are measured, and the run's expected wall time.
+
+    Args:
+        imports_s: seconds a new process takes to import sweep, torch and transformers (None: this process's age
+            when it is a fresh one, i.e. `sweep plan` itself; see :data:`estimate.FRESH_PROCESS_S`).
 
     Raises:
-        SweepError subclasses for bad input.
+        SweepError subclasses for bad input; without a DB, text that cannot be read only leaves the estimate out.
     """
+    age = estimate.process_age()
+    if imports_s is None and age is not None and age < estimate.FRESH_PROCESS_S:
+        imports_s = age
+    started = time.perf_counter()
     model_config = models.config_for(cfg)
     n_layers = n_layers_of(model_config)
     spec = plan_spec(cfg)
     n_variants = count_variants(n_layers, spec)
-    measured, per_variant = _measured_in_db(cfg, model_config, n_layers, spec)
+    db = store.open_db(cfg.db, create=False) if Path(cfg.db).exists() else None  # a foreign file: refused here
+    windows = resolve_windows(cfg, model_config)
+    try:
+        tokens = load_tokens(cfg, models.tokenizer_for(cfg), windows)
+    except SweepError as exc:
+        if db is not None:  # needed to count what is measured
+            raise
+        info = _log_counts(cfg, n_layers, n_variants, 0, log)
+        log(f"estimate: needs the evaluation text ({exc})")
+        return info
+    loading_s = time.perf_counter() - started
+    setup = identity.evaluation_setup(cfg, model_config, tokens, windows)
+    done = _done_keys(db, setup)
+    variants = plan_variants(n_layers, spec) if n_variants <= ESTIMATED_VARIANTS else None
+    measured = sum(variant_key(v) in done for v in variants) if variants is not None else len(done)
+    info = _log_counts(cfg, n_layers, n_variants, measured, log)
+    if variants is None or not info["todo"]:
+        log("estimate: nothing to measure" if not info["todo"] else
+            f"estimate: not computed for more than {ESTIMATED_VARIANTS:,} variants")
+        return info
+    work = estimate.PlanWork(todo=[v for v in variants if variant_key(v) not in done],
+                             done=[parse_key(k) for k in done], n_layers=n_layers,
+                             n_tokens=used_tokens(len(tokens.ids), windows.max_tokens),
+                             max_length=windows.max_length, stride=windows.stride)
+    result = estimate.estimate_run(cfg, model_config, torch.as_tensor(tokens.ids[: work.n_tokens]), work,
+                                   *_earlier_measurements(db, cfg, setup), imports_s=imports_s, loading_s=loading_s,
+                                   batch_size=batch_size_or_default(cfg))
+    log(result.line(info["todo"]))
+    _note_what_is_not_priced(cfg, log)
+    return {**info, "estimate_seconds": result.seconds, "estimate_low_seconds": result.low_s,
+            "estimate_high_seconds": result.high_s, "estimate_calibrated": result.calibrated,
+            "estimate_startup_seconds": result.startup_s, "estimate_perplexity_seconds": result.perplexity_s,
+            "estimate_latency_seconds": result.latency_s[1]}
+
+
+def _log_counts(cfg: SweepConfig, n_layers: int, n_variants: int, measured: int, log: Log) -> dict:
+    """Say how many variants the plan has and how many are measured; the counts as a dict."""
     todo = n_variants - measured
-    info = {"n_layers": n_layers, "variants": n_variants, "measured": measured, "todo": todo,
-            "seconds_per_variant": per_variant}
     log(f"{cfg.model}: {n_layers} layers; strategy {cfg.strategy}: {n_variants:,} variants "
         f"(baseline included), {measured:,} already measured in {cfg.db}, {todo:,} to go")
-    _note_signal_variants(cfg, spec, log)
-    if per_variant:
-        log(f"estimate: {per_variant:.2f} s per variant from earlier records -> about {format_duration(per_variant * todo)}")
-    else:
-        log("estimate: no variant of this model timed yet; `sweep run` prints one after the first variant")
-    return info
+    _note_signal_variants(cfg, plan_spec(cfg), log)
+    return {"n_layers": n_layers, "variants": n_variants, "measured": measured, "todo": todo}
 
 
-def _measured_in_db(cfg: SweepConfig, model_config, n_layers: int, spec: PlanSpec) -> tuple[int, float | None]:
-    """How many planned variants the DB has for exactly this setup, and its seconds per variant.
+def _done_keys(db, setup: identity.SetupIdentity) -> set[str]:
+    """Variant keys the DB has for exactly this setup (none without a DB or the setup)."""
+    setup_id = identity.find_setup(db, setup) if db is not None else None
+    return store.done_keys(db, setup_id) if setup_id is not None else set()
 
-    The setup id is computed as `sweep run` would (tokenizing the data, cached), without loading weights.
-    """
-    if not Path(cfg.db).exists():
-        return 0, None
-    db = store.open_db(cfg.db, create=False)
-    windows = resolve_windows(cfg, model_config)
-    tokens = load_tokens(cfg, models.tokenizer_for(cfg), windows)
-    setup = identity.find_setup(db, identity.evaluation_setup(cfg, model_config, tokens, windows))
-    if setup is None:
-        return 0, None
-    done = store.done_keys(db, setup)
-    if count_variants(n_layers, spec) <= 200_000:
-        measured = sum(variant_key(v) in done for v in plan_variants(n_layers, spec))
-    else:
-        measured = len(done)
-    return measured, store.seconds_per_variant(db, setup)
+
+def _earlier_measurements(db, cfg: SweepConfig, setup: identity.SetupIdentity) -> tuple[list, int | None]:
+    """(chunks of this shape this host measured, the timed rounds of its newest latency phase) from the DB:
+    same model row (name, revision, dtype), window, stride and device, any data, plan or ``--max-tokens``."""
+    model = setup.model
+    model_id = store.find_model(db, model.name, model.revision, model.dtype) if db is not None else None
+    if model_id is None:
+        return [], None
+    host, fields = socket.gethostname(), setup.fields
+    chunks = measured_chunks(db, model_id, fields["max_length"], fields["stride"], fields["device"], host)
+    rounds = latency_rounds(db, model_id, fields["device"], host, fields["latency_settings"])
+    return chunks, rounds
+
+
+def _note_what_is_not_priced(cfg: SweepConfig, log: Log) -> None:
+    """Say where the run will differ from the priced plan: racing stops early, workers split the work."""
+    if cfg.race:
+        log("  --race: eliminated variants stop after a slice of the windows, so the run takes less than this")
+    if (cfg.workers or 1) > 1 or cfg.backend == "dask":
+        log("  priced for one process: worker processes share the perplexity phase")
 
 
 def _note_signal_variants(cfg: SweepConfig, spec: PlanSpec, log: Log) -> None:

@@ -12,13 +12,13 @@ from sweep.engine.adapters.replay import (LayerCalls, StepRunner, call_layer, ca
                                           capture_residual_stream, final_norm_fn)
 from sweep.engine.adapters.surgery import (LAYER_INDEX_ATTRS, AppliedVariant, ParallelLayers, applied, check_steps,
                                            embedding_params, layer_occurrence, layer_params, layer_signature,
-                                           materialized, pruned, remove_layers, shape_signature, step_params,
-                                           total_params)
+                                           layers_config, materialized, pruned, remove_layers, shape_signature,
+                                           step_params, total_params)
 
 __all__ = [
     "FAMILIES", "LAYER_INDEX_ATTRS", "Adapter", "AppliedVariant", "Branches", "Family", "LayerCalls",
     "ParallelLayers", "StepRunner", "adapter_for", "applied", "branches_of", "call_layer", "capture_layer_calls",
     "capture_residual_stream", "check_steps", "decoder_layers", "embedding_params", "family_of", "final_norm",
-    "final_norm_fn", "layer_occurrence", "layer_params", "layer_signature", "lora_target_modules", "materialized",
-    "n_layers_of", "pruned", "remove_layers", "shape_signature", "step_params", "total_params",
+    "final_norm_fn", "layer_occurrence", "layer_params", "layer_signature", "layers_config", "lora_target_modules",
+    "materialized", "n_layers_of", "pruned", "remove_layers", "shape_signature", "step_params", "total_params",
 ]

@@ -50,6 +50,16 @@ def _config_changes(config, kept: Sequence[int]) -> dict[str, object]:
     return changes
 
 
+def layers_config(config, kept: Sequence[int]):
+    """A copy of ``config`` for a model of only the ``kept`` layers (layer count and per-layer lists follow)."""
+    import copy  # noqa: PLC0415 - only here
+
+    new = copy.deepcopy(config)
+    for name, value in _config_changes(config, kept).items():
+        setattr(new, name, value)
+    return new
+
+
 def remove_layers(model: nn.Module, removed: Sequence[int]) -> Callable[[], None]:
     """Remove decoder layers in place; return a callable that restores the model exactly.
 
