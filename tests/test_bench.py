@@ -54,7 +54,7 @@ def test_table_times_the_reference_loop_and_both_sweep_commands_and_saves_ratios
                                                                                   tmp_path):
     bench = load_bench()
     argv = ["--table", "--table-models", f"{tiny_gpt2_dir}:64", "--tokenizer", str(tiny_gpt2_dir), "--data",
-            str(sample_text_file), "--max-tokens", "320", "--out", str(tmp_path)]
+            str(sample_text_file), "--max-tokens", "320", "--out", str(tmp_path), "--no-real"]
     assert bench.main(argv) == 0
     [saved] = tmp_path.glob("cpu-table-*.json")
     figures = json.loads(saved.read_text())
@@ -90,6 +90,23 @@ def test_sharing_limit_of_distilgpt2_is_the_issues_1_37():
     limits = bench.table_limits(config, 1024, 2)
     assert limits["sharing_limit"] == pytest.approx(1.37, abs=0.005)
     assert limits["head_macs_per_token"] == 768 * 50257
+
+
+def test_the_smollm2_rows_compute_limit_counts_the_loops_and_the_tries_layer_passes():
+    from transformers import AutoConfig
+
+    bench = load_bench()
+    config = AutoConfig.for_model("llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                  num_attention_heads=9, num_key_value_heads=3, vocab_size=49_152)
+    limits = bench.real_model_limits(config)
+    # one by one: the full model and 30 models of 29 layers; the trie: the full model, then each variant's suffix
+    loop_passes = 30 + sum(29 for _ in range(30))
+    trie_passes = 30 + sum(30 - 1 - removed for removed in range(30))
+    assert (loop_passes, trie_passes) == (900, 465)
+    head, layer = limits["head_macs_per_token"], limits["layer_macs_per_token"]
+    assert head == 576 * 49_152
+    assert limits["compute_limit"] == pytest.approx((31 * head + loop_passes * layer) / (31 * head + trie_passes * layer))
+    assert limits["compute_limit"] == pytest.approx(1.63, abs=0.005)  # the issue's FLOP count
 
 
 def test_race_bench_compares_the_race_with_the_full_sweep_and_estimates_llama(tmp_path):
