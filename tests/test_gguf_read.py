@@ -151,3 +151,48 @@ def test_a_local_file_that_is_not_gguf_is_not_sent_to_the_hub(tmp_path):
     with pytest.raises(ModelLoadError, match="must be a GGUF") as err:
         models.load_config(str(other))
     assert "hub" not in str(err.value)
+
+
+# ---------------------------------------------------------------------------------------------- every command
+
+
+def test_tasks_on_a_gguf_equal_the_reference_accuracy(tiny_gguf, byte_tokenizer_dir, tmp_path):
+    pytest.importorskip("lm_eval")
+    from sweep.engine import adapters
+    from sweep.extras.tasks import run_tasks
+    from test_tasks import reference_accuracy, task_rows, tasks_config
+    from toy_tasks import arithmetic_docs, write_task
+    from transformers import AutoTokenizer
+
+    path, want = tiny_gguf
+    task_dir = write_task(tmp_path / "tasks", "toy_arith", arithmetic_docs())
+    cfg = tasks_config(path, task_dir, tmp_path / "r.db", tokenizer=str(byte_tokenizer_dir), remove="1",
+                       cache_dir=str(tmp_path / "cache"))
+    summary = run_tasks(cfg, log=lambda s: None, progress=False)
+    assert summary.failed == 0
+    rows = task_rows(tmp_path / "r.db")
+    tokenizer = AutoTokenizer.from_pretrained(byte_tokenizer_dir)
+    with adapters.pruned(want, [1]):
+        assert rows["1"][0] == pytest.approx(reference_accuracy(want, tokenizer, arithmetic_docs()))
+
+
+def test_heal_and_the_signal_strategies_run_on_a_gguf(tiny_gguf, byte_tokenizer_dir, sample_text_file, tmp_path):
+    pytest.importorskip("peft")
+    from sweep.config import build_config
+    from sweep.engine.runner import run_sweep
+    from sweep.extras.heal import heal_variant
+
+    path, _ = tiny_gguf
+    common = {"model": str(path), "tokenizer": str(byte_tokenizer_dir), "data": str(sample_text_file),
+              "db": str(tmp_path / "r.db"), "cache_dir": str(tmp_path / "cache"), "max_tokens": 384,
+              "max_length": 64, "latency": "off", "device": "cpu", "calib_data": str(sample_text_file),
+              "calib_max_tokens": 256}
+    run_sweep(build_config(**common, strategy="angular,block-influence,greedy", n="1-2"), log=lambda s: None,
+              progress=False)
+    healed = heal_variant(build_config(**common, heal_data=str(sample_text_file), heal_steps=2, heal_seq=64,
+                                       heal_batch_size=2, heal_eval_every=1, heal_eval_batches=1, lora_r=2,
+                                       lora_alpha=4), (1,), log=lambda s: None, progress=False)
+    assert healed["status"] == "ok" and healed["ppl"] > 0
+    conn = sqlite3.connect(tmp_path / "r.db")
+    chosen = {r[0] for r in conn.execute("select strategy from strategy_choices")}
+    assert chosen == {"angular", "block-influence", "greedy"}
