@@ -160,38 +160,32 @@ def read_config(path: Path, cache_dir=None):
     """
     from transformers import AutoConfig
 
-    path = check_file(path)
-    folder = cache_folder(path, cache_dir)
-    if folder is not None and (folder / "config.json").is_file():
-        return AutoConfig.from_pretrained(folder)
-    require_gguf_extra()
-    parent, name = _split(path)
-    try:
-        config = _plain_config(AutoConfig.from_pretrained(parent, gguf_file=name))
-    except _READ_ERRORS as exc:
-        raise _classified(path, exc) from None
-    if folder is not None:
-        _write_atomic(folder / "config.json", config.to_json_string())
-    return config
+    return _read_part(path, cache_dir, "config.json", AutoConfig, _plain_config)
 
 
 def read_tokenizer(path: Path, cache_dir=None):
     """The tokenizer stored in the GGUF's metadata (cached in the folder)."""
     from transformers import AutoTokenizer
 
+    return _read_part(path, cache_dir, "tokenizer_config.json", AutoTokenizer)
+
+
+def _read_part(path: Path, cache_dir, marker: str, auto, prepare=lambda part: part):
+    """The config or the tokenizer of a GGUF: from its converted folder when ``marker`` is there, else read by
+    transformers (``auto.from_pretrained(folder, gguf_file=name)``), passed through ``prepare`` and saved there."""
     path = check_file(path)
     folder = cache_folder(path, cache_dir)
-    if folder is not None and (folder / "tokenizer_config.json").is_file():
-        return AutoTokenizer.from_pretrained(folder)
+    if folder is not None and (folder / marker).is_file():
+        return auto.from_pretrained(folder)
     require_gguf_extra()
     parent, name = _split(path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(parent, gguf_file=name)
+        part = prepare(auto.from_pretrained(parent, gguf_file=name))
     except _READ_ERRORS as exc:
         raise _classified(path, exc) from None
     if folder is not None:
-        _save_into(folder, tokenizer.save_pretrained)
-    return tokenizer
+        _save_into(folder, part.save_pretrained)
+    return part
 
 
 def read_model(path: Path, dtype, cache_dir=None):
