@@ -18,6 +18,7 @@ its tensors are moved into a fresh model built from the config without it (no co
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import os
@@ -202,15 +203,16 @@ def read_model(path: Path, dtype, cache_dir=None):
     folder = cache_folder(path, cache_dir)
     if folder is not None and (folder / "model.safetensors").is_file():
         return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    config = read_config(path, cache_dir)  # classifies a bad file in seconds, before the long dequantization
+    require_gguf_extra()
     parent, name = _split(path)
-    try:
+    try:  # a bad file fails while transformers reads the config, before any tensor is dequantized
         loaded = AutoModelForCausalLM.from_pretrained(parent, gguf_file=name, dtype=torch.float32)
     except _READ_ERRORS as exc:
         raise _classified(path, exc) from None
-    model = plain_model(loaded, config)
+    # The config comes with the model (reading it apart would parse the file's metadata once more: ~5 s here).
+    model = plain_model(loaded, _plain_config(copy.deepcopy(loaded.config)))
     if folder is not None and sum(p.numel() for p in model.parameters()) * 4 <= CACHE_MAX_BYTES:
-        _save_into(folder, model.save_pretrained)
+        _save_into(folder, model.save_pretrained)  # config.json included
     return model.to(dtype)
 
 

@@ -141,11 +141,11 @@ def load_model(name: str, revision: str | None = None, dtype: str = "auto", devi
 
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
-    config = load_config(name, revision, trust_remote_code, cache_dir)
-    if gguf_read.is_gguf(name) and not random_init:
+    if gguf_read.is_gguf(name) and not random_init:  # the config comes with the model (one parse of the file)
         model = gguf_read.read_model(Path(name), torch_dtype, cache_dir).to(torch_device).eval()
         adapter_for(model)
         return model
+    config = load_config(name, revision, trust_remote_code, cache_dir)
     try:
         if random_init:
             torch.manual_seed(0)  # seeds every device's generator
