@@ -15,14 +15,14 @@ from pathlib import Path
 from sweep import Log, __version__, store
 from sweep.config import SweepConfig, build_config, command_fields, default, field_docs, flag
 from sweep.errors import SweepError
-from sweep.plan import format_duration
+from sweep.plan import format_duration, needing, strategy_help
 
 EXIT_USAGE = 2
 
 def _add_config_flags(parser: argparse.ArgumentParser, command: str) -> None:
     """One flag per SweepConfig field ``sweep COMMAND`` offers (:func:`command_fields`), help taken from the field's
     docstring; default None = 'not given'."""
-    docs = field_docs()
+    docs = {**field_docs(), "strategy": strategy_help()}  # the names come from the strategy registry
     names = command_fields(command)
     for f in fields(SweepConfig):
         if f.name not in names:
@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="output directory")
 
     _add_quiet_flag(_config_command(sub, "similarity", "angular distances and Block Influence of every layer on "
-                                    "calibration text, stored in the DB (for --strategy angular/block-influence)"))
+                                    "calibration text, stored in the DB (for --strategy "
+                                    f"{'/'.join(needing('signals'))})"))
     _add_tasks_and_heal_parsers(sub)
     return parser
 

@@ -101,7 +101,7 @@ class SweepConfig:
     """trie (variants share the computation of common leading layers) or per-variant (the plain reference)."""
 
     strategy: str = setting("single", "strategy")
-    """Comma-separated: single, combinations, exhaustive, last-n, blocks, explicit, angular, block-influence, greedy; order edits: repeat, swap, reverse, parallel."""
+    """Comma-separated strategy names, their variants combined (the help lists them: :data:`sweep.plan.STRATEGIES`)."""
     k: str = setting("2", "strategy")
     """Subset sizes for `combinations`, e.g. 2 or 1-3."""
     n: str = setting("1-4", "strategy")
@@ -333,6 +333,8 @@ def _validate_parallel(cfg: SweepConfig) -> None:
 
 
 RACE_STRATEGIES = ("exhaustive", "combinations")
+"""The strategies ``--race`` races: :func:`sweep.plan.race_strategies` (the registry's ``races``), restated here
+because the config sits below the plan; tests/test_strategy_registry.py checks that they agree."""
 MIN_RESAMPLES = 200
 """Fewer bootstrap resamples leave a 99-percent interval's tails on one or two resamples each."""
 

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
-from sweep import steps
+from sweep import steps, strategies
 from sweep.config import PlanSpec
 from sweep.errors import PlanError, UnknownNameError
+from sweep.steps import normalized
 
 EXHAUSTIVE_LIMIT = 16
 """Exhaustive plans over more units than this need --force (2^17 - 1 = 131,071 variants)."""
@@ -171,9 +174,14 @@ def _blocks(n_layers: int, spec: PlanSpec) -> Iterator[Removal]:
             yield tuple(units[start:start + n])
 
 
-ORDER_SPANS = {"repeat": "1", "swap": "2", "reverse": "3", "parallel": "2"}
+_ORDER_EDITS = {  # name: (edit op of sweep.steps, default --span, summary of its record)
+    "repeat": ("r", "1", "each block of the middle layers run twice"),
+    "swap": ("s", "2", "each pair of adjacent middle layers exchanged"),
+    "reverse": ("v", "3", "each block of the middle layers run backwards"),
+    "parallel": ("p", "2", "each block of adjacent middle layers run side by side on the same input"),
+}
+ORDER_SPANS = {name: span for name, (_, span, _) in _ORDER_EDITS.items()}
 """Default block lengths of the order strategies (``--span``)."""
-_ORDER_OPS = {"repeat": "r", "swap": "s", "reverse": "v", "parallel": "p"}
 
 
 def _order(name: str) -> Callable[[int, PlanSpec], Iterator[Removal]]:
@@ -184,7 +192,7 @@ def _order(name: str) -> Callable[[int, PlanSpec], Iterator[Removal]]:
     (any layer, as long as the block fits in the model). Example, 6 layers, ``repeat --span 1-2``:
     r1, r2, r3, r4, r1-2, r2-3, r3-4.
     """
-    op = _ORDER_OPS[name]
+    op = _ORDER_EDITS[name][0]
 
     def strategy(n_layers: int, spec: PlanSpec) -> Iterator[Removal]:
         spans = [2] if name == "swap" else parse_range(spec.span or ORDER_SPANS[name], "--span")
@@ -224,34 +232,138 @@ def _explicit(n_layers: int, spec: PlanSpec) -> Iterator[Removal]:
 
 
 def _from_signals(n_layers: int, spec: PlanSpec) -> Iterator[Removal]:
-    """angular, block-influence, greedy: their removals need a model and calibration text, so the runner adds
-    them (:func:`sweep.engine.similarity.signal_removals`); here only ``--n`` is checked, before anything is loaded."""
+    """block-influence, greedy: their removals need a model and calibration text, so the runner adds them
+    (:func:`sweep.engine.similarity.signal_choices`); here only ``--n`` is checked, before anything is loaded."""
+    _sizes_within(spec.n, n_layers, spec)
+    return iter(())
+
+
+def _angular_sizes(n_layers: int, spec: PlanSpec) -> Iterator[Removal]:
+    """angular: as :func:`_from_signals`, and the final layer is no candidate unless ``--allow-last``."""
     sizes = _sizes_within(spec.n, n_layers, spec)
-    if "angular" in spec.strategy.split(",") and not spec.allow_last and sizes[-1] > n_layers - 1:
+    if not spec.allow_last and sizes[-1] > n_layers - 1:
         raise PlanError(f"`--strategy angular` with `--n` {sizes[-1]} would remove the final layer of "
                         f"{n_layers}; the final layer is never a candidate unless --allow-last")
     return iter(())
 
 
-STRATEGIES: dict[str, Callable[[int, PlanSpec], Iterable[Removal]]] = {
-    "single": _single,
-    "combinations": _combinations,
-    "exhaustive": _exhaustive,
-    "last-n": _last_n,
-    "blocks": _blocks,
-    "explicit": _explicit,
-    "angular": _from_signals,
-    "block-influence": _from_signals,
-    "greedy": _from_signals,
-    **{name: _order(name) for name in ORDER_SPANS},
-}
+Planner = Callable[[int, PlanSpec], Iterable[Removal]]
+"""(number of layers, plan settings) -> the variants of a strategy; raises PlanError for bad settings."""
+Chooser = Callable[[Sequence[int], strategies.Calibrated], list[strategies.Choice]]
+"""(sizes in ``--n``, the calibration signals) -> the variant a signal strategy chooses for each size."""
+KINDS = ("plan", "signal", "order")
+"""plan: enumerated from the layer count; signal: chosen on calibration text with the loaded model; order:
+layer-order edits (:mod:`sweep.steps`)."""
 
-SIGNAL_STRATEGIES = ("angular", "block-influence", "greedy")
-"""Strategies whose removals are chosen from calibration signals of the loaded model."""
-ORDER_STRATEGIES = tuple(ORDER_SPANS)
-"""Strategies that plan layer-order edits (repeat, swap, reverse, parallel); ``--unit`` does not apply to them."""
-UNIT_STRATEGIES = ("single", "combinations", "exhaustive", "last-n", "blocks", "explicit", "greedy")
-"""Strategies that work over the units of ``--unit`` (explicit: its keys name their units themselves)."""
+
+@dataclass(frozen=True)
+class Strategy:
+    """One strategy: what it is, what it needs, how it plans or chooses, and how the report shows it. Adding a
+    strategy is its module (planner or chooser) and one record in :data:`STRATEGIES`."""
+
+    name: str
+    """What ``--strategy`` calls it."""
+    summary: str
+    """One line: which variants it gives."""
+    kind: str
+    """One of :data:`KINDS`."""
+    plans: Planner
+    """Its variants from the layer count; a signal strategy's only checks ``--n`` (it plans none by itself)."""
+    flags: tuple[str, ...] = ()
+    """The flags it reads besides ``--strategy`` (``--remove`` is refused without a strategy that reads it)."""
+    units: bool = False
+    """Works over the units of ``--unit`` (attention and MLP branches) as well as whole blocks."""
+    needs: tuple[str, ...] = ()
+    """Calibration signals it needs: "signals" (angular distances and Block Influence, one pass), "greedy-path"
+    (calibration perplexities of candidates, through the trie)."""
+    chooses: Chooser | None = None
+    """A signal strategy's choice for each size, from the signals of :attr:`needs`."""
+    races: bool = False
+    """``--race`` can race its plan (many variants of each size)."""
+    reported: str | None = None
+    """Its line in the report's strategies-against-the-oracle table, figure and browse query: "choices" (its stored
+    choices), "plan" (its one planned variant per size, planned again from the layer count), None (no line)."""
+    style: dict[str, Any] = field(default_factory=dict)
+    """Its line's matplotlib style in the strategy figure (distinct markers: lines often overlap)."""
+
+
+_CALIBRATION = ("--calib-data", "--calib-data-config", "--calib-split", "--calib-max-tokens")
+_RECORDS = (
+    Strategy("single", "each layer (unit) alone", "plan", _single, units=True),
+    Strategy("combinations", "every subset of size k", "plan", _combinations, ("--k",), units=True, races=True),
+    Strategy("exhaustive", "every subset", "plan", _exhaustive, ("--force",), units=True, races=True),
+    Strategy("last-n", "the deepest n layers (units)", "plan", _last_n, ("--n",), units=True, reported="plan",
+             style=dict(marker="s", markersize=8)),
+    Strategy("blocks", "every contiguous block of n layers (units)", "plan", _blocks, ("--n",), units=True),
+    Strategy("explicit", "the variants listed", "plan", _explicit, ("--remove",), units=True),
+    Strategy("angular", "for each n, the block of n layers of closest input and output residual streams", "signal",
+             _angular_sizes, ("--n", "--angular-tokens", "--allow-last", *_CALIBRATION), needs=("signals",),
+             chooses=strategies.choose_angular, reported="choices", style=dict(marker="o")),
+    Strategy("block-influence", "for each n, the n layers of lowest Block Influence", "signal", _from_signals,
+             ("--n", *_CALIBRATION), needs=("signals",), chooses=strategies.choose_block_influence,
+             reported="choices", style=dict(marker="^")),
+    Strategy("greedy", "for each n, the first n steps of a greedy path by calibration perplexity", "signal",
+             _from_signals, ("--n", *_CALIBRATION), units=True, needs=("greedy-path",),
+             chooses=strategies.choose_greedy, reported="choices", style=dict(marker="v", markersize=5)),
+    *(Strategy(name, summary, "order", _order(name), ("--span", "--positions"))
+      for name, (_, _, summary) in _ORDER_EDITS.items()),
+)
+
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in _RECORDS}
+"""Every strategy, by name, in the order of ``--help`` and the docs: the one place that lists them."""
+
+
+def strategy(name: str) -> Strategy:
+    """The record of strategy ``name``.
+
+    Raises:
+        UnknownNameError: listing the valid strategies.
+    """
+    if name not in STRATEGIES:
+        raise UnknownNameError("strategy", name, list(STRATEGIES))
+    return STRATEGIES[name]
+
+
+def names_where(keep: Callable[[Strategy], bool]) -> tuple[str, ...]:
+    """The registered strategies that ``keep`` accepts, in registry order, read when called (so a record added to
+    :data:`STRATEGIES`, as tests do, is seen): ``names_where(lambda s: s.kind == "order")`` -> repeat, swap, ..."""
+    return tuple(s.name for s in STRATEGIES.values() if keep(s))
+
+
+def signal_strategies() -> tuple[str, ...]:
+    """Strategies whose removals are chosen from calibration signals of the loaded model."""
+    return names_where(lambda s: s.kind == "signal")
+
+
+def order_strategies() -> tuple[str, ...]:
+    """Strategies that plan layer-order edits (repeat, swap, reverse, parallel); ``--unit`` does not apply to them."""
+    return names_where(lambda s: s.kind == "order")
+
+
+def unit_strategies() -> tuple[str, ...]:
+    """Strategies that work over the units of ``--unit`` (explicit: its keys name their units themselves)."""
+    return names_where(lambda s: s.units)
+
+
+def race_strategies() -> tuple[str, ...]:
+    """Strategies whose plans ``--race`` races (:data:`sweep.config.RACE_STRATEGIES` restates them below the plan)."""
+    return names_where(lambda s: s.races)
+
+
+def reported_strategies() -> tuple[str, ...]:
+    """The strategies with a line in the report's strategy table and figure, in that order (then the oracle)."""
+    return names_where(lambda s: s.reported is not None)
+
+
+def needing(signal: str) -> tuple[str, ...]:
+    """The strategies whose :attr:`Strategy.needs` include ``signal`` ("signals" or "greedy-path")."""
+    return names_where(lambda s: signal in s.needs)
+
+
+def strategy_help() -> str:
+    """The ``--strategy`` help: every name, order edits last."""
+    return (f"Comma-separated: {', '.join(names_where(lambda s: s.kind != 'order'))}; "
+            f"order edits: {', '.join(order_strategies())}.")
 
 
 def strategy_names(text: str) -> list[str]:
@@ -264,8 +376,7 @@ def strategy_names(text: str) -> list[str]:
     if not names:
         raise PlanError("`--strategy` is empty; valid: " + ", ".join(STRATEGIES))
     for name in names:
-        if name not in STRATEGIES:
-            raise UnknownNameError("strategy", name, list(STRATEGIES))
+        strategy(name)
     return names
 
 
@@ -275,7 +386,7 @@ def _check_remove_is_used(names: list[str], spec: PlanSpec) -> None:
     Refused rather than taken to imply ``explicit``: the strategy may come from a preset or the default, and
     guessing which plan was meant could measure variants nobody asked for.
     """
-    if spec.remove and "explicit" not in names:
+    if spec.remove and not any("--remove" in STRATEGIES[n].flags for n in names):
         raise PlanError(f"`--remove` is only used by `--strategy explicit`, and the strategy is "
                         f"`{','.join(names)}`; add `--strategy explicit` (or `--strategy {','.join(names)},explicit` "
                         "for both), or drop --remove")
@@ -290,11 +401,11 @@ def count_variants(n_layers: int, spec: PlanSpec) -> int:
     _check_exhaustive(n_layers, spec)
     others = set()
     for name in names:  # exhaustive contains every other removal plan, but their parameters must still be valid
-        if name in ORDER_STRATEGIES or name == "explicit":
-            others.update(variant_key(r) for r in STRATEGIES[name](n_layers, spec)
+        if name in order_strategies() or name == "explicit":
+            others.update(variant_key(r) for r in STRATEGIES[name].plans(n_layers, spec)
                           if not _within_units(r, units_of(n_layers, spec)))
         elif name != "exhaustive":
-            for _ in STRATEGIES[name](n_layers, spec):
+            for _ in STRATEGIES[name].plans(n_layers, spec):
                 break
     return 2 ** len(units_of(n_layers, spec)) + len(others)
 
@@ -327,24 +438,20 @@ def plan_variants(n_layers: int, spec: PlanSpec) -> list[Removal]:
     _check_unit_is_used(names, spec)
     removals: set[Removal] = {()}
     for name in names:
-        removals.update(normalized(r) for r in STRATEGIES[name](n_layers, spec))
+        removals.update(normalized(r) for r in STRATEGIES[name].plans(n_layers, spec))
     return sorted(removals, key=variant_order)
-
-
-def normalized(variant) -> Removal:
-    """The canonical tuple of a variant: sorted ints for block removals (as before), else :func:`steps.normalize`."""
-    variant = tuple(variant)
-    return tuple(sorted(variant)) if steps.is_block_variant(variant) else steps.normalize(variant)
 
 
 def _check_unit_is_used(names: list[str], spec: PlanSpec) -> None:
     """``--unit`` other than block with only strategies it does not apply to would be silently ignored."""
-    if spec.unit != "block" and not set(names) & set(UNIT_STRATEGIES):
-        raise PlanError(f"`--unit {spec.unit}` applies to the strategies {', '.join(UNIT_STRATEGIES)}; "
+    if spec.unit != "block" and not set(names) & set(unit_strategies()):
+        raise PlanError(f"`--unit {spec.unit}` applies to the strategies {', '.join(unit_strategies())}; "
                         f"`{','.join(names)}` {'does' if len(names) == 1 else 'do'} not use it")
-    if spec.unit != "block" and set(names) & {"angular", "block-influence"}:
-        raise PlanError("`--strategy angular` and `block-influence` choose whole blocks; use --unit block with them "
-                        "(greedy works over any unit)")
+    whole = names_where(lambda s: s.kind == "signal" and not s.units)
+    if spec.unit != "block" and set(names) & set(whole):
+        any_unit = ", ".join(n for n in signal_strategies() if n not in whole)
+        raise PlanError(f"`--strategy {'` and `'.join(whole)}` choose whole blocks; use --unit block with them "
+                        f"({any_unit} works over any unit)")
 
 
 def format_duration(seconds: float) -> str:

@@ -134,6 +134,12 @@ def normalize(variant: Iterable[Edit]) -> Variant:
     return tuple(sorted(edits, key=edit_order))
 
 
+def normalized(variant: Iterable[Edit]) -> Variant:
+    """The canonical tuple of a variant: sorted ints for block removals (as before), else :func:`normalize`."""
+    variant = tuple(variant)
+    return tuple(sorted(variant)) if is_block_variant(variant) else normalize(variant)
+
+
 def variant_key(variant: Iterable[Edit]) -> str:
     """Canonical key: ``(3, 1) -> "1,3"``; ``("m5", "a3", 1) -> "1,a3,m5"``; baseline ``""``."""
     return ",".join(str(e) for e in normalize(variant))

@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 from sweep import steps
 from sweep.errors import PlanError
-from sweep.plan import Removal, normalized
+from sweep.steps import normalized
+
+Removal = steps.Variant
+"""A variant: removed layers, or units (:data:`sweep.plan.Removal`)."""
 
 Distances = Mapping[tuple[int, int], float]
 """(start l, block size n) -> d(l, n), defined for 0 <= l and l + n <= n_layers."""
@@ -163,3 +167,37 @@ def choose(strategy: str, sizes: Sequence[int], n_layers: int, *, distances: Dis
             raise PlanError(f"the greedy path has {len(path)} steps; {max(sizes)} are needed")
         return [Choice(strategy, n, path[n - 1].removed, "calib-ppl", path[n - 1].calib_ppl) for n in sizes]
     raise PlanError(f"strategy {strategy!r}: its signal was not computed")
+
+
+@dataclass(frozen=True)
+class Calibrated:
+    """What a signal strategy chooses from (its record's ``chooses``, :data:`sweep.plan.STRATEGIES`)."""
+
+    n_layers: int
+    settings: Any
+    """The sweep's config: ``angular_tokens``, ``allow_last``, ``unit``."""
+    signals: Any = None
+    """The layer signals (``angular_last``, ``angular_all``, ``block_influence``) where a strategy needs "signals"."""
+    path: Sequence[GreedyStep] | None = None
+    """The greedy path, as long as the largest size, where a strategy needs "greedy-path"."""
+
+
+def choose_angular(sizes: Sequence[int], cal: Calibrated) -> list[Choice]:
+    """``angular``: the block of minimal distance over the tokens of ``--angular-tokens`` for each size."""
+    tokens, signals = cal.settings.angular_tokens, cal.signals
+    distances = signals.angular_last if tokens == "last" else signals.angular_all
+    return choose("angular", sizes, cal.n_layers, distances=distances, angular_signal=f"angular-{tokens}",
+                  allow_last=cal.settings.allow_last)
+
+
+def choose_block_influence(sizes: Sequence[int], cal: Calibrated) -> list[Choice]:
+    """``block-influence``: the layers of lowest Block Influence for each size."""
+    return choose("block-influence", sizes, cal.n_layers, influence=cal.signals.block_influence)
+
+
+def choose_greedy(sizes: Sequence[int], cal: Calibrated) -> list[Choice]:
+    """``greedy``: the path's first n steps; a search over branches is its own strategy beside the one over
+    blocks (``greedy-attn``, ``greedy-mlp``, ``greedy-mix``)."""
+    picks = choose("greedy", sizes, cal.n_layers, path=cal.path)
+    unit = cal.settings.unit
+    return picks if unit == "block" else [replace(c, strategy=f"greedy-{unit}") for c in picks]

@@ -451,7 +451,7 @@ def closing_line(run: Run) -> str:
 
 
 def with_signal_variants(run: Run, variants: list[Removal]) -> list[Removal]:
-    """The plan plus the removals chosen by the signal strategies (angular, block-influence, greedy).
+    """The plan plus the removals chosen by the signal strategies (:func:`sweep.plan.signal_strategies`).
 
     Their signals are computed on the calibration text with the loaded model (or read from the DB), and the
     chosen variants are then measured like any other, on the evaluation setup.

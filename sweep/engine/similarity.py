@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,8 @@ from sweep.engine import adapters, identity, models
 from sweep.engine.data import EvalSetup, TokenizedText, describe, load_text, resolve_windows, tokenize, used_tokens
 from sweep.engine.worker import Worker
 from sweep.errors import DataError, SweepError
-from sweep.plan import SIGNAL_STRATEGIES, Removal, parse_key, parse_range, strategy_names, units_of, variant_key
+from sweep.plan import STRATEGIES, Removal, parse_key, parse_range, reported_strategies, signal_strategies, \
+    strategy_names, units_of, variant_key
 
 
 @dataclass
@@ -303,27 +304,21 @@ def signal_choices(cfg: SweepConfig, cal: Calibration, db, log: Log = print,
                    progress: bool = True) -> list[strategies.Choice]:
     """The variants chosen by the signal strategies in ``cfg.strategy`` for each n in ``--n``, recorded in the DB.
 
+    Each strategy's record (:data:`sweep.plan.STRATEGIES`) says which signals it needs and how it chooses: the
+    signals are computed (or read from the DB) once for all of them.
+
     Raises:
         PlanError: a size does not fit (e.g. angular without --allow-last on n = number of layers).
     """
-    names = [s for s in strategy_names(cfg.strategy) if s in SIGNAL_STRATEGIES]
+    records = [STRATEGIES[s] for s in strategy_names(cfg.strategy) if s in signal_strategies()]
     sizes = parse_range(cfg.n, "--n")
-    choices: list[strategies.Choice] = []
-    if "angular" in names and max(sizes) > cal.n_layers - (0 if cfg.allow_last else 1):
-        strategies.angular_choice({}, max(sizes), cal.n_layers, cfg.allow_last)  # raises the PlanError, before any work
-    signals = ensure_signals(cal, db, log, progress) if {"angular", "block-influence"} & set(names) else None
-    for name in names:
-        if name == "angular":
-            distances = signals.angular_last if cfg.angular_tokens == "last" else signals.angular_all
-            choices += strategies.choose(name, sizes, cal.n_layers, distances=distances,
-                                         angular_signal=f"angular-{cfg.angular_tokens}", allow_last=cfg.allow_last)
-        elif name == "block-influence":
-            choices += strategies.choose(name, sizes, cal.n_layers, influence=signals.block_influence)
-        else:
-            path = ensure_greedy_path(cal, db, max(sizes), log, progress)
-            picks = strategies.choose(name, sizes, cal.n_layers, path=path)
-            # a search over branches is its own strategy beside the one over blocks (e.g. greedy-mix)
-            choices += picks if cfg.unit == "block" else [replace(c, strategy=f"greedy-{cfg.unit}") for c in picks]
+    for record in records:  # raises the PlanError before any work
+        record.plans(cal.n_layers, plan_spec(cfg))
+    needs = {need for record in records for need in record.needs}
+    inputs = strategies.Calibrated(
+        cal.n_layers, cfg, signals=ensure_signals(cal, db, log, progress) if "signals" in needs else None,
+        path=ensure_greedy_path(cal, db, max(sizes), log, progress) if "greedy-path" in needs else None)
+    choices = [c for record in records for c in record.chooses(sizes, inputs)]
     store.record_strategy_choices(db, unit_key(cal), [{"strategy": c.strategy, "signal": c.signal, "n": c.n,
                                                  "removed": variant_key(c.removed), "score": c.score}
                                                 for c in choices])
@@ -334,7 +329,7 @@ def signal_choices(cfg: SweepConfig, cal: Calibration, db, log: Log = print,
 
 def signal_removals(cfg: SweepConfig, model, db, log: Log = print, progress: bool = True) -> list[Removal]:
     """What the runner unions into the plan: the removals the signal strategies of ``cfg.strategy`` choose."""
-    if not {s for s in strategy_names(cfg.strategy)} & set(SIGNAL_STRATEGIES):
+    if not set(strategy_names(cfg.strategy)) & set(signal_strategies()):
         return []
     cal = open_calibration(cfg, model, models.tokenizer_for(cfg), db)
     return [c.removed for c in signal_choices(cfg, cal, db, log, progress)]
@@ -354,8 +349,14 @@ def run_similarity(cfg: SweepConfig, log: Log = print, progress: bool = True) ->
     signals = ensure_signals(cal, db, log, progress)
     log(summary_text(signals, cfg.allow_last))
     log(f"stored in {cfg.db} (table layer_similarity, calibration {cal.key['calib_fingerprint']}). "
-        f"Next: sweep run --strategy angular,block-influence,greedy,last-n --n {cfg.n}")
+        f"Next: sweep run --strategy {','.join(_compared())} --n {cfg.n}")
     return signals
+
+
+def _compared() -> tuple[str, ...]:
+    """The strategies a `sweep similarity` suggests running: the signal ones, then the others the report compares."""
+    signal = signal_strategies()
+    return signal + tuple(n for n in reported_strategies() if n not in signal)
 
 
 def summary_text(signals: LayerSignals, allow_last: bool = False) -> str:

@@ -18,7 +18,7 @@ from sweep.engine import estimate, identity, models
 from sweep.engine.adapters import n_layers_of
 from sweep.engine.data import load_tokens, resolve_windows, used_tokens
 from sweep.errors import SweepError
-from sweep.plan import SIGNAL_STRATEGIES, PlanSpec, count_variants, parse_key, parse_range, plan_variants, \
+from sweep.plan import PlanSpec, count_variants, parse_key, parse_range, plan_variants, signal_strategies, \
     strategy_names, variant_key
 from sweep.store.throughput import latency_rounds, measured_chunks
 
@@ -118,7 +118,7 @@ def _note_what_is_not_priced(cfg: SweepConfig, log: Log) -> None:
 
 def _note_signal_variants(cfg: SweepConfig, spec: PlanSpec, log: Log) -> None:
     """`sweep plan` cannot count what angular/block-influence/greedy will choose without the model: say so."""
-    signal = [s for s in strategy_names(spec.strategy) if s in SIGNAL_STRATEGIES]
+    signal = [s for s in strategy_names(spec.strategy) if s in signal_strategies()]
     if signal:
         sizes = parse_range(spec.n, "--n")
         log(f"  plus up to {len(signal) * len(sizes)} variants that {', '.join(signal)} choose on the calibration "

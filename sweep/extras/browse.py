@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from sweep.errors import ConfigError, MissingExtraError, StoreError
+from sweep.plan import reported_strategies
 from sweep.store.schema import MODELS, RESULTS, RESULTS_VS_BASELINE, TABLES, VIEWS, Column, Table, View
 from sweep.store.schema import SETUPS as SETUPS_TABLE
 
@@ -222,8 +223,12 @@ ORDER BY interaction_pp IS NULL, abs(interaction_pp) DESC, p.i, p.j""", {
     "change_j_pct": "perplexity change without layer j alone (unit: %)",
     "interaction_pp": "change(i, j) − change(i) − change(j) (unit: percentage points; NULL without both singles)"})
 
-STRATEGY_ORDER = ("CASE p.strategy WHEN 'last-n' THEN 0 WHEN 'angular' THEN 1 WHEN 'block-influence' THEN 2 "
-                  "WHEN 'greedy' THEN 3 WHEN 'oracle' THEN 4 ELSE 5 END")
+STRATEGY_LINES = (*reported_strategies(), "oracle")
+"""The report's order of strategies (:func:`sweep.report.signals.strategy_lines`), from the strategy registry."""
+STRATEGY_ORDER = ("CASE p.strategy " + " ".join(f"WHEN '{name}' THEN {rank}"
+                                                 for rank, name in enumerate(STRATEGY_LINES))
+                  + f" ELSE {len(STRATEGY_LINES)} END")
+"""Orders the strategies-vs-oracle rows as the report does (generated from the registry)."""
 
 STRATEGIES = CannedQuery("strategies-vs-oracle", "Strategies against the oracle", (
     "The variant each strategy chose for each n (last-n, and the signal strategies' stored choices) with its "
@@ -259,7 +264,7 @@ FROM points p JOIN measured v ON v.removed = p.removed
 LEFT JOIN oracle o ON o.n = p.n LEFT JOIN measured ov ON ov.removed = o.removed
 WHERE {N_FILTER.format(column='p.n')}
 ORDER BY p.n, {STRATEGY_ORDER}, p.strategy""", {
-    "strategy": "last-n, angular, block-influence, greedy, or oracle (the best variant of this size)",
+    "strategy": f"{', '.join(STRATEGY_LINES[:-1])}, or oracle (the best variant of this size)",
     "oracle_removed": "the oracle's variant (NULL unless every variant of this size is measured)",
     "oracle_ppl": "its perplexity", "gap_to_oracle_pct": "100 (ppl / oracle ppl − 1) (unit: %; lower is better)"})
 

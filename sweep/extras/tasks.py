@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 from sweep import ENGINE_VERSION, Log, engine, ranking, store
 from sweep.config import SweepConfig, batch_size_or_default, plan_spec
 from sweep.errors import ConfigError, MissingExtraError, SweepError
-from sweep.plan import SIGNAL_STRATEGIES, Removal, parse_key, parse_range, parse_remove, plan_variants, variant_key
+from sweep.plan import Removal, parse_key, parse_range, parse_remove, plan_variants, signal_strategies, \
+    variant_key
 from sweep.steps import is_block_variant
 
 HEADLINE_METRICS = ("acc", "exact_match", "acc_norm", "f1", "mcc")
@@ -157,7 +158,7 @@ def signal_choices(cfg: SweepConfig, db) -> list[Removal]:
     Raises:
         SweepError: a signal strategy is asked for but no choice of it is stored for this model.
     """
-    wanted = [s.strip() for s in cfg.strategy.split(",") if s.strip() in SIGNAL_STRATEGIES]
+    wanted = [s.strip() for s in cfg.strategy.split(",") if s.strip() in signal_strategies()]
     if not wanted:
         return []
     newest = ranking.newest_setup(store.setups_overview(db), cfg.model)

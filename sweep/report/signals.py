@@ -20,13 +20,25 @@ import numpy as np
 from matplotlib.colors import LogNorm
 
 from sweep.intervals import change_pct
+from sweep.plan import STRATEGIES, PlanSpec, reported_strategies, variant_key
 from sweep.ranking import Row
 from sweep.report import plotting
 from sweep.report.context import baseline_row
 from sweep.report.format import format_pct, format_ppl
 
-STRATEGY_LINES = ("last-n", "angular", "block-influence", "greedy", "oracle")
-"""Order of lines and table rows."""
+ORACLE = "oracle"
+"""The line of the best measured variant of each size."""
+
+
+def strategy_lines() -> tuple[str, ...]:
+    """Order of lines and table rows: the strategies the registry reports (:attr:`sweep.plan.Strategy.reported`),
+    then the oracle."""
+    return (*reported_strategies(), ORACLE)
+
+
+def _chosen() -> set[str]:
+    """The strategies whose lines are their stored choices (the signal strategies); without one, no table."""
+    return {n for n in reported_strategies() if STRATEGIES[n].reported == "choices"}
 
 
 def _ok_ppl(row: Row | None) -> float | None:
@@ -52,11 +64,10 @@ def strategy_points(rows: list[Row], choices: list[Row]) -> dict[str, dict[int, 
         return {}
     n_layers = rows[0]["model_layers"]
     by_key = {r["removed"]: r for r in rows}
-    points: dict[str, dict[int, tuple[str, float]]] = {name: {} for name in STRATEGY_LINES}
-    for n in range(1, n_layers + 1):
-        key = ",".join(str(i) for i in range(n_layers - n, n_layers))
+    points: dict[str, dict[int, tuple[str, float]]] = {name: {} for name in strategy_lines()}
+    for name, n, key in _planned_points(n_layers):
         if (ppl := _ok_ppl(by_key.get(key))) is not None:
-            points["last-n"][n] = (key, ppl)
+            points[name][n] = (key, ppl)
     for choice in choices:
         if (ppl := _ok_ppl(by_key.get(choice["removed"]))) is not None:
             points.setdefault(choice["strategy"], {})[choice["n"]] = (choice["removed"], ppl)
@@ -65,8 +76,16 @@ def strategy_points(rows: list[Row], choices: list[Row]) -> dict[str, dict[int, 
         finite = [r for r in size_n if _ok_ppl(r) is not None]
         if len(size_n) == comb(n_layers, n) and finite:
             best = min(finite, key=lambda r: r["ppl"])
-            points["oracle"][n] = (best["removed"], best["ppl"])
+            points[ORACLE][n] = (best["removed"], best["ppl"])
     return {name: p for name, p in points.items() if p}
+
+
+def _planned_points(n_layers: int) -> list[tuple[str, int, str]]:
+    """(strategy, n removed, key) of the strategies reported by their plan (``last-n``: the deepest n layers),
+    planned again from the layer count for each n, so they are read from the results whether or not they ran."""
+    return [(name, len(removed), variant_key(removed)) for name in reported_strategies()
+            if STRATEGIES[name].reported == "plan" for n in range(1, n_layers + 1)
+            for removed in STRATEGIES[name].plans(n_layers, PlanSpec(n=str(n)))]
 
 
 def _baseline_ppl(rows: list[Row]) -> float | None:
@@ -92,20 +111,20 @@ def strategy_table(rows: list[Row], choices: list[Row]) -> str | None:
     if not choices:  # no signal strategy ran for this model
         return None
     points = strategy_points(rows, choices)
-    if not {"angular", "block-influence", "greedy"} & set(points):
+    if not _chosen() & set(points):
         return None
-    sizes = sorted({n for name, p in points.items() if name in ("angular", "block-influence", "greedy") for n in p})
-    oracle = points.get("oracle", {})
+    sizes = sorted({n for name, p in points.items() if name in _chosen() for n in p})
+    oracle = points.get(ORACLE, {})
     lines = ["| strategy | " + " | ".join(f"{n} removed" for n in sizes) + " |",
              "| --- | " + " | ".join("---" for _ in sizes) + " |"]
-    for name in STRATEGY_LINES:
+    for name in strategy_lines():
         if name not in points:
             continue
         cells = []
         for n in sizes:
             if n not in points[name]:
                 cells.append("—")
-            elif name == "oracle":
+            elif name == ORACLE:
                 cells.append(f"{format_ppl(points[name][n][1])} ({points[name][n][0]})")
             else:
                 key, ppl = points[name][n]
@@ -119,10 +138,9 @@ def strategy_table(rows: list[Row], choices: list[Row]) -> str | None:
 
 # ---------------------------------------------------------------------------------------------- figures
 
-STRATEGY_STYLES = {"last-n": dict(marker="s", markersize=8), "angular": dict(marker="o"),
-                   "block-influence": dict(marker="^"), "greedy": dict(marker="v", markersize=5),
-                   "oracle": dict(color="black", linestyle="--", marker="")}
-"""Distinct markers: strategies often choose the same variants, and their lines then overlap."""
+ORACLE_STYLE = dict(color="black", linestyle="--", marker="")
+"""The oracle's line; each strategy's record holds its own (distinct markers: strategies often choose the same
+variants, and their lines then overlap)."""
 
 
 @plotting.styled
@@ -134,13 +152,13 @@ def strategy_curve(rows: list[Row], choices: list[Row], subtitle: str):
     n_layers = rows[0]["model_layers"]
     baseline = _baseline_ppl(rows)
     fig, ax = plotting.new_figure(0.9, 1.1)
-    for name in STRATEGY_LINES:
+    for name in strategy_lines():
         if name not in points:
             continue
         ns = sorted(points[name])
         xs = ([0.0] if baseline else []) + [n / n_layers for n in ns]
         ys = ([baseline] if baseline else []) + [points[name][n][1] for n in ns]
-        ax.plot(xs, ys, label=name, **STRATEGY_STYLES[name])
+        ax.plot(xs, ys, label=name, **(ORACLE_STYLE if name == ORACLE else STRATEGIES[name].style))
     ax.set_yscale("log")
     ax.set_xlabel(f"fraction of layers removed (of {n_layers})")
     ax.set_ylabel("evaluation perplexity (log scale)")

@@ -261,7 +261,8 @@ GREEDY_STEPS = Table("greedy_steps", "The greedy (SLEB) path: one row per round,
 
 STRATEGY_CHOICES = Table("strategy_choices", "Which variant each signal strategy chose for each n.", (
     *CALIBRATION_KEY,
-    _c("strategy", str, "angular, block-influence or greedy"),
+    _c("strategy", str, "the signal strategy that chose it (`--strategy`; greedy over units: greedy-attn, "
+                        "greedy-mlp, greedy-mix)"),
     _c("signal", str, "angular-last, angular-all, block-influence or calib-ppl"),
     _c("n", int, "block size / number of layers removed"),
     _c("removed", str, KEY_DOC),
