@@ -98,8 +98,8 @@ def test_the_preset_plans_what_the_demo_promises():
 
 def test_the_budgets_line_names_every_budget():
     line = realdemo.budgets(build_config(PRESET))
-    for budget in ("evaluation 4,096 tokens", "windows of 256", "calibration 1,024 tokens", "heal 30 steps x 4 x 128",
-                   "lr 0.001", "at most 10 s"):
+    for budget in ("evaluation 2,048 tokens", "windows of 256", "calibration 512 tokens", "heal 16 steps x 4 x 128",
+                   "lr 0.001", "at most 5 s"):
         assert budget in line, budget
 
 

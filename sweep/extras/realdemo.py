@@ -11,8 +11,8 @@ runs, in one process, the commands a user would type::
     sweep heal   --config configs/smollm2.yaml --db demo.db --remove <the best 4-layer removal just measured>
     sweep report --db demo.db --out reports
 
-Each step prints its wall time next to the machine's load: on a shared machine only the times change, never the
-perplexities.
+Each step prints its wall and CPU time and the machine's load: on a shared machine only the times change, never
+the perplexities.
 """
 from __future__ import annotations
 
@@ -69,23 +69,29 @@ def run_demo(cfg: SweepConfig, preset: str, db: str, out: str, extra: Sequence[s
              command: Command = cli.main, log: Log = print) -> int:
     """Sweep, heal the best 4-layer removal, report; stop at the first step that fails (its exit code)."""
     shared = ["--config", preset, "--db", db, *extra]
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     code = _step(["run", *shared], command, log)
     if code == 0:
         code = _step(["heal", *shared, "--remove", best_removal(db, cfg.model, HEALED_SIZE)], command, log)
     if code == 0:
         code = _step(["report", "--db", db, "--out", out], command, log)
-    log(f"demo: {'done' if code == 0 else f'stopped (exit {code})'} in {time.perf_counter() - started:.0f} s "
-        f"(load {_load()}); rows in {db}" + (f", report in {out}/" if code == 0 else ""))
+    log(f"demo: {'done' if code == 0 else f'stopped (exit {code})'} in {_times(started, cpu)}; rows in {db}"
+        + (f", report in {out}/" if code == 0 else ""))
     return code
 
 
 def _step(argv: list[str], command: Command, log: Log) -> int:
     log(f"demo: sweep {' '.join(argv)}   (load {_load()})")
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     code = command(argv)
-    log(f"demo: sweep {argv[0]} took {time.perf_counter() - started:.0f} s (load {_load()})")
+    log(f"demo: sweep {argv[0]} took {_times(started, cpu)}")
     return code
+
+
+def _times(started: float, cpu: float) -> str:
+    """Wall and CPU seconds since ``started``/``cpu``, and the load: on a shared machine the wall time holds other
+    work's turns too, the CPU seconds (every thread's) only this step's, so they bound what an idle one takes."""
+    return (f"{time.perf_counter() - started:.0f} s ({time.process_time() - cpu:.0f} s of CPU, load {_load()})")
 
 
 def _load() -> str:
