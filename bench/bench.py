@@ -112,6 +112,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=1, help="table: times each measurement is repeated")
     parser.add_argument("--no-real", dest="real", action="store_false",
                         help="table: skip the real SmolLM2-135M GGUF row (single-layer sweep, 31 variants)")
+    parser.add_argument("--no-search", dest="search", action="store_false",
+                        help="table: skip the search row (SmolLM2-135M, trie against one candidate at a time)")
+    parser.add_argument("--only-real", action="store_true",
+                        help="table: only the SmolLM2 rows (the real model's sweep and the search), no table models")
     parser.add_argument("--targets", nargs="*", choices=sorted(TARGETS), default=None, metavar="PROTOCOL",
                         help="GPU: run the speed targets' protocols (gpt2: exhaustive sweep of the full test set; "
                              "llama-3.2-1b: max-length 2048, single-layer sweep; default both) and print each "
@@ -380,7 +384,7 @@ def run_table(args: argparse.Namespace) -> Path | None:
     out = Path(args.out) / f"cpu-table-{figures['date'][:10]}.json"
     figures["import_seconds"] = import_seconds(args.repeats)
     with tempfile.TemporaryDirectory() as tmp:
-        for spec in args.table_models or TABLE_MODELS:
+        for spec in [] if args.only_real else args.table_models or TABLE_MODELS:
             name, max_length = spec.rsplit(":", 1)
             config_dir = table_config(name, Path(tmp))
             row = figures["models"][name] = {"config": str(config_dir), "max_length": int(max_length)}
@@ -391,6 +395,9 @@ def run_table(args: argparse.Namespace) -> Path | None:
             save_json(figures, out)
         if args.real:
             figures["real_model"] = real_model_row(args, Path(tmp))
+            save_json(figures, out)
+        if args.search:
+            figures["search"] = search_row(args, Path(tmp))
             save_json(figures, out)
     print_table(figures)
     print_real_row(figures.get("real_model"))
@@ -591,6 +598,65 @@ def real_model_row(args, tmp: Path) -> dict | None:
     row["ratio"] = row["reference_min"] / row["sweep_min"]
     row["head_floor_seconds"] = head_floor_seconds(model.config.hidden_size, model.config.vocab_size, REAL_TOKENS,
                                                    row["variants"])
+    return row
+
+
+SEARCH_CALIB_TOKENS, SEARCH_MAX_LENGTH, SEARCH_N, SEARCH_PASSES = 2048, 256, 8, 24
+
+
+def search_speed(model_path: str, calib_data: str, tmp: Path, engine: str, n: int = SEARCH_N,
+                 passes: float = SEARCH_PASSES, calib_tokens: int = SEARCH_CALIB_TOKENS,
+                 max_length: int = SEARCH_MAX_LENGTH, cache_dir: str | None = None) -> dict:
+    """One search of ``passes`` calibration passes at size ``n`` from a middle-block seed, its offspring scored in
+    the trie (``engine`` "trie") or each candidate on its own ("per-variant"); the model is loaded first, not
+    timed. Returns candidates, tokens spent and seconds: the search row's figures (a fresh DB: nothing resumed)."""
+    from sweep import search, store
+    from sweep.engine import similarity
+    from sweep.engine.search import Searcher
+
+    cfg = SweepConfig(model=model_path, data=calib_data, calib_data=calib_data, calib_max_tokens=calib_tokens,
+                      max_length=max_length, engine=engine, strategy="search", n=str(n), latency="off",
+                      db=str(tmp / f"search-{engine}.db"), cache_dir=cache_dir or str(tmp / "cache"),
+                      search_budget=int(passes * (calib_tokens - calib_tokens // max_length)))
+    model, tokenizer = models.model_for(cfg), models.tokenizer_for(cfg)
+    db = store.open_db(cfg.db)
+    cal = similarity.open_calibration(cfg, model, tokenizer, db)
+    searcher = Searcher(cal, db, similarity.unit_key(cal), lambda size: [], lambda unit: [], log=lambda s: None,
+                        progress=False)
+    layers = cal.n_layers
+    problem = search.Problem(tuple(range(layers)), search.Size(n=n), searcher.unit_params, searcher.total_params)
+    seed = list(range((layers - n) // 2, (layers - n) // 2 + n))
+    start = time.perf_counter()
+    result = searcher.run(problem, [seed])
+    seconds = time.perf_counter() - start
+    return {"engine": engine, "seconds": seconds, "candidates": len(result.candidates), "spent": result.spent,
+            "passes": result.spent / searcher.calib_tokens, "best": result.best.key,
+            "passes_per_second": result.spent / searcher.calib_tokens / seconds, **load()}
+
+
+def search_row(args, tmp: Path) -> dict | None:
+    """The search's row on SmolLM2-135M: calibration passes per second with offspring scored together in the trie
+    against each candidate scored on its own, the same search (same seed, budget and seeds) both ways."""
+    from sweep.extras.realmodel import FetchError, fetch
+
+    try:
+        gguf = fetch(cache=ROOT / ".cache" / "models")
+    except FetchError as exc:
+        print(f"bench: no search row: {exc}", file=sys.stderr)
+        return None
+    calib = str(SHARED / "data" / "wikitext-2-v1" / "validation.parquet")
+    row = {"model": str(gguf), "n": SEARCH_N, "passes": SEARCH_PASSES, "calib_tokens": SEARCH_CALIB_TOKENS,
+           "max_length": SEARCH_MAX_LENGTH}
+    for engine in ("trie", "per-variant"):
+        row[engine] = search_speed(str(gguf), calib, tmp, engine, cache_dir=str(ROOT / ".cache" / "sweep"))
+        print(f"  search n={SEARCH_N} ({engine}): {row[engine]['candidates']} candidates, "
+              f"{row[engine]['passes']:.1f} calibration passes in {row[engine]['seconds']:.1f} s = "
+              f"{row[engine]['passes_per_second']:.2f} passes/s (load {row[engine]['load_1min']:.1f})", flush=True)
+    row["speedup"] = row["trie"]["passes_per_second"] / row["per-variant"]["passes_per_second"]
+    row["same_search"] = row["trie"]["best"] == row["per-variant"]["best"] and \
+        row["trie"]["candidates"] == row["per-variant"]["candidates"]
+    print(f"  search: the trie scores x{row['speedup']:.2f} the calibration passes per second of scoring each "
+          f"candidate on its own ({'the same search' if row['same_search'] else 'the searches differed'})")
     return row
 
 

@@ -18,6 +18,7 @@ ENGINES = ("trie", "per-variant")
 BACKENDS = ("loky", "dask")
 COMPILE_MODES = ("auto", "on", "off")
 HEADS = ("auto", "online", "chunked", "fused")
+FITNESSES = ("ppl", "kl")
 CPU_BATCH_SIZE = 8
 """Windows per forward pass on CPU when --batch-size is 0 (auto)."""
 DEFAULT_CACHE_DIR = ".cache/sweep"
@@ -37,7 +38,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "common": MEASURING + ("tasks", "heal"),  # batches, the DB, the seed
     "strategy": MEASURING + ("tasks",),  # which variants the strategies plan (`sweep tasks` measures them)
     "remove": MEASURING + ("tasks", "heal"),  # explicit variants (`sweep heal`: the one it heals)
-    "edits": MEASURING,  # what the removal strategies remove; where the order edits go
+    "edits": MEASURING,  # what the removal strategies remove (and how much: --budget-params); where order edits go
+    "search": MEASURING,  # how --strategy search scores and selects
     "angular": MEASURING + ("heal",),  # --allow-last: read by the plan, offered by heal like the setup
     "tasks": ("tasks", "heal"),  # lm-evaluation-harness settings
     "choose": ("tasks",),  # which measured variants `sweep tasks` evaluates
@@ -110,6 +112,14 @@ class SweepConfig:
     """Explicit variants for `explicit`, separated by ';': layer lists or variant keys, e.g. "1,3;a2,m5;r3"."""
     force: bool = setting(False, "strategy")
     """Allow exhaustive plans on more than 16 layers."""
+    budget_params: str | None = setting(None, "edits")
+    """Sizes of `search` as fractions of all parameters, e.g. 0.158,0.2106: a candidate removes at least that much (instead of the --n counts), so mixed units compare with blocks at an equal size."""
+    fitness: str = setting("ppl", "search")
+    """What `search` minimises on the calibration text (never the test text): ppl (calibration perplexity) or kl (KL divergence to the full model's next-token distribution)."""
+    search_budget: int | None = setting(None, "search")
+    """Calibration tokens `search` may spend per size (a token scored for one candidate counts once); default 2 x units removed x units full calibration passes."""
+    search_level: float = setting(0.95, "search")
+    """Coverage of the paired interval over calibration windows that drops a `search` offspring worse than the leader."""
     race: bool = setting(False, "setup")
     """Race the variants of `exhaustive` / `combinations`: all are measured on a first slice of the windows, and only those that can still be among the --race-k best per number of removed layers go on, until they have seen the whole text (docs/racing.md)."""
     race_k: int = setting(3, "setup")
@@ -367,6 +377,12 @@ def _validate_race(cfg: SweepConfig) -> None:
         raise ConfigError(f"`--resamples` must be at least {MIN_RESAMPLES}, got {cfg.resamples}")
     if cfg.race_k < 1:
         raise ConfigError(f"`--race-k` must be a positive integer, got {cfg.race_k}")
+    if cfg.fitness not in FITNESSES:
+        raise UnknownNameError("--fitness", cfg.fitness, list(FITNESSES))
+    if not 0.5 <= cfg.search_level < 1.0:
+        raise ConfigError(f"`--search-level` must be in [0.5, 1), got {cfg.search_level}")
+    if cfg.search_budget is not None and cfg.search_budget < 1:
+        raise ConfigError(f"`--search-budget` must be at least 1 token, got {cfg.search_budget}")
     if not 0.5 <= cfg.race_level < 1.0:
         raise ConfigError(f"`--race-level` must be in [0.5, 1), got {cfg.race_level}")
     if not cfg.race:

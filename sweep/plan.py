@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sweep import steps, strategies
+from sweep import search, steps, strategies
 from sweep.config import PlanSpec
 from sweep.errors import PlanError, UnknownNameError
 from sweep.steps import normalized
@@ -247,6 +247,17 @@ def _angular_sizes(n_layers: int, spec: PlanSpec) -> Iterator[Removal]:
     return iter(())
 
 
+def _search_sizes(n_layers: int, spec: PlanSpec) -> Iterator[Removal]:
+    """search: as :func:`_from_signals`; with ``--budget-params`` its fractions are checked instead of ``--n``."""
+    if not search.parse_budgets(spec.budget_params):
+        sizes = _sizes_within(spec.n, n_layers, spec)
+        if sizes[-1] >= len(units_of(n_layers, spec)):
+            raise PlanError(f"`--strategy search` with `--n` {sizes[-1]}: it removes at most "
+                            f"{len(units_of(n_layers, spec)) - 1} of the model's {len(units_of(n_layers, spec))} "
+                            f"{_unit_word(spec)}")
+    return iter(())
+
+
 Planner = Callable[[int, PlanSpec], Iterable[Removal]]
 """(number of layers, plan settings) -> the variants of a strategy; raises PlanError for bad settings."""
 Chooser = Callable[[Sequence[int], strategies.Calibrated], list[strategies.Choice]]
@@ -305,6 +316,11 @@ _RECORDS = (
     Strategy("greedy", "for each n, the first n steps of a greedy path by calibration perplexity", "signal",
              _from_signals, ("--n", *_CALIBRATION), units=True, needs=("greedy-path",),
              chooses=strategies.choose_greedy, reported="choices", style=dict(marker="v", markersize=5)),
+    Strategy("search", "for each n (or --budget-params fraction), an evolutionary search from the heuristics' "
+             "choices, scored in the trie and selected by paired intervals on the calibration text", "signal",
+             _search_sizes, ("--n", "--budget-params", "--fitness", "--search-budget", "--search-level",
+                             *_CALIBRATION), units=True, needs=("signals", "search"), chooses=search.choose_search,
+             reported="choices", style=dict(marker="*", markersize=9)),
     *(Strategy(name, summary, "order", _order(name), ("--span", "--positions"))
       for name, (_, _, summary) in _ORDER_EDITS.items()),
 )

@@ -111,7 +111,7 @@ def greedy_path(n_layers: int, n_steps: int, calib_ppl: CalibPerplexities,
         word = "layers" if all(isinstance(u, int) for u in units) else "units"
         raise PlanError(f"`--n` {n_steps}: greedy can remove 0 to {len(units)} {word}")
     path = list(done[:n_steps])
-    chosen = _units_in(path[-1].removed, units) if path else []
+    chosen = units_in(path[-1].removed, units) if path else []
     while len(path) < n_steps:
         left = [u for u in units if u not in chosen]
         candidates = [normalized((*chosen, unit)) for unit in left]
@@ -124,7 +124,7 @@ def greedy_path(n_layers: int, n_steps: int, calib_ppl: CalibPerplexities,
     return path
 
 
-def _units_in(removed: Removal, units: Sequence[steps.Edit]) -> list[steps.Edit]:
+def units_in(removed: Removal, units: Sequence[steps.Edit]) -> list[steps.Edit]:
     """The units a canonical variant removes: a block ``3`` is ``a3, m3`` when the units are branches."""
     out = []
     for edit in removed:
@@ -180,6 +180,9 @@ class Calibrated:
     """The layer signals (``angular_last``, ``angular_all``, ``block_influence``) where a strategy needs "signals"."""
     path: Sequence[GreedyStep] | None = None
     """The greedy path, as long as the largest size, where a strategy needs "greedy-path"."""
+    searcher: Any = None
+    """Where a strategy needs "search": scores candidates on the calibration text and stores them
+    (:class:`sweep.engine.search.Searcher`)."""
 
 
 def choose_angular(sizes: Sequence[int], cal: Calibrated) -> list[Choice]:

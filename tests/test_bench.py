@@ -122,3 +122,21 @@ def test_race_bench_compares_the_race_with_the_full_sweep_and_estimates_llama(tm
     assert model["full"]["head_calls"] == 16 * math.ceil(model["windows"] / 8)  # one per variant per batch
     estimate = figures["llama_3_2_1b_estimate"]
     assert estimate["variants"] == 65_536 and estimate["race_hours"] <= estimate["full_hours"]
+
+
+def test_search_speed_runs_the_same_search_in_the_trie_and_one_candidate_at_a_time(tmp_path, byte_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    from tiny import tiny_model
+
+    bench = load_bench()
+    model = tiny_model("llama", n_layers=6, vocab=256, seed=1)
+    model.save_pretrained(tmp_path / "m")
+    AutoTokenizer.from_pretrained(byte_tokenizer_dir).save_pretrained(tmp_path / "m")
+    calib = str(Path(__file__).parent / "data" / "calib.txt")
+    runs = {engine: bench.search_speed(str(tmp_path / "m"), calib, tmp_path, engine, n=2, passes=6,
+                                       calib_tokens=512, max_length=64) for engine in ("trie", "per-variant")}
+    for run in runs.values():
+        assert run["candidates"] > 1 and 0 < run["passes"] <= 6 and run["passes_per_second"] > 0
+    assert runs["trie"]["best"] == runs["per-variant"]["best"]
+    assert runs["trie"]["candidates"] == runs["per-variant"]["candidates"]

@@ -58,8 +58,8 @@ def test_an_unknown_field_group_is_refused_naming_the_groups():
 
 
 def test_plan_spec_holds_the_fields_plan_reads_with_the_config_defaults():
-    assert [f.name for f in dataclasses.fields(PlanSpec)] == ["strategy", "k", "n", "remove", "force", "unit", "span",
-                                                             "positions", "allow_last"]
+    assert [f.name for f in dataclasses.fields(PlanSpec)] == ["strategy", "k", "n", "remove", "force", "budget_params",
+                                                             "unit", "span", "positions", "allow_last"]
     assert PlanSpec() == plan_spec(SweepConfig())
     cfg = SweepConfig(strategy="exhaustive", unit="mix", allow_last=True, max_tokens=64)
     assert plan_spec(cfg) == PlanSpec(strategy="exhaustive", unit="mix", allow_last=True)
@@ -72,8 +72,8 @@ def test_export_offers_the_model_alone_and_tasks_and_heal_their_own_fields():
         "batch_size", "db", "seed", "strategy", "k", "n", "remove", "force", "tasks", "task_include", "num_fewshot",
         "limit", "best", "pareto"}
     # heal: every setting of `sweep run` that defines its setup (so its rows link), the variant, tasks and LoRA
-    assert set(command_fields("run")) - set(command_fields("heal")) == {"strategy", "k", "n", "force", "unit", "span",
-                                                                        "positions"}
+    assert set(command_fields("run")) - set(command_fields("heal")) == {
+        "strategy", "k", "n", "force", "unit", "span", "positions", "budget_params", *group_fields("search")}
     assert set(command_fields("heal")) - set(command_fields("run")) == set(group_fields("tasks", "heal"))
     assert "lora_r" in group_fields("heal") and "best" not in command_fields("heal")
 

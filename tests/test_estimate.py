@@ -147,3 +147,32 @@ def test_plan_of_a_measured_plan_has_nothing_to_estimate(tiny_gpt2_dir, sample_t
     logs: list[str] = []
     info = describe_plan(cfg, log=logs.append)
     assert info["todo"] == 0 and "estimate: nothing to measure" in logs
+
+
+def test_calibration_work_grows_with_greedy_rounds_and_the_search_budget_and_bounds_the_range():
+    work = estimate.CalibrationWork(1024, signals=True)
+    base, _ = estimate.calibration_seconds(work, 4, 64, 8, PRICES)
+    one_pass = estimate.chunk_seconds(_steps([()]), 4, estimate.geometry(1024, 64, 64, 8), PRICES)
+    assert base == pytest.approx(one_pass)  # the signals: one forward of the full model
+    greedy, _ = estimate.calibration_seconds(estimate.CalibrationWork(1024, True, (4, 3, 2)), 4, 64, 8, PRICES)
+    assert greedy > base
+    searched, search_s = estimate.calibration_seconds(
+        estimate.CalibrationWork(1024, True, (4, 3, 2), ((10.0, 2),)), 4, 64, 8, PRICES)
+    assert search_s == pytest.approx(searched - greedy) and search_s == pytest.approx(
+        10 * estimate.chunk_seconds(_steps([(0, 1)]), 4, estimate.geometry(1024, 64, 64, 8), PRICES))
+    # the search's budget is the most it can take: the range's low end leaves it out
+    est = estimate.Estimate(startup_s=1.0, perplexity_s=2.0, latency_s=(0.0, 0.0, 0.0), calibrated=True,
+                            calibration_s=searched, search_s=search_s)
+    assert est.low_s == pytest.approx(3.0 + greedy) and est.seconds == est.high_s == pytest.approx(3.0 + searched)
+
+
+def test_plan_prices_the_signal_strategies_calibration_work(tiny_gpt2_dir, sample_text_file, tmp_path):
+    for strategy in ("single", "single,greedy", "single,greedy,search"):
+        logs: list[str] = []
+        info = describe_plan(_cfg(tiny_gpt2_dir, tmp_path, sample_text_file, strategy=strategy, n="1-2",
+                                  calib_data=str(sample_text_file), calib_max_tokens=512), log=logs.append)
+        line = next(line for line in logs if line.startswith("estimate: "))
+        assert ("calibration" in line) == (strategy != "single"), line
+        assert ("the search at most" in line) == strategy.endswith("search"), line
+        assert (info["estimate_calibration_seconds"] > 0) == (strategy != "single")
+        assert info["estimate_calibration_seconds"] < info["estimate_seconds"]

@@ -13,6 +13,7 @@ from sweep.store import schema
 V1_DUMP = Path(__file__).parent / "data" / "results-v1.sql"
 V2_DUMP = Path(__file__).parent / "data" / "results-v2.sql"
 V3_DUMP = Path(__file__).parent / "data" / "results-v3.sql"
+V4_DUMP = Path(__file__).parent / "data" / "results-v4.sql"
 
 
 def _load_dump(path: Path, dump: Path = V1_DUMP) -> Path:
@@ -37,14 +38,14 @@ def test_a_version_1_file_upgrades_in_place_keeping_every_row(tmp_path):
     before = _contents(path)
     assert dict(before["meta"]) == {"schema_version": "1"}
     db = store.open_db(path)
-    assert store.schema_version(db) == schema.SCHEMA_VERSION == 4
+    assert store.schema_version(db) == schema.SCHEMA_VERSION == 5
     after = _contents(path)
     for table, rows in before.items():
         if table == "meta":
             continue
         width = len(rows[0]) if rows else 0
         assert [row[:width] for row in after[table]] == rows, table  # nothing lost or changed
-    assert [(v, d) for v, d, _ in after["schema_migrations"]] == [(v, schema.MIGRATIONS[v]) for v in (2, 3, 4)]
+    assert [(v, d) for v, d, _ in after["schema_migrations"]] == [(v, schema.MIGRATIONS[v]) for v in (2, 3, 4, 5)]
     # version 3's latency columns exist, NULL in the old rows (their spread was never judged)
     assert all(r["latency_noisy"] is None and r["speed_interval_pct"] is None for r in store.read_view(db))
     # version 4's per-window columns too: old rows have no per-window losses, hence no interval
@@ -60,12 +61,12 @@ def test_a_version_2_file_upgrades_in_place_and_its_runs_gain_a_process_start(tm
     before = _contents(path)
     assert dict(before["meta"]) == {"schema_version": "2"} and len(before["results"]) == 8
     db = store.open_db(path)
-    assert store.schema_version(db) == 4
+    assert store.schema_version(db) == 5
     after = _contents(path)
     for table, rows in before.items():
         if table not in ("meta", "schema_migrations"):
             assert [row[: len(rows[0])] for row in after[table]] == rows, table
-    assert [v for v, _, _ in after["schema_migrations"]] == [2, 3, 4]
+    assert [v for v, _, _ in after["schema_migrations"]] == [2, 3, 4, 5]
     run = db.execute("SELECT status, process_start FROM runs").fetchall()
     assert run == [("done", None)]  # unknown for runs of the older release
     assert len(store.read_view(db)) == 8
@@ -77,12 +78,12 @@ def test_a_version_3_file_upgrades_in_place_keeping_its_timings_and_takes_per_wi
     assert dict(before["meta"]) == {"schema_version": "3"} and len(before["results"]) == 8
     assert "window_losses" not in before and "ppl_intervals" not in before
     db = store.open_db(path)
-    assert store.schema_version(db) == schema.SCHEMA_VERSION == 4
+    assert store.schema_version(db) == schema.SCHEMA_VERSION == 5
     after = _contents(path)
     for table, rows in before.items():
         if table not in ("meta", "schema_migrations"):
             assert [row[: len(rows[0])] for row in after[table]] == rows, table  # nothing lost or changed
-    assert [(v, d) for v, d, _ in after["schema_migrations"]][1:] == [(4, schema.MIGRATIONS[4])]
+    assert [(v, d) for v, d, _ in after["schema_migrations"]][1:] == [(v, schema.MIGRATIONS[v]) for v in (4, 5)]
     assert after["schema_migrations"][0][:2] == (3, "created at schema version 3")
     assert all(process_start for *_, process_start in after["runs"])  # version 3's runs keep their process start
     view = {r["removed"]: r for r in store.read_view(db)}
@@ -103,6 +104,29 @@ def test_a_version_3_file_upgrades_in_place_keeping_its_timings_and_takes_per_wi
     assert {k for k, r in view.items() if r["ppl_change_low_pct"] is not None} == {"", "1"}
 
 
+def test_a_version_4_file_upgrades_in_place_and_a_search_resumes_from_nothing_in_it(tmp_path):
+    path = _load_dump(tmp_path / "v4.db", V4_DUMP)
+    before = _contents(path)
+    assert dict(before["meta"]) == {"schema_version": "4"} and "search_candidates" not in before
+    db = store.open_db(path)
+    assert store.schema_version(db) == schema.SCHEMA_VERSION == 5
+    after = _contents(path)
+    for table, rows in before.items():
+        if table not in ("meta", "schema_migrations"):
+            assert after[table] == rows, table  # nothing lost or changed, per-window losses included
+    assert [(v, d) for v, d, _ in after["schema_migrations"]][-1] == (5, schema.MIGRATIONS[5])
+    assert after["search_candidates"] == []
+    key = {"model_id": 1, "weights": before["setups"][0][10], "calib_fingerprint": before["greedy_steps"][0][2]}
+    assert store.read_search_candidates(db, key) == [] and len(store.read_greedy_steps(db, key)) == 2
+    import numpy as np
+
+    store.record_search_candidate(db, key, "block/ppl/n=1/seed=0/level=0.95", {
+        "removed": "1", "n_units": 1, "generation": 0, "status": "leader", "n_windows": 3, "fitness": 5.5,
+        "spent": 93, "window_values": np.array([170.0, 171.5, 169.0])})
+    (row,) = store.read_search_candidates(db, key)
+    assert row["window_values"].tolist() == [170.0, 171.5, 169.0] and row["status"] == "leader"
+
+
 def test_an_upgraded_file_is_left_alone_on_the_next_open(tmp_path):
     path = _load_dump(tmp_path / "v1.db")
     store.open_db(path).close()
@@ -121,7 +145,7 @@ def test_a_new_file_has_exactly_the_schema(tmp_path):
     view_columns = [d[0] for d in db.execute("SELECT * FROM results_vs_baseline LIMIT 0").description]
     assert view_columns == [c.name for c in schema.RESULTS_VS_BASELINE.columns]
     assert [(v, d) for v, d, _ in db.execute("SELECT * FROM schema_migrations")] == [
-        (4, "created at schema version 4")]
+        (5, "created at schema version 5")]
 
 
 def test_every_column_is_documented_with_a_type_and_measurements_say_which_way_is_better():

@@ -16,7 +16,7 @@ from sweep.engine import adapters, models, perplexity, similarity
 from sweep.cli import main
 from sweep.config import SweepConfig
 from sweep.engine.runner import run_sweep
-from tiny import tiny_model
+from tiny import tiny_model, train_briefly
 
 IDENTITY_LAYERS = (1, 2)
 
@@ -153,18 +153,7 @@ def identity_model_dir(tmp_path_factory, byte_tokenizer_dir, sample_text_file) -
     tokenizer = AutoTokenizer.from_pretrained(byte_tokenizer_dir)
     model = tiny_model("gpt2", n_layers=4, vocab=256, seed=3)
     _zero_output_projections(model, IDENTITY_LAYERS)
-    ids = torch.tensor(tokenizer(sample_text_file.read_text())["input_ids"])
-    windows = ids[: len(ids) // 64 * 64].view(-1, 64)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    gen = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(30):
-        batch = windows[torch.randint(0, len(windows), (8,), generator=gen)]
-        loss = model(batch, labels=batch).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    train_briefly(model, tokenizer, sample_text_file.read_text(), steps=30, lr=1e-2)
     out = tmp_path_factory.mktemp("identity-gpt2")
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

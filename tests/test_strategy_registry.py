@@ -54,7 +54,7 @@ def test_records_are_consistent():
         assert record.name == name and record.kind in KINDS and record.summary
         assert (record.chooses is not None) == (record.kind == "signal"), name
         assert record.reported in (None, "plan", "choices"), name
-        assert set(record.needs) <= {"signals", "greedy-path"}, name
+        assert set(record.needs) <= {"signals", "greedy-path", "search"}, name
 
 
 def test_config_race_strategies_agree_with_the_registry():
@@ -110,7 +110,8 @@ def test_browse_orders_a_new_strategy_from_the_registry():
     code = ("from sweep import plan; plan.STRATEGIES['toy'] = plan.Strategy('toy', 's', 'plan', plan._single, "
             "reported='plan'); from sweep.extras import browse; print(browse.STRATEGY_ORDER)")
     order = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert "WHEN 'toy' THEN 4 WHEN 'oracle' THEN 5 ELSE 6 END" in order
+    last = len(plan.reported_strategies())  # the registry's reported strategies, then toy, then the oracle
+    assert f"WHEN 'toy' THEN {last} WHEN 'oracle' THEN {last + 1} ELSE {last + 2} END" in order
 
 
 # ------------------------------------------------------------------------------------------ no other lists

@@ -51,3 +51,20 @@ def tiny_model(family: str = "gpt2", n_layers: int = 4, seed: int = 0, vocab: in
     attn = "eager" if family in ("gpt_neo", "gemma2") else "sdpa"
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn)
     return model.eval()
+
+
+def train_briefly(model, tokenizer, text: str, steps: int, lr: float, window: int = 64, batch: int = 8):
+    """``steps`` seeded AdamW steps of next-token loss on random ``window``-token windows of ``text`` (frozen
+    parameters stay frozen), so that a tiny model's layers differ in what they cost; returns it in eval mode."""
+    ids = torch.tensor(tokenizer(text)["input_ids"])
+    windows = ids[: len(ids) // window * window].view(-1, window)  # (n, window)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    gen = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        chunk = windows[torch.randint(0, len(windows), (batch,), generator=gen)]
+        loss = model(chunk, labels=chunk).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()

@@ -7,7 +7,10 @@ A run's wall time is start-up + perplexity + latency, each counted in the units 
   is its own sub-trie and pays its own capture forward (L - 1 layers, less the unpruned prefix it reuses);
 - **latency**: rounds x the prefill and decode of one variant per shape signature, from ``--latency-repeats``
   rounds (every median settled) to the ``--latency-budget`` (never settled);
-- **start-up**: a new process's imports, building (or loading) the model, the worker's checks and first timing.
+- **start-up**: a new process's imports, building (or loading) the model, the worker's checks and first timing;
+- **calibration**: what the signal strategies spend on the calibration text before their choices are measured
+  (:class:`CalibrationWork`): one pass for angular and Block Influence, greedy's rounds (each a trie of its
+  candidates), and the search's budget (an upper bound: a search that converges stops before it).
 
 The prices come from a **probe** of about a second: one decoder layer and the LM head of the same config, built
 with random weights (speed does not depend on weight values; no checkpoint is read), timed on a window of the
@@ -234,20 +237,25 @@ class Estimate:
     """Variants of the earlier measurements it was calibrated on."""
     imports_counted: bool = True
     probe_s: float = 0.0
+    calibration_s: float = 0.0
+    """The signal strategies' work on the calibration text (:class:`CalibrationWork`)."""
+    search_s: float = 0.0
+    """The search's share of :attr:`calibration_s` at its whole budget: the most it can take."""
 
     @property
     def seconds(self) -> float:
-        return self.startup_s + self.perplexity_s + self.latency_s[1]
+        return self.startup_s + self.perplexity_s + self.calibration_s + self.latency_s[1]
 
     @property
     def low_s(self) -> float:
         spread = 0.0 if self.calibrated else PROBE_SPREAD
-        return (self.startup_s + self.perplexity_s) * (1 - spread) + self.latency_s[0]
+        return (self.startup_s + self.perplexity_s + self.calibration_s - self.search_s) * (1 - spread) \
+            + self.latency_s[0]
 
     @property
     def high_s(self) -> float:
         spread = 0.0 if self.calibrated else PROBE_SPREAD
-        return (self.startup_s + self.perplexity_s) * (1 + spread) + self.latency_s[2]
+        return (self.startup_s + self.perplexity_s + self.calibration_s) * (1 + spread) + self.latency_s[2]
 
     def line(self, n_todo: int) -> str:
         """``estimate: about 1 min 40 s for 247 variants (start-up 8.1 s, perplexity 1 min 12 s, latency 20.0 s)...``"""
@@ -259,6 +267,9 @@ class Estimate:
         latency_text = format_duration(expected) if most - least <= 0.1 * max(expected, 1e-9) else \
             f"{format_duration(least)} - {format_duration(most)}, likely {format_duration(expected)}"
         startup = f"start-up {format_duration(self.startup_s)}" + ("" if self.imports_counted else " + imports")
+        if self.calibration_s:
+            startup += f", calibration {format_duration(self.calibration_s)}" + (
+                f" (the search at most {format_duration(self.search_s)})" if self.search_s else "")
         source = (f"perplexity priced on {self.calibrated_on:,} variants of this shape measured earlier here"
                   if self.calibrated else f"priced by a {format_duration(self.probe_s)} probe of one layer and the "
                                           "head; no earlier measurement of this shape on this host")
@@ -424,6 +435,43 @@ def startup_seconds(prices: Prices, geo: Geometry, n_layers: int, imports_s: flo
     return (imports_s or 0.0) + loading_s + prices.build_s + first_timing
 
 
+@dataclass(frozen=True)
+class CalibrationWork:
+    """What the signal strategies of a plan compute on the calibration text, known without the model."""
+
+    n_tokens: int
+    """Calibration tokens used (in windows of the evaluation's ``--max-length``)."""
+    signals: bool = False
+    """One capture pass of the full model (angular distances, Block Influence)."""
+    greedy_rounds: tuple[int, ...] = ()
+    """Candidates per greedy round: 30, 29, ... for 30 units."""
+    search_passes: tuple[tuple[float, int], ...] = ()
+    """Per search size: (its budget in passes over the calibration tokens, layers its candidates remove)."""
+
+
+def calibration_seconds(work: CalibrationWork, n_layers: int, max_length: int, batch_size: int,
+                        prices: Prices) -> tuple[float, float]:
+    """(all the calibration work, the search's part of it) in seconds at the probe's prices.
+
+    A greedy round of c candidates is priced as a trie of c single-layer removals (its candidates share the
+    layers before their first removed one, as single removals do; with more units than layers, the layers' trie
+    scaled by c / L). A search pass is one candidate on every calibration window without sharing, so its budget
+    prices the most it can take: racing and the trie make it cheaper, and a converged search stops before it.
+    """
+    geo = geometry(work.n_tokens, max_length, max_length, batch_size)
+
+    def steps_of(removed) -> variant_steps.Steps:
+        return variant_steps.steps_of(removed, n_layers)
+
+    seconds = chunk_seconds([steps_of(())], n_layers, geo, prices) if work.signals else 0.0
+    for candidates in work.greedy_rounds:
+        singles = [(layer,) for layer in range(min(candidates, n_layers))]
+        seconds += perplexity_seconds(singles, n_layers, geo, prices, True) * candidates / len(singles)
+    search_s = sum(passes * chunk_seconds([steps_of(tuple(range(min(removed, n_layers - 1))))], n_layers, geo,
+                                          prices) for passes, removed in work.search_passes)
+    return seconds + search_s, search_s
+
+
 # ---------------------------------------------------------------------------------------------- the whole run
 
 
@@ -445,7 +493,7 @@ class PlanWork:
 def estimate_run(cfg: SweepConfig, model_config, token_ids: torch.Tensor, work: PlanWork,
                  measured: Sequence[MeasuredChunk] = (), latency_rounds: int | None = None,
                  imports_s: float | None = None, loading_s: float = 0.0,
-                 batch_size: int = 8) -> Estimate:
+                 batch_size: int = 8, calibration_work: CalibrationWork | None = None) -> Estimate:
     """The expected wall time of `sweep run` measuring ``work.todo`` (see the module docstring).
 
     Args:
@@ -454,6 +502,7 @@ def estimate_run(cfg: SweepConfig, model_config, token_ids: torch.Tensor, work: 
             given, they calibrate the perplexity price.
         latency_rounds: timed rounds an earlier latency phase of this shape took, if known.
         imports_s: a new process's imports (None: not counted); loading_s: reading config, tokenizer and tokens.
+        calibration_work: what the signal strategies compute on the calibration text (None: nothing).
     """
     geo = geometry(work.n_tokens, work.max_length, work.stride, batch_size)
     prices = probe_prices(cfg, model_config, token_ids, geo, batch_size)
@@ -463,8 +512,11 @@ def estimate_run(cfg: SweepConfig, model_config, token_ids: torch.Tensor, work: 
     on_gpu = resolve_device(cfg.device).type == "cuda"
     layer_kinds = getattr(model_config, "layer_types", None)
     calls = signature_calls(work.todo, work.done, work.n_layers, layer_kinds, cfg.latency == "per-variant")
+    calib_s, search_s = (calibration_seconds(calibration_work, work.n_layers, work.max_length, batch_size, prices)
+                         if calibration_work is not None else (0.0, 0.0))
     return Estimate(startup_s=startup_seconds(prices, geo, work.n_layers, imports_s, loading_s, on_gpu),
                     perplexity_s=ppl * (factor or 1.0),
+                    calibration_s=calib_s * (factor or 1.0), search_s=search_s * (factor or 1.0),
                     latency_s=latency_seconds(calls, cfg, prices, latency_rounds, on_gpu),
                     calibrated=factor is not None, calibrated_on=sum(len(c.keys) for c in measured),
                     imports_counted=imports_s is not None, probe_s=prices.probe_s)

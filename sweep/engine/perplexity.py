@@ -315,13 +315,57 @@ Head = Callable[[torch.Tensor], torch.Tensor] | HeadLoss | OnlineHeadLoss | Fuse
 """What evaluation accepts as the head: a head + loss object, or a plain logits function (run eagerly)."""
 
 
+class KLHeadLoss:
+    """KL divergence to a reference model's next-token distribution, in place of the NLL (``--fitness kl``).
+
+    Per position: ``KL(p_ref || q) = sum_v p_ref(v) (log p_ref(v) - log q(v))``, q the variant's softmax. The
+    reference's log-probabilities are computed once per window (:func:`reference_log_probs`, the full model) and
+    kept; :func:`window_nll` tells this head which window and positions each chunk of rows comes from (:meth:`at`),
+    so the same per-window machinery (trie, slices, weighting) scores KL instead of NLL. Labels are ignored.
+    """
+
+    def __init__(self, logits_fn: Callable[[torch.Tensor], torch.Tensor], reference: dict[int, torch.Tensor]):
+        self.logits_fn = logits_fn
+        self.reference = reference
+        """window index -> (T - 1, V) float32 log-probabilities at positions 0..T-2 (predicting labels 1..T-1)."""
+        self._rows: tuple[int, int, int] | None = None
+
+    name = "kl"
+
+    def at(self, first_window: int, start: int, stop: int) -> None:
+        """The next call's rows are positions start-1 .. stop-2 of the windows first_window, first_window + 1, ..."""
+        self._rows = (first_window, start, stop)
+
+    def __call__(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """hidden (B*c, H) -> per-row KL (B*c,), float32."""
+        first, start, stop = self._rows
+        n_windows = labels.numel() // (stop - start)
+        ref = torch.cat([self.reference[first + i][start - 1 : stop - 1] for i in range(n_windows)])  # (B*c, V)
+        log_q = F.log_softmax(self.logits_fn(hidden).float(), dim=-1)  # (B*c, V)
+        return (ref.exp() * (ref - log_q)).sum(dim=-1)
+
+
+@torch.no_grad()
+def reference_log_probs(hidden_fn: Callable[[torch.Tensor], torch.Tensor],
+                        logits_fn: Callable[[torch.Tensor], torch.Tensor], token_ids: torch.Tensor, max_length: int,
+                        batch_size: int) -> dict[int, torch.Tensor]:
+    """Each scored window's (T - 1, V) float32 log-probabilities under the model as it is now (the full model):
+    the reference of :class:`KLHeadLoss`. Non-overlapping windows (the calibration's)."""
+    reference = {}
+    for batch in scored_batches(token_ids, max_length, max_length, batch_size):
+        log_p = F.log_softmax(logits_fn(hidden_fn(batch.input_ids)[:, :-1]).float(), dim=-1)  # (B, T-1, V)
+        for i in range(len(batch.input_ids)):
+            reference[batch.first_window + i] = log_p[i].clone()
+    return reference
+
+
 def as_head_loss(head: Head) -> HeadLoss | OnlineHeadLoss | FusedHeadLoss:
     """A head + loss object: given ones as they are, a logits function wrapped in an eager :class:`HeadLoss`."""
-    return head if isinstance(head, (HeadLoss, OnlineHeadLoss, FusedHeadLoss)) else HeadLoss(head)
+    return head if isinstance(head, (HeadLoss, OnlineHeadLoss, FusedHeadLoss, KLHeadLoss)) else HeadLoss(head)
 
 
-def window_nll(head: Head, hidden: torch.Tensor,
-               input_ids: torch.Tensor, n_targets: int) -> tuple[torch.Tensor, int]:
+def window_nll(head: Head, hidden: torch.Tensor, input_ids: torch.Tensor, n_targets: int,
+               first_window: int = 0) -> tuple[torch.Tensor, int]:
     """Summed NLL (float64, on the hidden states' device) of the scored tokens of a batch of equal-length windows.
 
     Args:
@@ -331,6 +375,7 @@ def window_nll(head: Head, hidden: torch.Tensor,
         hidden: (B, T, H) final hidden states (after the final norm).
         input_ids: (B, T) token ids.
         n_targets: trailing positions of each window whose labels count.
+        first_window: index of the batch's first window (a head that needs to know, :class:`KLHeadLoss`, is told).
 
     Returns:
         (per-window NLL sums of shape (B,), number of scored tokens per window). A label at position p is
@@ -342,7 +387,10 @@ def window_nll(head: Head, hidden: torch.Tensor,
     batch, length = input_ids.shape
     first = max(1, length - n_targets)  # first scored label position
     sums = torch.zeros(batch, dtype=torch.float64, device=hidden.device)
+    at = getattr(head_loss, "at", None)
     for start, stop in head_chunks(first, length, batch):
+        if at is not None:
+            at(first_window, start, stop)
         # positions start-1 .. stop-2 predict labels start .. stop-1; flattened to (B*c, H) rows so the compiled
         # head sees one dynamic size (rows), not two
         rows = hidden[:, start - 1 : stop - 1].reshape(-1, hidden.shape[-1])
@@ -445,7 +493,8 @@ def perplexity(hidden_fn: Callable[[torch.Tensor], torch.Tensor],
     token_ids = token_ids.to(device)
     per_window, window_tokens = [], []  # device tensors, read once at the end
     for batch in scored_batches(token_ids, max_length, stride, batch_size, window_range):
-        sums, n_scored = window_nll(head, hidden_fn(batch.input_ids), batch.input_ids, batch.n_targets)
+        sums, n_scored = window_nll(head, hidden_fn(batch.input_ids), batch.input_ids, batch.n_targets,
+                                    batch.first_window)
         per_window.append(batch.window_weighted(sums, n_scored))
         window_tokens += [batch.n_loss] * len(sums)
     nll = torch.cat(per_window).tolist() if per_window else []

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from sweep import Log, store, strategies
 from sweep.config import SweepConfig, batch_size_or_default, plan_spec
 from sweep.engine import adapters, identity, models
+from sweep.engine.search import Searcher
 from sweep.engine.data import EvalSetup, TokenizedText, describe, load_text, resolve_windows, tokenize, used_tokens
 from sweep.engine.worker import Worker
 from sweep.errors import DataError, SweepError
@@ -263,9 +264,7 @@ def ensure_greedy_path(cal: Calibration, db, n_steps: int, log: Log = print,
     on the calibration windows; each round is stored as soon as it is chosen.
     """
     key = unit_key(cal)
-    done = [strategies.GreedyStep(r["step"], r["layer"], parse_key(r["removed"]),
-                                  r["calib_ppl"] if r["calib_ppl"] is not None else math.nan)
-            for r in store.read_greedy_steps(db, key)]
+    done = _stored_path(cal, db, cal.cfg.unit)
     if len(done) >= n_steps:
         return done[:n_steps]
     worker = Worker(cal.model, cal.tokens, EvalSetup(cal.max_length, cal.max_length, cal.cfg.calib_max_tokens),
@@ -295,9 +294,27 @@ def ensure_greedy_path(cal: Calibration, db, n_steps: int, log: Log = print,
 def unit_key(cal: Calibration) -> dict:
     """The key a greedy path and its choices are stored under: the calibration key, its fingerprint marked with
     the unit for --unit attn, mlp or mix (so a search over branches never resumes one over blocks)."""
-    if cal.cfg.unit == "block":
+    return _key_for_unit(cal, cal.cfg.unit)
+
+
+def _key_for_unit(cal: Calibration, unit: str) -> dict:
+    if unit == "block":
         return cal.key
-    return {**cal.key, "calib_fingerprint": f"{cal.key['calib_fingerprint']}/{cal.cfg.unit}"}
+    return {**cal.key, "calib_fingerprint": f"{cal.key['calib_fingerprint']}/{unit}"}
+
+
+def _searcher(cal: Calibration, db, log: Log, progress: bool) -> Searcher:
+    """The engine side of ``--strategy search`` (:mod:`sweep.engine.search`): its greedy seed is the path over
+    ``--unit``, computed (or resumed) to the size asked; a budget search only reads the paths already stored."""
+    return Searcher(cal, db, unit_key(cal), lambda n: ensure_greedy_path(cal, db, n, log, progress),
+                    lambda unit: _stored_path(cal, db, unit), log, progress)
+
+
+def _stored_path(cal: Calibration, db, unit: str) -> list[strategies.GreedyStep]:
+    """The greedy path stored for this calibration over ``unit`` (as many steps as were computed; maybe none)."""
+    return [strategies.GreedyStep(r["step"], r["layer"], parse_key(r["removed"]),
+                                  r["calib_ppl"] if r["calib_ppl"] is not None else math.nan)
+            for r in store.read_greedy_steps(db, _key_for_unit(cal, unit))]
 
 
 def signal_choices(cfg: SweepConfig, cal: Calibration, db, log: Log = print,
@@ -317,7 +334,8 @@ def signal_choices(cfg: SweepConfig, cal: Calibration, db, log: Log = print,
     needs = {need for record in records for need in record.needs}
     inputs = strategies.Calibrated(
         cal.n_layers, cfg, signals=ensure_signals(cal, db, log, progress) if "signals" in needs else None,
-        path=ensure_greedy_path(cal, db, max(sizes), log, progress) if "greedy-path" in needs else None)
+        path=ensure_greedy_path(cal, db, max(sizes), log, progress) if "greedy-path" in needs else None,
+        searcher=_searcher(cal, db, log, progress) if "search" in needs else None)
     choices = [c for record in records for c in record.chooses(sizes, inputs)]
     store.record_strategy_choices(db, unit_key(cal), [{"strategy": c.strategy, "signal": c.signal, "n": c.n,
                                                  "removed": variant_key(c.removed), "score": c.score}

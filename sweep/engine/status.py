@@ -12,14 +12,15 @@ from pathlib import Path
 
 import torch
 
-from sweep import Log, store
+from sweep import Log, search, store
 from sweep.config import SweepConfig, batch_size_or_default, plan_spec
 from sweep.engine import estimate, identity, models
 from sweep.engine.adapters import n_layers_of
 from sweep.engine.data import load_tokens, resolve_windows, used_tokens
 from sweep.errors import SweepError
-from sweep.plan import PlanSpec, count_variants, parse_key, parse_range, plan_variants, signal_strategies, \
-    strategy_names, variant_key
+from sweep.engine.similarity import load_calibration
+from sweep.plan import STRATEGIES, PlanSpec, count_variants, parse_key, parse_range, plan_variants, \
+    signal_strategies, strategy_names, units_of, variant_key
 from sweep.store.throughput import latency_rounds, measured_chunks
 
 
@@ -65,19 +66,20 @@ def describe_plan(cfg: SweepConfig, log: Log = print, imports_s: float | None = 
         log("estimate: nothing to measure" if not info["todo"] else
             f"estimate: not computed for more than {ESTIMATED_VARIANTS:,} variants")
         return info
-    work = estimate.PlanWork(todo=[v for v in variants if variant_key(v) not in done],
+    calib_work, chosen = _calibration_work(cfg, spec, n_layers, log)
+    work = estimate.PlanWork(todo=[v for v in variants if variant_key(v) not in done] + chosen,
                              done=[parse_key(k) for k in done], n_layers=n_layers,
                              n_tokens=used_tokens(len(tokens.ids), windows.max_tokens),
                              max_length=windows.max_length, stride=windows.stride)
     result = estimate.estimate_run(cfg, model_config, torch.as_tensor(tokens.ids[: work.n_tokens]), work,
                                    *_earlier_measurements(db, cfg, setup), imports_s=imports_s, loading_s=loading_s,
-                                   batch_size=batch_size_or_default(cfg))
+                                   batch_size=batch_size_or_default(cfg), calibration_work=calib_work)
     log(result.line(info["todo"]))
     _note_what_is_not_priced(cfg, log)
     return {**info, "estimate_seconds": result.seconds, "estimate_low_seconds": result.low_s,
             "estimate_high_seconds": result.high_s, "estimate_calibrated": result.calibrated,
             "estimate_startup_seconds": result.startup_s, "estimate_perplexity_seconds": result.perplexity_s,
-            "estimate_latency_seconds": result.latency_s[1]}
+            "estimate_latency_seconds": result.latency_s[1], "estimate_calibration_seconds": result.calibration_s}
 
 
 def _log_counts(cfg: SweepConfig, n_layers: int, n_variants: int, measured: int, log: Log) -> dict:
@@ -120,6 +122,51 @@ def _note_signal_variants(cfg: SweepConfig, spec: PlanSpec, log: Log) -> None:
     """`sweep plan` cannot count what angular/block-influence/greedy will choose without the model: say so."""
     signal = [s for s in strategy_names(spec.strategy) if s in signal_strategies()]
     if signal:
-        sizes = parse_range(spec.n, "--n")
-        log(f"  plus up to {len(signal) * len(sizes)} variants that {', '.join(signal)} choose on the calibration "
-            f"text ({cfg.calib_data}) when `sweep run` loads the model; not counted above")
+        log(f"  plus up to {_n_chosen(spec, signal)} variants that {', '.join(signal)} choose on the calibration "
+            f"text ({cfg.calib_data}) when `sweep run` loads the model; not counted above, priced in the estimate")
+
+
+def _sizes(spec: PlanSpec, name: str) -> list[int]:
+    """The sizes a signal strategy chooses at: --n, or for the search the fractions of --budget-params (one each)."""
+    if name == "search" and search.parse_budgets(spec.budget_params):
+        return list(range(len(search.parse_budgets(spec.budget_params))))
+    return parse_range(spec.n, "--n")
+
+
+def _n_chosen(spec: PlanSpec, signal: list[str]) -> int:
+    return sum(len(_sizes(spec, name)) for name in signal)
+
+
+def _calibration_work(cfg: SweepConfig, spec: PlanSpec, n_layers: int,
+                      log: Log) -> tuple[estimate.CalibrationWork | None, list]:
+    """What the signal strategies will compute on the calibration text, and stand-ins for the variants they will
+    choose (each size's, removing that many layers, distinct across strategies), for the estimate. Nothing stored
+    in the DB is assumed (a resumed greedy path or search costs less than priced)."""
+    names = [s for s in strategy_names(spec.strategy) if s in signal_strategies()]
+    if not names:
+        return None, []
+    try:
+        tokens = load_calibration(cfg, models.tokenizer_for(cfg))
+    except SweepError as exc:
+        log(f"  the calibration work is not priced: {exc}")
+        return None, []
+    n_tokens = used_tokens(len(tokens.ids), cfg.calib_max_tokens)
+    records = [STRATEGIES[n] for n in names]
+    units = units_of(n_layers, spec)
+    per_layer = max(1, len(units) // n_layers)  # mix: two units per layer
+    counts = parse_range(spec.n, "--n")
+    greedy = any("greedy-path" in r.needs for r in records) or ("search" in names and not spec.budget_params)
+    rounds = tuple(len(units) - k for k in range(max(counts))) if greedy else ()
+    passes = []
+    if "search" in names:
+        budgets = search.parse_budgets(spec.budget_params)
+        sizes = [max(1, round(b * n_layers)) * per_layer for b in budgets] if budgets else counts
+        for size in sizes:
+            budget = cfg.search_budget or search.default_budget(size, len(units), n_tokens)
+            passes.append((budget / max(n_tokens, 1), max(1, size // per_layer)))
+    work = estimate.CalibrationWork(n_tokens, any("signals" in r.needs for r in records), rounds, tuple(passes))
+    chosen = [tuple((offset + i) % n_layers for i in range(min(max(1, n // per_layer), n_layers - 1)))
+              for offset, name in enumerate(names) for n in (counts if name != "search" or not spec.budget_params
+                                                             else [round(b * n_layers) for b in
+                                                                   search.parse_budgets(spec.budget_params)])]
+    return work, [tuple(sorted(c)) for c in chosen]

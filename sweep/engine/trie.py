@@ -130,7 +130,8 @@ def trie_perplexities(model, kept_sequences: dict[str, Sequence[int]], head: Cal
         def score(node: Node, hidden: torch.Tensor, depth: int = 0) -> None:
             """``depth``: this node is the unpruned prefix of layers 0..depth-1 (-1 once a layer was skipped)."""
             if node.keys:
-                sums, n_scored = window_nll(head, finish(hidden), batch.input_ids, batch.n_targets)
+                sums, n_scored = window_nll(head, finish(hidden), batch.input_ids, batch.n_targets,
+                                            batch.first_window)
                 counts.head_calls += 1
                 weighted = batch.window_weighted(sums, n_scored)  # (B,)
                 for key in node.keys:

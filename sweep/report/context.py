@@ -44,6 +44,8 @@ class ReportContext:
     """The model's calibration signals (``store.similarity_overview``), newest pass first."""
     strategy_choices: list[Row] = field(default_factory=list)
     """Which variant each signal strategy chose, for this setup's model and weights."""
+    search_rows: list[Row] = field(default_factory=list)
+    """The model's search candidates (``store.search_overview``, without per-window values), by search and tokens."""
     task_rows: list[Row] = field(default_factory=list)
     """The model's task results (``store.read_task_results``)."""
     heals: list[Row] = field(default_factory=list)
@@ -235,5 +237,6 @@ def _model_context(db: store.Database, model: str, setups: list[Row], setup: str
         resamples=store.interval_resamples(db, chosen["setup"]),
         other_setups=tuple(s["setup"] for s in setups if s is not chosen), figure_stem=stem,
         signal_rows=store.similarity_overview(db, model), strategy_choices=store.read_strategy_choices(db, chosen["setup"]),
+        search_rows=store.search_overview(db, model),
         task_rows=store.read_task_results(db, model=model), heals=store.read_heals(db, model=model),
     )

@@ -5,9 +5,10 @@ chart of single-layer removals, pair heatmaps, a table of combinatorial removals
 the worst rows), the best / median / worst variant per number of removed layers, the Pareto fronts, and a
 footer saying how the numbers were produced; with similarity signals or signal-guided strategies in the DB, the
 lowest-distance block per size and the layers ranked by Block Influence (with heatmaps of both when figures are
-on) and each strategy against the oracle; with task results, the task table (its task settings named) and
-figure. A builder returns None (no data for it) to leave its section out. Adding a section is one function plus
-one line in :data:`SECTIONS`, e.g.::
+on) and each strategy against the oracle; with `--strategy search`, its trajectory, every strategy's choice per
+size and whether the search's gain over the best heuristic is real (:mod:`sweep.report.search`); with task
+results, the task table (its task settings named) and figure. A builder returns None (no data for it) to leave
+its section out. Adding a section is one function plus one line in :data:`SECTIONS`, e.g.::
 
     def _heal_section(ctx: ReportContext) -> str | None:
         table = tasks.task_table(ctx.task_rows, ctx.heals, ctx.setup)
@@ -27,7 +28,7 @@ import pandas as pd
 
 from sweep.plan import parse_key
 from sweep.ranking import Row
-from sweep.report import analysis, edits, findings, noise, signals, tasks
+from sweep.report import analysis, edits, findings, noise, search, signals, tasks
 from sweep.report.context import ReportContext, baseline_row, frame_of, setup_fields
 from sweep.report.format import (MISSING, code, finite, format_change_interval, format_ms, format_params, format_pct,
                                  format_points, format_ppl, format_signal, format_timing, is_noisy, table, text)
@@ -541,6 +542,7 @@ SECTIONS: list[Section] = [
     _order_section,
     _similarity_section,
     _strategies_section,
+    search.search_section,
     _tasks_section,
     _footer_part,
 ]

@@ -4,7 +4,7 @@
 - :mod:`~sweep.store.db`: opening, recognising and upgrading a file, and where it may live;
 - :mod:`~sweep.store.results`: models, setups, result rows (one writer, with the measurement log), the view;
 - :mod:`~sweep.store.runs`: runs and their liveness;
-- :mod:`~sweep.store.signals`: calibration signals, the greedy path, strategy choices;
+- :mod:`~sweep.store.signals`: calibration signals, the greedy path, the search's candidates, strategy choices;
 - :mod:`~sweep.store.tasks`: task accuracy and heals.
 
 A result row is committed the moment it is measured, so an interrupted sweep loses at most the chunk in flight.
@@ -23,8 +23,9 @@ from sweep.store.runs import (RUN_STALE_SECONDS, STALE_ENV, beating, finish_run,
                               process_start, reap_dead_runs, runs_overview, stale_seconds, start_run)
 from sweep.store.schema import (HEAL_COLUMNS, RESULT_COLUMNS, SCHEMA_VERSION, TASK_RESULT_COLUMNS, WINDOW_NLL,
                                 WINDOW_TOKENS, schema_markdown)
-from sweep.store.signals import (read_greedy_steps, read_layer_similarity, read_strategy_choices,
-                                 record_greedy_step, record_layer_similarity, record_strategy_choices,
+from sweep.store.signals import (read_greedy_steps, read_layer_similarity, read_search_candidates,
+                                 read_strategy_choices, record_greedy_step, record_layer_similarity,
+                                 record_search_candidate, record_strategy_choices, search_overview,
                                  similarity_overview)
 from sweep.store.tasks import (done_task_keys, find_heal, heal_id, read_heals, read_task_results, record_heal,
                                record_task_result, upsert_task_setup)

@@ -21,12 +21,16 @@ Versions (``meta.schema_version``; every upgrade is recorded in ``schema_migrati
   ``n_windows``. Racing adds the statuses ``racing`` (measured on a first part of the windows, still in the race)
   and ``eliminated`` (dropped by the race: its numbers cover only ``n_windows`` windows). Older rows have no
   per-window losses, hence no interval.
+- 5: ``search_candidates``: every candidate ``--strategy search`` scored on the calibration text, with its per-window
+  values, so a killed search resumes where it stopped; its choices go to ``strategy_choices`` (strategies
+  ``search``, ``search-attn``, ``search-mlp``, ``search-mix``; a parameter budget is named in the signal,
+  ``calib-ppl@params>=0.158``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 APPLICATION_ID = 0x53574550
 """``PRAGMA application_id`` of a sweep database: "SWEP" in ASCII (https://www.sqlite.org/fileformat.html#appid)."""
@@ -261,14 +265,33 @@ GREEDY_STEPS = Table("greedy_steps", "The greedy (SLEB) path: one row per round,
 
 STRATEGY_CHOICES = Table("strategy_choices", "Which variant each signal strategy chose for each n.", (
     *CALIBRATION_KEY,
-    _c("strategy", str, "the signal strategy that chose it (`--strategy`; greedy over units: greedy-attn, "
-                        "greedy-mlp, greedy-mix)"),
-    _c("signal", str, "angular-last, angular-all, block-influence or calib-ppl"),
+    _c("strategy", str, "the signal strategy that chose it (`--strategy`; over attention or MLP units the unit is "
+                        "appended: greedy-mix, search-attn, ...)"),
+    _c("signal", str, "angular-last, angular-all, block-influence, calib-ppl or calib-kl; a search at a parameter "
+                      "budget appends it: calib-ppl@params>=0.158"),
     _c("n", int, "block size / number of layers removed"),
     _c("removed", str, KEY_DOC),
     _c("score", float, "the signal of the chosen variant", better="lower"),
     _c("chosen_at", str, "when (UTC)"),
 ), primary_key=("model_id", "weights", "calib_fingerprint", "strategy", "signal", "n"),
+    foreign_keys=(("model_id", "models", "id"),))
+
+SEARCH_CANDIDATES = Table("search_candidates", "Every candidate `--strategy search` scored, stored as it is measured "
+                          "(a killed search replays these and goes on).", (
+    *CALIBRATION_KEY,
+    _c("search", str, "which search: unit, fitness, size (n=8 or params>=0.158), seed and level"),
+    _c("removed", str, KEY_DOC),
+    _c("n_units", int, "units removed (a whole block counts as one with --unit block, as two with mix)"),
+    _c("generation", int, "generation that drew it (0: a seed)"),
+    _c("status", str, "racing (measured on a first part of the windows), dropped (worse than the leader at "
+                      "--search-level), scored (every window), leader (led the search at some point)"),
+    _c("n_windows", int, "calibration windows it was measured on"),
+    _c("fitness", float, "mean calibration NLL (or KL with --fitness kl) per token on those windows", "nats",
+       "lower"),
+    _c("spent", int, "calibration tokens the search had spent when it was last measured", "tokens"),
+    _c("window_values", bytes, "per-window sums (float64 array) on windows 0..n_windows-1"),
+    _c("scored_at", str, "when (UTC)"),
+), primary_key=("model_id", "weights", "calib_fingerprint", "search", "removed"),
     foreign_keys=(("model_id", "models", "id"),))
 
 TASK_SETUPS = Table("task_setups", "One row per lm-eval task and settings (`sweep tasks`).", (
@@ -346,7 +369,7 @@ HEALS = Table("heals", "LoRA-healed variants (`sweep heal`); (setup_id, removed)
 ), primary_key=("id",), foreign_keys=(("model_id", "models", "id"),))
 
 TABLES: tuple[Table, ...] = (META, SCHEMA_MIGRATIONS, MODELS, SETUPS, RESULTS, RUNS, MEASUREMENTS, LAYER_SIMILARITY,
-                             GREEDY_STEPS, STRATEGY_CHOICES, TASK_SETUPS, TASK_RESULTS, HEALS, WINDOW_LOSSES,
+                             GREEDY_STEPS, STRATEGY_CHOICES, SEARCH_CANDIDATES, TASK_SETUPS, TASK_RESULTS, HEALS, WINDOW_LOSSES,
                              PPL_INTERVALS)
 """Every table, in creation order (a table's foreign keys point to tables before it)."""
 
@@ -453,6 +476,8 @@ MIGRATIONS: dict[int, str] = {
     4: "window_losses (per-window NLL and tokens of each result, arrays as BLOBs) and ppl_intervals (paired "
        "bootstrap interval of each perplexity change); results_vs_baseline: ppl_change_low_pct, ppl_change_high_pct "
        "and n_windows; statuses racing and eliminated (--race)",
+    5: "search_candidates: every candidate --strategy search scored (its per-window values, so a killed search "
+       "resumes); strategy_choices gains the strategies search, search-attn, search-mlp, search-mix",
 }
 """Schema version -> what upgrading to it changes (recorded in ``schema_migrations`` when applied)."""
 

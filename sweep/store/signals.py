@@ -1,4 +1,5 @@
-"""Calibration signals (angular distance, Block Influence), the greedy path, and which strategy chose what.
+"""Calibration signals (angular distance, Block Influence), the greedy path, the search's candidates, and which
+strategy chose what.
 
 Rows are stored under a *calibration key* (model_id, weights, calib_fingerprint): the model row, its weights
 fingerprint (as in setups) and the hash of the calibration tokens and window settings.
@@ -9,6 +10,8 @@ import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from sweep.store.db import Database, as_db, now, writes
 from sweep.store.results import select
@@ -90,3 +93,34 @@ def read_strategy_choices(path_or_db: str | Path | Database, setup: str) -> list
     for row in rows:
         newest.setdefault((row["strategy"], row["n"]), row)
     return sorted(newest.values(), key=lambda r: (r["strategy"], r["n"]))
+
+
+def record_search_candidate(db: Database, key: dict[str, Any], search: str, candidate: dict[str, Any]) -> None:
+    """Store (or update) one candidate of a search as soon as it is measured further (removed, n_units, generation,
+    status, n_windows, fitness, spent, window_values: a float64 numpy array)."""
+    values = candidate["window_values"]
+    _insert(db, "search_candidates", [{**{n: key[n] for n in CALIB_KEY}, "search": search,
+                                       **{k: v for k, v in candidate.items() if k != "window_values"},
+                                       "fitness": _finite_or_none(candidate["fitness"]),
+                                       "window_values": np.asarray(values, dtype="<f8").tobytes(), "scored_at": now()}])
+
+
+def read_search_candidates(db: Database, key: dict[str, Any], search: str | None = None) -> list[dict[str, Any]]:
+    """The stored candidates of one search (every search of the key when ``search`` is None), in the order they were
+    measured; ``window_values`` as a float64 numpy array."""
+    where, params = ("AND search = ?", [search]) if search is not None else ("", [])
+    rows = select(db, "search_candidates", "SELECT * FROM search_candidates WHERE model_id = ? AND weights = ? "
+                  f"AND calib_fingerprint = ? {where} ORDER BY spent, removed", [*_key_values(key), *params])
+    for row in rows:
+        row["window_values"] = np.frombuffer(row["window_values"] or b"", dtype="<f8").copy()
+    return rows
+
+
+def search_overview(path_or_db: str | Path | Database, model: str | None = None) -> list[dict[str, Any]]:
+    """Every stored search candidate with its model name (the report's trajectory), without the per-window values."""
+    db = as_db(path_or_db)
+    where, params = ("WHERE m.name = ?", [model]) if model is not None else ("", [])
+    columns = ", ".join(f"sc.{c}" for c in ("model_id", "weights", "calib_fingerprint", "search", "removed",
+                                            "n_units", "generation", "status", "n_windows", "fitness", "spent"))
+    return select(db, "search_candidates", f"SELECT m.name AS model, {columns} FROM search_candidates sc "
+                  f"JOIN models m ON m.id = sc.model_id {where} ORDER BY sc.search, sc.spent, sc.removed", params)
