@@ -165,8 +165,15 @@ def _calibration_work(cfg: SweepConfig, spec: PlanSpec, n_layers: int,
             budget = cfg.search_budget or search.default_budget(size, len(units), n_tokens)
             passes.append((budget / max(n_tokens, 1), max(1, size // per_layer)))
     work = estimate.CalibrationWork(n_tokens, any("signals" in r.needs for r in records), rounds, tuple(passes))
-    chosen = [tuple((offset + i) % n_layers for i in range(min(max(1, n // per_layer), n_layers - 1)))
-              for offset, name in enumerate(names) for n in (counts if name != "search" or not spec.budget_params
-                                                             else [round(b * n_layers) for b in
-                                                                   search.parse_budgets(spec.budget_params)])]
-    return work, [tuple(sorted(c)) for c in chosen]
+    # Chosen removals are mostly middle layers (the first and last are the costliest to lose): stand-ins start in
+    # the middle, one layer apart per strategy, so they share the unpruned prefix as the real choices mostly do.
+    sizes_of = {name: counts if name != "search" or not spec.budget_params else
+                [max(1, round(b * n_layers)) for b in search.parse_budgets(spec.budget_params)] for name in names}
+    chosen = []
+    for offset, name in enumerate(names):
+        for n in sizes_of[name]:
+            blocks = n if name == "search" and spec.budget_params else n // per_layer  # counts are in units
+            size = min(max(1, blocks), n_layers - 1)
+            start = max(1, min(n_layers // 3 + offset, n_layers - size - 1))
+            chosen.append(tuple(range(start, start + size)))
+    return work, chosen

@@ -418,8 +418,14 @@ def _draw_panel(ax, report: SizeReport) -> None:
         _draw_references(ax, rows, heuristic_labels(rows, report.ctx.strategy_choices), kind)
     _token_axis(ax.xaxis)
     ax.set_xlabel("calibration tokens spent (log scale)")
-    ax.set_ylabel("best calibration perplexity so far" if kind == "ppl" else "best mean KL to the full model so far")
-    ax.ticklabel_format(axis="y", useOffset=False)  # scores read as they are, not as offsets from a constant
+    if kind == "ppl":  # a poor seed's line (often angular's) sits many times above the search's: ratios read evenly
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: f"{y:g}" if str(f"{y:g}")[0] in "25" else ""))
+        ax.set_ylabel("best calibration perplexity so far (log scale)")
+    else:
+        ax.set_ylabel("best mean KL to the full model so far")
+        ax.ticklabel_format(axis="y", useOffset=False)  # scores read as they are, not as offsets from a constant
     ax.set_title(report.size.title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)

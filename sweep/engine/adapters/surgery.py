@@ -11,6 +11,7 @@ are is the family record's business (:mod:`.families`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -364,18 +365,35 @@ def _cache_for(config, slot_layers: list[int | None], slot_types: list[str] | No
     """A DynamicCache with one slot per entry of ``slot_layers``, and transformers' ``DummyLayer`` where no
     attention runs, so that the sequence length (hence positions and masks) is read from a slot that is filled."""
     import copy  # noqa: PLC0415 - only here
-    from transformers import DynamicCache  # noqa: PLC0415
     from transformers.cache_utils import DummyLayer  # noqa: PLC0415
 
     slots_config = copy.copy(config)
     slots_config.num_hidden_layers = len(slot_layers)
     if slot_types is not None:
         slots_config.layer_types = [slot_types[j] for j in range(len(slot_layers))]
-    cache = DynamicCache(config=slots_config)
+    cache = _slot_cache_class()(config=slots_config)
     for j, layer in enumerate(slot_layers):
         if layer is None:
             cache.layers[j] = DummyLayer()
     return cache
+
+
+@functools.cache
+def _slot_cache_class():
+    """A ``DynamicCache`` whose removed-attention slots (``DummyLayer``) report the sequence length of the first
+    filled slot: transformers 5.24 redirected ``get_seq_length()`` so itself, 5.25 reads slot 0 whatever it holds
+    (and a variant without layer 0's attention has a dummy there)."""
+    from transformers import DynamicCache  # noqa: PLC0415
+    from transformers.cache_utils import DummyLayer  # noqa: PLC0415
+
+    class SlotCache(DynamicCache):
+        def get_seq_length(self, layer_idx: int = 0) -> int:
+            if layer_idx < len(self.layers) and isinstance(self.layers[layer_idx], DummyLayer):
+                layer_idx = next((i for i, slot in enumerate(self.layers) if not isinstance(slot, DummyLayer)),
+                                 len(self.layers))
+            return super().get_seq_length(layer_idx)
+
+    return SlotCache
 
 
 @contextlib.contextmanager
