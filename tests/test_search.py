@@ -19,7 +19,7 @@ from sweep.config import SweepConfig
 from sweep.engine import adapters, models, perplexity, similarity
 from sweep.engine.runner import run_sweep
 from sweep.errors import PlanError
-from tiny import tiny_model, train_briefly
+from tiny import tiny_model, db_rows, train_briefly
 
 # ---------------------------------------------------------------------------------------------- synthetic objective
 
@@ -212,10 +212,7 @@ def _cfg(model_dir, tmp_path, **overrides) -> SweepConfig:
     return SweepConfig(**values)
 
 
-def _rows(db, sql):
-    conn = sqlite3.connect(db)
-    conn.row_factory = sqlite3.Row
-    return [dict(r) for r in conn.execute(sql)]
+_rows = db_rows
 
 
 def _calibration_nll(model, ids, removed) -> float:

@@ -16,7 +16,7 @@ from sweep.engine import adapters, models, perplexity, similarity
 from sweep.cli import main
 from sweep.config import SweepConfig
 from sweep.engine.runner import run_sweep
-from tiny import tiny_model, train_briefly
+from tiny import tiny_model, db_rows, train_briefly
 
 IDENTITY_LAYERS = (1, 2)
 
@@ -175,10 +175,7 @@ def _cfg(model_dir, tmp_path, **overrides) -> SweepConfig:
     return SweepConfig(**values)
 
 
-def _rows(db, sql):
-    conn = sqlite3.connect(db)
-    conn.row_factory = sqlite3.Row
-    return [dict(r) for r in conn.execute(sql)]
+_rows = db_rows
 
 
 def test_identity_block_has_zero_distance_and_every_strategy_removes_it_first(

@@ -68,3 +68,15 @@ def train_briefly(model, tokenizer, text: str, steps: int, lr: float, window: in
         loss.backward()
         opt.step()
     return model.eval()
+
+
+def db_rows(db, sql: str) -> list[dict]:
+    """The rows of ``sql`` on the SQLite file ``db`` as dicts, read without sweep (tests check what was stored)."""
+    import sqlite3
+
+    conn = sqlite3.connect(db)
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute(sql)]
+    finally:
+        conn.close()
