@@ -110,6 +110,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="models of the table: distilgpt2:1024 (../shared/model-configs) and tiny:256 (6 x 64 "
                              "GPT-2) by default; a path:max_length for any other config directory")
     parser.add_argument("--repeats", type=int, default=1, help="table: times each measurement is repeated")
+    parser.add_argument("--latency-budget", type=float, default=None,
+                        help="table: seconds the default-latency command's latency phase may run (default: the "
+                             "config's; the tests shorten it)")
     parser.add_argument("--no-real", dest="real", action="store_false",
                         help="table: skip the real SmolLM2-135M GGUF row (single-layer sweep, 31 variants)")
     parser.add_argument("--no-search", dest="search", action="store_false",
@@ -712,9 +715,12 @@ def reference_loop(model, removals, ids: torch.Tensor, max_length: int) -> tuple
 
 def table_settings(args, config_dir: Path, max_length: int, n_tokens: int, latency: str, db: Path) -> dict:
     """The SweepConfig fields of one table command: `sweep run --strategy exhaustive` of a random-init model."""
-    return {"model": str(config_dir), "random_init": True, "tokenizer": args.tokenizer, "data": args.data,
-            "max_tokens": n_tokens, "max_length": max_length, "strategy": "exhaustive", "latency": latency,
-            "db": str(db), "cache_dir": str(ROOT / ".cache" / "sweep")}
+    settings = {"model": str(config_dir), "random_init": True, "tokenizer": args.tokenizer, "data": args.data,
+                "max_tokens": n_tokens, "max_length": max_length, "strategy": "exhaustive", "latency": latency,
+                "db": str(db), "cache_dir": str(ROOT / ".cache" / "sweep")}
+    if args.latency_budget is not None and latency != "off":
+        settings["latency_budget"] = args.latency_budget
+    return settings
 
 
 def sweep_command(settings: dict, tmp: Path, reference: dict) -> tuple[float, float]:

@@ -85,3 +85,17 @@ def smollm2_gguf() -> Path:
         return fetch(cache=ROOT / ".cache" / "models")
     except FetchError as exc:
         pytest.skip(f"real-model lane: {exc}")
+
+
+# Module fixtures that train, sweep or load a real model take 5-45 s each. pytest-xdist builds a module fixture
+# once per worker that runs one of its tests, so tests sharing such a fixture are kept on one worker: the fixture
+# is then built once per suite.
+COSTLY_MODULE_FIXTURES = frozenset({"built", "trained_dir", "healed", "full_and_raced", "smollm2", "real_models"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook turns xdist_group marks into scheduling groups
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if COSTLY_MODULE_FIXTURES & set(getattr(item, "fixturenames", ())) and \
+                item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}-fixtures"))

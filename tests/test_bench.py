@@ -54,7 +54,8 @@ def test_table_times_the_reference_loop_and_both_sweep_commands_and_saves_ratios
                                                                                   tmp_path):
     bench = load_bench()
     argv = ["--table", "--table-models", f"{tiny_gpt2_dir}:64", "--tokenizer", str(tiny_gpt2_dir), "--data",
-            str(sample_text_file), "--max-tokens", "320", "--out", str(tmp_path), "--no-real", "--no-search"]
+            str(sample_text_file), "--max-tokens", "320", "--out", str(tmp_path), "--no-real", "--no-search",
+            "--latency-budget", "2"]
     assert bench.main(argv) == 0
     [saved] = tmp_path.glob("cpu-table-*.json")
     figures = json.loads(saved.read_text())

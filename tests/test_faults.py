@@ -63,7 +63,7 @@ def quick_args(work: Path, db: Path, *extra: str) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.xdist_group("sweep-processes")  # one sweep process at a time; worker-process tests run beside
 def test_kill_9_of_the_coordinator_loses_nothing_and_measures_nothing_twice(work):
-    figures = reliability.coordinator_kills(work, kills=3, seed=1)
+    figures = reliability.coordinator_kills(work, kills=2, seed=1)  # `make reliability` kills 20 times
     assert_clean(figures)
     assert figures.kills >= 1
     assert set(statuses(work / "kills-w1.db").values()) == {"ok"}
@@ -71,16 +71,12 @@ def test_kill_9_of_the_coordinator_loses_nothing_and_measures_nothing_twice(work
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("sweep-processes")  # one sweep process at a time; worker-process tests run beside
-def test_sigint_mid_sweep_then_resume(work):
-    figures = reliability.signal_midway(work)
-    assert_clean(figures)
-    assert figures.checks["stopped run exit 130"] and figures.checks["resume exit 0"]
-
-
-@pytest.mark.slow
-@pytest.mark.xdist_group("sweep-processes")  # one sweep process at a time; worker-process tests run beside
 def test_sigterm_is_handled_like_ctrl_c(work):
-    """A scheduler's SIGTERM: stop after the variant in flight, run recorded interrupted, exit 143, resumable."""
+    """A scheduler's SIGTERM: stop after the variant in flight, run recorded interrupted, exit 143, resumable.
+
+    The campaign's Ctrl-C scenario is the same audit with SIGINT; here Ctrl-C is
+    ``test_runner.py::test_sigint_stops_after_current_variant_exits_130_and_resume_completes`` (exit 130, the
+    variant in flight kept, nothing else, resumed to the whole plan), and `make reliability` runs both signals."""
     figures = reliability.signal_midway(work, signal.SIGTERM)
     assert_clean(figures)
     assert figures.checks["stopped run exit 143"] and figures.checks["stopped run recorded interrupted"]

@@ -247,23 +247,28 @@ def test_search_finds_the_exhaustive_optimum_of_calibration_perplexity_with_far_
     assert {c["removed"] for c in choices.values()} <= measured
 
 
+def _sweep_argv(cfg: SweepConfig) -> list[str]:
+    return ["run", "--model", cfg.model, "--db", cfg.db, "--cache-dir", cfg.cache_dir, "--data", cfg.data,
+            "--calib-data", cfg.calib_data, "--max-length", "64", "--max-tokens", "512", "--calib-max-tokens",
+            str(cfg.calib_max_tokens), "--latency", "off", "--strategy", "search", "--n", cfg.n, "--quiet"]
+
+
 def _sweep_cli(cfg: SweepConfig, env: dict | None = None) -> subprocess.CompletedProcess:
-    argv = [sys.executable, "-m", "sweep", "run", "--model", cfg.model, "--db", cfg.db, "--cache-dir", cfg.cache_dir,
-            "--data", cfg.data, "--calib-data", cfg.calib_data, "--max-length", "64", "--max-tokens", "512",
-            "--calib-max-tokens", str(cfg.calib_max_tokens), "--latency", "off", "--strategy", "search",
-            "--n", cfg.n, "--quiet"]
-    return subprocess.run(argv, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=600)
+    return subprocess.run([sys.executable, "-m", "sweep", *_sweep_argv(cfg)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)
 
 
 def test_a_search_killed_with_sigkill_resumes_and_ends_as_an_uninterrupted_one(trained_dir, tmp_path):
-    whole = _cfg(trained_dir, tmp_path / "whole", n="4")
+    from sweep.cli import main
+
+    whole = _cfg(trained_dir, tmp_path / "whole", n="4", calib_max_tokens=512)
     (tmp_path / "whole").mkdir()
-    assert _sweep_cli(whole).returncode == 0
+    assert main(_sweep_argv(whole)) == 0  # the uninterrupted search, in this process
     columns = "search, removed, generation, status, n_windows, fitness, spent"
     expected = _rows(whole.db, f"select {columns} from search_candidates order by search, spent, removed")
     victim = next(r["removed"] for r in expected if r["generation"] >= 2 and r["status"] == "dropped")
     (tmp_path / "killed").mkdir()
-    killed = _cfg(trained_dir, tmp_path / "killed", n="4", cache_dir=whole.cache_dir)
+    killed = _cfg(trained_dir, tmp_path / "killed", n="4", calib_max_tokens=512, cache_dir=whole.cache_dir)
     faults = {"SWEEP_FAULTS": f"kill-once={victim}", "SWEEP_FAULTS_DIR": str(tmp_path / "killed")}
     assert _sweep_cli(killed, faults).returncode == -9
     partial = _rows(killed.db, f"select {columns} from search_candidates")
