@@ -249,8 +249,9 @@ def test_search_finds_the_exhaustive_optimum_of_calibration_perplexity_with_far_
 
 def _sweep_argv(cfg: SweepConfig) -> list[str]:
     return ["run", "--model", cfg.model, "--db", cfg.db, "--cache-dir", cfg.cache_dir, "--data", cfg.data,
-            "--calib-data", cfg.calib_data, "--max-length", "64", "--max-tokens", "512", "--calib-max-tokens",
-            str(cfg.calib_max_tokens), "--latency", "off", "--strategy", "search", "--n", cfg.n, "--quiet"]
+            "--calib-data", cfg.calib_data, "--max-length", str(cfg.max_length), "--max-tokens", str(cfg.max_tokens),
+            "--calib-max-tokens", str(cfg.calib_max_tokens), "--latency", cfg.latency, "--strategy", cfg.strategy,
+            "--n", cfg.n, "--quiet"]
 
 
 def _sweep_cli(cfg: SweepConfig, env: dict | None = None) -> subprocess.CompletedProcess:
