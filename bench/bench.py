@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))
 
-from sweep.engine import adapters, models  # noqa: E402
+from sweep.engine import adapters, gguf_read, models  # noqa: E402
 from sweep.config import SweepConfig  # noqa: E402
 from sweep.engine.data import load_text, tokenize  # noqa: E402
 from sweep.engine.data import EvalSetup  # noqa: E402
@@ -579,11 +579,13 @@ def real_model_row(args, tmp: Path) -> dict | None:
         print(f"bench: no SmolLM2 row: {exc}", file=sys.stderr)
         return None
     cache = str(ROOT / ".cache" / "sweep")
+    folder = gguf_read.cache_folder(gguf, cache)
+    cached = folder is not None and (folder / "model.safetensors").is_file()  # else this load converts the file
     start = time.perf_counter()
     model = models.load_model(str(gguf), dtype="float32", device="cpu", cache_dir=cache)
     tokenizer = models.load_tokenizer(str(gguf), cache_dir=cache)
     row = {"model": str(gguf), "tokens": REAL_TOKENS, "max_length": REAL_MAX_LENGTH, "variants": 31,
-           "load_seconds": time.perf_counter() - start, **real_model_limits(model.config),
+           "load_seconds": time.perf_counter() - start, "load_cached": cached, **real_model_limits(model.config),
            "reference": [], "sweep": []}
     ids = torch.as_tensor(tokenize(load_text(args.data), tokenizer, args.data, cache).ids[:REAL_TOKENS])[None]
     removals = [()] + [(layer,) for layer in range(adapters.n_layers_of(model.config))]
@@ -689,8 +691,9 @@ def print_real_row(row: dict | None) -> None:
     print(f"  reference loop {row['reference_min']:.1f} s, whole sweep run command {row['sweep_min']:.1f} s: "
           f"x{row['ratio']:.2f}{verdict(row['ratio'], REAL_TARGET)}; compute limit x{row['compute_limit']:.2f} "
           f"(layer {row['layer_macs_per_token'] / 1e6:.1f} M, head {row['head_macs_per_token'] / 1e6:.1f} M "
-          f"multiply-adds per token); head product floor {row['head_floor_seconds']:.1f} s; loading the cached "
-          f"conversion and the tokenizer {row['load_seconds']:.1f} s")
+          f"multiply-adds per token); head product floor {row['head_floor_seconds']:.1f} s; loading "
+          f"{'the cached conversion' if row.get('load_cached') else 'the GGUF (converted and cached: a cold cache)'} "
+          f"and the tokenizer {row['load_seconds']:.1f} s")
 
 
 def load() -> dict:

@@ -39,6 +39,17 @@ def test_verdicts_name_each_target_met_missed_or_without_figure():
     assert set(check.LEVERS) and all({"head"} <= set(s) for s in check.LEVERS.values())
 
 
+def test_a_stopped_exhaustive_sweep_reports_its_projection_and_runs_last():
+    check = load_check()
+    stopped = {"rows": 1024, "wall_seconds": 100.0, "seconds": math.inf}
+    assert check.projected_seconds(stopped, 4096) == pytest.approx(400.0)  # a quarter of the plan in 100 s
+    assert check.projected_seconds({**stopped, "rows": 4096}, 4096) == 100.0  # a whole plan: its own time
+    assert check.projected_seconds({**stopped, "rows": 0}, 4096) == math.inf
+    figures = {"stages": {"gpt2": {"gpt2_exhaustive_seconds": math.inf, "projected_seconds": 401.2}}}
+    assert "inf (target <= 300) MISSED (stopped at its limit; projected 401 s)" in "\n".join(check.verdicts(figures))
+    assert list(check.STAGE_LIMITS)[-1] == "gpt2"  # it can use its whole limit: the others run first
+
+
 def test_prepared_text_is_the_text_sweep_evaluates(tmp_path):
     need_shared(WIKITEXT_TEST)
     from sweep.engine.data import load_text
