@@ -41,6 +41,53 @@ def test_sub_trie_calls_are_what_the_trie_engine_counts():
         assert (counts.layer_calls, counts.head_calls) == (layers * counts.batches, heads * counts.batches)
 
 
+def test_sub_trie_calls_of_a_kept_capture_are_what_the_trie_engine_counts():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 96, (300,), generator=torch.Generator().manual_seed(0))
+    cache = trie.CaptureCache(trie.CAPTURE_CACHE_BYTES)
+    first = {variant_key(r): kept_layers(r, 4) for r in SINGLE_4[:2]}
+    trie.trie_perplexities(model, first, model.get_output_embeddings(), ids, 64, 32, 4, captures=cache)
+    for removals in (EXHAUSTIVE_4, SINGLE_4[2:], EXHAUSTIVE_4[5:11]):
+        counts = trie.CallCounts()
+        kept = {variant_key(r): kept_layers(r, 4) for r in removals}
+        trie.trie_perplexities(model, kept, model.get_output_embeddings(), ids, 64, 32, 4, counts=counts,
+                               captures=cache)
+        layers, heads = estimate.sub_trie_calls(_steps(removals), 4, captured=True)
+        assert (counts.layer_calls, counts.head_calls) == (layers * counts.batches, heads * counts.batches)
+        assert layers == estimate.sub_trie_calls(_steps(removals), 4)[0] - 3  # the capture's L - 1 layers
+
+
+def test_kept_captures_make_every_trie_chunk_after_the_first_cheaper():
+    geo = estimate.geometry(4096, 64, 64, 8)
+    singles = [(layer,) for layer in range(24)]
+    paid = estimate.perplexity_seconds(singles, 24, geo, PRICES, shared=True)
+    kept = estimate.perplexity_seconds(singles, 24, geo, PRICES, shared=True, keeps_captures=True)
+    first_only = estimate.chunk_seconds(_steps(singles[:8], 24), 24, geo, PRICES)
+    assert kept < paid
+    assert kept == pytest.approx(first_only + sum(  # the later chunks without the capture forward
+        estimate.chunk_seconds(_steps(c, 24), 24, geo, PRICES, captured=True) for c in _later_chunks(singles, geo)))
+    # one chunk only: nothing to keep it for
+    assert estimate.perplexity_seconds(singles[:8], 24, geo, PRICES, True, True) == pytest.approx(first_only)
+
+
+def _later_chunks(todo, geo):
+    """The runner's chunks after the first (as perplexity_seconds cuts them, the later ones priced captured)."""
+    chunks, first, size, captured = [], 0, 8, False
+    while first < len(todo):
+        chunk = todo[first: first + size]
+        seconds = estimate.chunk_seconds(_steps(chunk, 24), 24, geo, PRICES, captured)
+        chunks.append(chunk)
+        captured, first = True, first + len(chunk)
+        size = estimate.next_chunk_size([{"eval_seconds": seconds / len(chunk)}], size)
+    return chunks[1:]
+
+
+def test_a_worker_keeps_captures_on_cpu_within_the_budget_only():
+    assert trie.keeps_captures("cpu", 30, 4096, 576, 4)  # SmolLM2, 4,096 tokens: 0.28 GB
+    assert not trie.keeps_captures("cpu", 30, 287_644, 576, 4)  # the whole WikiText test: 20 GB
+    assert not trie.keeps_captures("cuda", 30, 4096, 576, 2)
+
+
 def test_geometry_counts_the_positions_and_scored_rows_of_the_engines_batches():
     ids = torch.arange(300)
     batches = list(perplexity.scored_batches(ids, 64, 32, 4))

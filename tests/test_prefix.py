@@ -63,6 +63,67 @@ def test_trie_counts_its_layer_and_head_calls():
     assert counts.layer_calls == (15 - 3 + 3) * n_batches
 
 
+SINGLES = [(), (0,), (1,), (2,), (3,)]
+
+
+def chunked_trie(worker, chunks, captures):
+    """Perplexities and call counts of the single removals run as several tries (a sweep's chunks)."""
+    counts, rows = trie.CallCounts(), {}
+    for chunk in chunks:
+        kept = {variant_key(r): kept_layers(r, 4) for r in chunk}
+        rows.update(trie.trie_perplexities(worker.model, kept, worker.head_loss, worker.token_ids, 64, 32, 4,
+                                           counts=counts, captures=captures))
+    return rows, counts
+
+
+def test_capture_cache_makes_chunked_tries_cost_what_one_trie_costs_with_the_same_losses():
+    worker = worker_for(tiny_model("llama"))
+    one, one_counts = chunked_trie(worker, [SINGLES], None)
+    chunks = [SINGLES[:2], SINGLES[2:4], SINGLES[4:]]
+    plain, plain_counts = chunked_trie(worker, chunks, None)
+    cache = trie.CaptureCache(trie.CAPTURE_CACHE_BYTES)
+    cached, cached_counts = chunked_trie(worker, chunks, cache)
+    n_batches = one_counts.batches
+    # without the cache each chunk pays the capture forward (3 layers per batch) again; with it, only the first
+    assert plain_counts.layer_calls == one_counts.layer_calls + 2 * 3 * n_batches
+    assert cached_counts.layer_calls == one_counts.layer_calls and cached_counts.head_calls == one_counts.head_calls
+    for key in one:
+        assert cached[key].window_nll == plain[key].window_nll == one[key].window_nll  # bit for bit
+    assert 0 < cache.nbytes <= trie.CAPTURE_CACHE_BYTES and len(cache._entries) == n_batches
+
+
+def test_capture_cache_keeps_nothing_over_its_budget_and_checks_the_tokens_of_a_hit():
+    worker = worker_for(tiny_model("gpt2"))
+    chunks = [SINGLES[:2], SINGLES[2:]]
+    _, plain_counts = chunked_trie(worker, chunks, None)
+    tiny_budget = trie.CaptureCache(1024)  # smaller than one capture: every chunk captures again
+    _, counts = chunked_trie(worker, chunks, tiny_budget)
+    assert counts.layer_calls == plain_counts.layer_calls and tiny_budget.nbytes == 0
+    cache = trie.CaptureCache(trie.CAPTURE_CACHE_BYTES)
+    ids = worker.token_ids[:64][None]  # (1, 64)
+    first, computed = cache.capture(worker.model, ids, 0)
+    assert computed and cache.capture(worker.model, ids, 0) == (first, False)
+    other = (ids + 1) % 96  # same shape and first window, other tokens: a miss, captured anew
+    again, computed = cache.capture(worker.model, other, 0)
+    assert computed and not torch.equal(again.hidden, first.hidden)
+    cache.clear()
+    assert cache.nbytes == 0 and cache.capture(worker.model, other, 0)[1]
+
+
+def test_cpu_worker_pays_the_capture_forward_once_across_evaluations():
+    worker = worker_for(tiny_model("gpt2"))
+    fresh = worker_for(tiny_model("gpt2"))
+    worker.evaluate_many(SINGLES[:2])
+    before = worker.calls.layer_calls
+    rows = worker.evaluate_many(SINGLES[2:])
+    kept = {variant_key(r): kept_layers(r, 4) for r in SINGLES[2:]}
+    root = trie.build_trie(kept)
+    # the second trie runs its nodes less the unpruned prefix, which the first one's capture forward still holds
+    replays = trie.layer_calls(root) - trie.unpruned_prefix(root, 4)
+    assert worker.calls.layer_calls - before == replays * worker.calls.batches // 2
+    assert [r["window_nll"] for r in rows] == [r["window_nll"] for r in fresh.evaluate_many(SINGLES[2:])]
+
+
 def test_exhaustive_trie_costs_one_layer_call_per_nonempty_prefix():
     for n_layers in (3, 4, 6):
         removals = [r for k in range(n_layers + 1) for r in itertools.combinations(range(n_layers), k)]

@@ -4,7 +4,9 @@ A run's wall time is start-up + perplexity + latency, each counted in the units 
 
 - **perplexity**: per batch of windows, decoder layer calls x the batch's positions and LM head calls x its scored
   rows (what :class:`~sweep.engine.trie.CallCounts` counts), chunk by chunk as the runner cuts the plan: each chunk
-  is its own sub-trie and pays its own capture forward (L - 1 layers, less the unpruned prefix it reuses);
+  is its own sub-trie; the first pays the capture forward (L - 1 layers, less the unpruned prefix it reuses), and
+  the later ones too unless the worker keeps every batch's capture (:func:`sweep.engine.trie.keeps_captures`: on
+  CPU, when they fit its budget);
 - **latency**: rounds x the prefill and decode of one variant per shape signature, from ``--latency-repeats``
   rounds (every median settled) to the ``--latency-budget`` (never settled);
 - **start-up**: a new process's imports, building (or loading) the model, the worker's checks and first timing;
@@ -110,29 +112,34 @@ class Prices:
 # ---------------------------------------------------------------------------------------------- work
 
 
-def sub_trie_calls(steps: Sequence[variant_steps.Steps], n_layers: int) -> tuple[int, int]:
+def sub_trie_calls(steps: Sequence[variant_steps.Steps], n_layers: int, captured: bool = False) -> tuple[int, int]:
     """(layer calls, head calls) of one batch of a chunk evaluated as one trie, as ``trie.trie_perplexities``
-    counts them: the capture forward's L - 1 layers, the trie's nodes less the unpruned prefix that forward
-    computed, and one head call per distinct step sequence."""
+    counts them: the capture forward's L - 1 layers (none when an earlier pass's capture is kept: ``captured``),
+    the trie's nodes less the unpruned prefix that forward computed, and one head call per distinct step
+    sequence."""
     root = trie.build_trie({str(i): s for i, s in enumerate(steps)})
-    layers = n_layers - 1 + trie.layer_calls(root) - trie.unpruned_prefix(root, n_layers)
+    layers = (0 if captured else n_layers - 1) + trie.layer_calls(root) - trie.unpruned_prefix(root, n_layers)
     return layers, len(set(steps))
 
 
-def chunk_seconds(steps: Sequence[variant_steps.Steps], n_layers: int, geo: Geometry, prices: Prices) -> float:
-    """Seconds of one chunk over the whole text: a sub-trie, or a lone variant (which the worker evaluates on its
-    own, with a plain forward)."""
+def chunk_seconds(steps: Sequence[variant_steps.Steps], n_layers: int, geo: Geometry, prices: Prices,
+                  captured: bool = False) -> float:
+    """Seconds of one chunk over the whole text: a sub-trie (with ``captured``, one whose capture forward an
+    earlier pass kept), or a lone variant (which the worker evaluates on its own, with a plain forward)."""
     if len(steps) == 1:
-        layers, heads = variant_steps.n_calls(steps[0]), 1
+        layers, heads, forward = variant_steps.n_calls(steps[0]), 1, prices.forward_s
     else:
-        layers, heads = sub_trie_calls(steps, n_layers)
-    return geo.positions * (prices.forward_s + layers * prices.layer_s) + geo.rows * heads * prices.head_s
+        layers, heads = sub_trie_calls(steps, n_layers, captured)
+        forward = 0.0 if captured else prices.forward_s
+    return geo.positions * (forward + layers * prices.layer_s) + geo.rows * heads * prices.head_s
 
 
-def perplexity_seconds(todo: Sequence, n_layers: int, geo: Geometry, prices: Prices, shared: bool) -> float:
+def perplexity_seconds(todo: Sequence, n_layers: int, geo: Geometry, prices: Prices, shared: bool,
+                       keeps_captures: bool = False, captured: bool = False) -> float:
     """Seconds of the perplexity phase: ``todo`` cut into chunks as the runner cuts it (trie order, a first chunk
     of :data:`FIRST_CHUNK`, then chunks of about ``CHUNK_SECONDS`` at the price of the last one), each priced by
-    :func:`chunk_seconds`; one variant at a time without prefix sharing (``shared`` False)."""
+    :func:`chunk_seconds`; one variant at a time without prefix sharing (``shared`` False). With
+    ``keeps_captures`` the worker keeps the capture of its first trie pass (``captured``: one is kept already)."""
     def steps_of(removed) -> variant_steps.Steps:
         return variant_steps.steps_of(removed, n_layers)
 
@@ -142,7 +149,8 @@ def perplexity_seconds(todo: Sequence, n_layers: int, geo: Geometry, prices: Pri
     total, first, size = 0.0, 0, FIRST_CHUNK
     while first < len(order):
         chunk = order[first : first + size]
-        seconds = chunk_seconds([steps_of(r) for r in chunk], n_layers, geo, prices)
+        seconds = chunk_seconds([steps_of(r) for r in chunk], n_layers, geo, prices, captured)
+        captured = captured or (keeps_captures and len(chunk) > 1)
         total += seconds
         first += len(chunk)
         size = next_chunk_size([{"eval_seconds": seconds / len(chunk)}], size)
@@ -150,15 +158,20 @@ def perplexity_seconds(todo: Sequence, n_layers: int, geo: Geometry, prices: Pri
 
 
 def calibration(chunks: Sequence[MeasuredChunk], n_layers: int, max_length: int, stride: int, batch_size: int,
-                prices: Prices) -> float | None:
+                prices: Prices, keeps_captures: Callable[[Geometry], bool] = lambda geo: False) -> float | None:
     """Measured over probe-priced seconds of earlier chunks of the same shape (None without any): the factor
-    that turns this probe's perplexity prices into this machine's measured ones."""
+    that turns this probe's perplexity prices into this machine's measured ones. Where ``keeps_captures`` of a
+    chunk's geometry holds, the first trie chunk of each text length is priced with its capture forward and the
+    later ones without (as if they had run in one process: the store does not say which run was first)."""
     measured = priced = 0.0
+    captured: set[int] = set()
     for chunk in chunks:
         geo = geometry(chunk.n_tokens, max_length, stride, batch_size)
         steps = [variant_steps.steps_of(parse_key(key), n_layers) for key in chunk.keys]
         measured += chunk.seconds
-        priced += chunk_seconds(steps, n_layers, geo, prices)
+        priced += chunk_seconds(steps, n_layers, geo, prices, chunk.n_tokens in captured)
+        if keeps_captures(geo) and len(steps) > 1:
+            captured.add(chunk.n_tokens)
     return measured / priced if measured > 0 and priced > 0 else None
 
 
@@ -450,13 +463,16 @@ class CalibrationWork:
 
 
 def calibration_seconds(work: CalibrationWork, n_layers: int, max_length: int, batch_size: int,
-                        prices: Prices) -> tuple[float, float]:
+                        prices: Prices, keeps_captures: Callable[[Geometry], bool] = lambda geo: False,
+                        ) -> tuple[float, float]:
     """(all the calibration work, the search's part of it) in seconds at the probe's prices.
 
     A greedy round of c candidates is priced as a trie of c single-layer removals (its candidates share the
     layers before their first removed one, as single removals do; with more units than layers, the layers' trie
     scaled by c / L). A search pass is one candidate on every calibration window without sharing, so its budget
     prices the most it can take: racing and the trie make it cheaper, and a converged search stops before it.
+    Where ``keeps_captures`` of the calibration geometry holds, only greedy's first round pays the capture forward
+    (the rounds share one worker).
     """
     geo = geometry(work.n_tokens, max_length, max_length, batch_size)
 
@@ -464,9 +480,11 @@ def calibration_seconds(work: CalibrationWork, n_layers: int, max_length: int, b
         return variant_steps.steps_of(removed, n_layers)
 
     seconds = chunk_seconds([steps_of(())], n_layers, geo, prices) if work.signals else 0.0
-    for candidates in work.greedy_rounds:
+    keeps = keeps_captures(geo)
+    for round_index, candidates in enumerate(work.greedy_rounds):
         singles = [(layer,) for layer in range(min(candidates, n_layers))]
-        seconds += perplexity_seconds(singles, n_layers, geo, prices, True) * candidates / len(singles)
+        seconds += perplexity_seconds(singles, n_layers, geo, prices, True, keeps,
+                                      captured=keeps and round_index > 0) * candidates / len(singles)
     search_s = sum(passes * chunk_seconds([steps_of(tuple(range(min(removed, n_layers - 1))))], n_layers, geo,
                                           prices) for passes, removed in work.search_passes)
     return seconds + search_s, search_s
@@ -490,6 +508,18 @@ class PlanWork:
     stride: int
 
 
+def captures_kept(cfg: SweepConfig, model_config, n_layers: int) -> Callable[[Geometry], bool]:
+    """Whether a worker of ``cfg`` keeps the captures of a text of a given geometry (:func:`trie.keeps_captures`)."""
+    device = resolve_device(cfg.device)
+    element_size = torch.empty((), dtype=resolve_dtype(cfg.dtype, device)).element_size()
+    hidden_size = model_config.hidden_size
+
+    def keeps(geo: Geometry) -> bool:
+        return trie.keeps_captures(device.type, n_layers, geo.positions, hidden_size, element_size)
+
+    return keeps
+
+
 def estimate_run(cfg: SweepConfig, model_config, token_ids: torch.Tensor, work: PlanWork,
                  measured: Sequence[MeasuredChunk] = (), latency_rounds: int | None = None,
                  imports_s: float | None = None, loading_s: float = 0.0,
@@ -507,13 +537,14 @@ def estimate_run(cfg: SweepConfig, model_config, token_ids: torch.Tensor, work: 
     geo = geometry(work.n_tokens, work.max_length, work.stride, batch_size)
     prices = probe_prices(cfg, model_config, token_ids, geo, batch_size)
     shared = cfg.engine == "trie"
-    ppl = perplexity_seconds(work.todo, work.n_layers, geo, prices, shared)
-    factor = calibration(measured, work.n_layers, work.max_length, work.stride, batch_size, prices)
+    keeps = captures_kept(cfg, model_config, work.n_layers) if shared else (lambda g: False)
+    ppl = perplexity_seconds(work.todo, work.n_layers, geo, prices, shared, keeps(geo))
+    factor = calibration(measured, work.n_layers, work.max_length, work.stride, batch_size, prices, keeps)
     on_gpu = resolve_device(cfg.device).type == "cuda"
     layer_kinds = getattr(model_config, "layer_types", None)
     calls = signature_calls(work.todo, work.done, work.n_layers, layer_kinds, cfg.latency == "per-variant")
-    calib_s, search_s = (calibration_seconds(calibration_work, work.n_layers, work.max_length, batch_size, prices)
-                         if calibration_work is not None else (0.0, 0.0))
+    calib_s, search_s = (calibration_seconds(calibration_work, work.n_layers, work.max_length, batch_size, prices,
+                                             keeps) if calibration_work is not None else (0.0, 0.0))
     return Estimate(startup_s=startup_seconds(prices, geo, work.n_layers, imports_s, loading_s, on_gpu),
                     perplexity_s=ppl * (factor or 1.0),
                     calibration_s=calib_s * (factor or 1.0), search_s=search_s * (factor or 1.0),

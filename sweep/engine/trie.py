@@ -24,10 +24,16 @@ Each layer is called exactly as the model calls it: its arguments are captured o
 :func:`sweep.engine.adapters.capture_layer_calls` and replayed (see that function for why this is exact). The
 capture forward runs layers 0..L-2 of the unpruned model anyway, so their outputs are kept and the trie's unpruned
 path (0, 0-1, 0-1-2, ...) reuses them: exhaustive over L layers then costs 2^L - L layer calls plus the capture.
+
+A sweep runs its variants as several tries (chunks committed as they finish; a search's generations; greedy's
+rounds), each over the same windows. A :class:`CaptureCache` keeps each batch's capture for the next trie, so the
+capture forward is paid once per batch of windows and not once per chunk: a single-layer sweep then costs the
+same layer calls in six chunks as in one trie, since its variants share nothing but the unpruned prefix.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -93,10 +99,93 @@ def unpruned_prefix(root: Node, n_layers: int) -> int:
     return depth
 
 
+CAPTURE_CACHE_BYTES = 1 << 30
+"""What a CPU worker's :class:`CaptureCache` may hold (1 GiB: SmolLM2's 30-layer capture of 4,096 tokens is
+0.28 GB). A GPU worker keeps none: its batch size is planned for one batch's trie cache in device memory, and
+there the capture is a small share of a large chunk."""
+
+
+def keeps_captures(device_type: str, n_layers: int, positions: int, hidden_size: int, element_size: int) -> bool:
+    """Whether a worker keeps the capture of every batch of its text (what :class:`CaptureCache` holds: L - 1
+    layer outputs and the embeddings, (B, T, H) each, per batch; ``positions`` is B x T summed over the batches),
+    so that only its first trie pass pays the capture forward. :func:`sweep.engine.estimate` prices runs by it."""
+    budget = CAPTURE_CACHE_BYTES if device_type == "cpu" else 0
+    return n_layers * positions * hidden_size * element_size <= budget
+
+
+class CaptureCache:
+    """Capture forwards (:func:`adapters.capture_layer_calls` with the outputs kept) of earlier trie passes, by
+    batch of windows, least recently used first out once they pass ``budget_bytes``.
+
+    Exact by construction: a capture is a function of the model (never mutated) and the batch's token ids, and a
+    hit is checked against those ids. Example: chunks of 8, 6 and 17 single-layer variants over one batch of 8
+    windows of a 30-layer model pay one capture (29 layer calls), not three (87).
+    """
+
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes = budget_bytes
+        self.nbytes = 0
+        self._entries: OrderedDict[tuple, tuple[torch.Tensor, adapters.LayerCalls, int]] = OrderedDict()
+
+    def capture(self, model, input_ids: torch.Tensor, first_window: int) -> tuple[adapters.LayerCalls, bool]:
+        """The capture of the batch ``input_ids`` (B, T) starting at scored window ``first_window``, and whether
+        it was computed now (False: taken from the cache)."""
+        key = (first_window, tuple(input_ids.shape))
+        entry = self._entries.get(key)
+        if entry is not None and torch.equal(entry[0], input_ids):
+            self._entries.move_to_end(key)
+            return entry[1], False
+        calls = adapters.capture_layer_calls(model, input_ids, keep_outputs=True)
+        self._keep(key, input_ids, calls)
+        return calls, True
+
+    def _keep(self, key: tuple, input_ids: torch.Tensor, calls: adapters.LayerCalls) -> None:
+        self._drop(key)
+        size = _nbytes(calls)
+        if size > self.budget_bytes:
+            return
+        while self._entries and self.nbytes + size > self.budget_bytes:
+            self._drop(next(iter(self._entries)))
+        self._entries[key] = (input_ids, calls, size)
+        self.nbytes += size
+
+    def _drop(self, key: tuple) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.nbytes -= entry[2]
+
+    def clear(self) -> None:
+        """Free every capture (before an out-of-memory retry)."""
+        self._entries.clear()
+        self.nbytes = 0
+
+
+def _tensors(value) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+
+
+def _nbytes(calls: adapters.LayerCalls) -> int:
+    """Bytes a capture holds: its tensors' storages, each counted once (layers share their masks and rotary
+    tables)."""
+    storages = {}
+    for tensor in _tensors((calls.hidden, calls.outputs, calls.calls)):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
 @torch.no_grad()
 def trie_perplexities(model, kept_sequences: dict[str, Sequence[int]], head: Callable, token_ids: torch.Tensor,
                       max_length: int, stride: int, batch_size: int, window_range: tuple[int, int] | None = None,
-                      counts: CallCounts | None = None) -> dict[str, Perplexity]:
+                      counts: CallCounts | None = None,
+                      captures: CaptureCache | None = None) -> dict[str, Perplexity]:
     """Perplexity of every variant, with the guide's windowing and weighting (as :func:`perplexity.perplexity`).
 
     Args:
@@ -105,6 +194,8 @@ def trie_perplexities(model, kept_sequences: dict[str, Sequence[int]], head: Cal
         token_ids: (N,) tokens on the model's device.
         window_range: only these scored windows [first, stop) (default all): see :func:`perplexity.scored_batches`.
         counts: if given, layer and head calls are added to it.
+        captures: if given, each batch's capture forward is taken from it when an earlier call made it, and kept
+            there otherwise.
 
     Returns:
         Each variant's perplexity with its per-window losses.
@@ -121,9 +212,13 @@ def trie_perplexities(model, kept_sequences: dict[str, Sequence[int]], head: Cal
     window_tokens: list[int] = []
     counts = counts if counts is not None else CallCounts()
     for batch in scored_batches(token_ids, max_length, stride, batch_size, window_range):
-        calls = adapters.capture_layer_calls(model, batch.input_ids, keep_outputs=True)
+        if captures is None:
+            calls, computed = adapters.capture_layer_calls(model, batch.input_ids, keep_outputs=True), True
+        else:
+            calls, computed = captures.capture(model, batch.input_ids, batch.first_window)
         counts.batches += 1
-        counts.layer_calls += n_layers - 1  # the capture forward runs every layer but the last
+        if computed:
+            counts.layer_calls += n_layers - 1  # the capture forward runs every layer but the last
         columns = slice(batch.first_window - first, batch.first_window - first + len(batch.input_ids))
         window_tokens += [batch.n_loss] * len(batch.input_ids)
 

@@ -60,6 +60,8 @@ class Worker:
         self.device_name = device_name(self.device)
         self.calls = trie.CallCounts()
         """Layer and head calls of every evaluation so far (the bench reads them)."""
+        self.captures = trie.CaptureCache(trie.CAPTURE_CACHE_BYTES if self.device.type == "cpu" else 0)
+        """The trie's capture forwards, kept for the next trie pass over the same windows (CPU only)."""
 
     # ------------------------------------------------------------------------------------------ head
 
@@ -276,8 +278,8 @@ class Worker:
         Cost model: a variant keeping k of L layers costs ``head + k/L * (full - head)`` per batch, where
         ``full`` is the unpruned batch time and ``head`` the time with every layer removed. With prefix sharing the
         layers are counted once per trie node instead, plus one capture forward per batch whose layer outputs
-        the unpruned prefix reuses: an exhaustive GPT-2 sweep runs 4,084 + 11 layer calls per batch, not 24,576. ``shared=False`` prices each variant alone (an upper
-        bound for a small sub-trie).
+        the unpruned prefix reuses: an exhaustive GPT-2 sweep runs 4,084 + 11 layer calls per batch, not 24,576.
+        ``shared=False`` prices each variant alone (an upper bound for a small sub-trie).
         """
         n_batches = math.ceil(len(perplexity.windows(len(self.token_ids), self.setup.max_length, self.setup.stride))
                               / self.batch_size)
@@ -339,10 +341,11 @@ class Worker:
                     raise torch.OutOfMemoryError("injected by SWEEP_FAULTS")
                 results = trie.trie_perplexities(self.model, kept, self.head_loss, self.token_ids,
                                                  self.setup.max_length, self.setup.stride, batch_size,
-                                                 window_range, self.calls)
+                                                 window_range, self.calls, self.captures)
                 seconds = (time.perf_counter() - start) / len(removals)
                 return [self._row(r, results[variant_key(r)], seconds) for r in removals]
             except torch.OutOfMemoryError:
+                self.captures.clear()
                 free_memory(self.device)
         return [self.evaluate(r, window_range) for r in removals]  # the trie's cache did not fit: one at a time
 
