@@ -88,6 +88,26 @@ def test_a_worker_keeps_captures_on_cpu_within_the_budget_only():
     assert not trie.keeps_captures("cuda", 30, 4096, 576, 2)
 
 
+def test_probe_timing_reads_the_steady_state_through_a_stall(monkeypatch):
+    """A stall of several calls at 3x (what a fresh process on the shared VM sees about a second in) does not move
+    the probe's price, where a median of the first calls would read the stall; a fake clock makes it exact."""
+    clock = [0.0]
+    monkeypatch.setattr(estimate.time, "perf_counter", lambda: clock[0])
+    durations = iter([0.5] + [0.3, 0.3, 0.1, 0.1, 0.1, 0.1] + [0.1] * 10)  # warm-up, 2 stalled calls, steady
+    calls = []
+
+    def fn():
+        calls.append(None)
+        clock[0] += next(durations)
+
+    assert estimate._typical_seconds(fn, torch.device("cpu")) == pytest.approx(0.1)  # their median: 0.3
+    assert len(calls) == 1 + 3  # warm-up, then at least 3 timed calls, more only while under 0.6 s
+
+    clock[0], durations, calls[:] = 0.0, iter([0.01] * 20), []
+    estimate._typical_seconds(fn, torch.device("cpu"))
+    assert len(calls) == 1 + 9  # cheap calls: at most nine timed
+
+
 def test_geometry_counts_the_positions_and_scored_rows_of_the_engines_batches():
     ids = torch.arange(300)
     batches = list(perplexity.scored_batches(ids, 64, 32, 4))
