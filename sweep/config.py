@@ -113,7 +113,7 @@ class SweepConfig:
     force: bool = setting(False, "strategy")
     """Allow exhaustive plans on more than 16 layers."""
     budget_params: str | None = setting(None, "edits")
-    """Sizes of `search` as fractions of all parameters, e.g. 0.158,0.2106: a candidate removes at least that much (instead of the --n counts), so mixed units compare with blocks at an equal size."""
+    """Sizes of `search` as fractions of all parameters, e.g. 0.1579,0.2105: a candidate removes at least that much (instead of the --n counts), so mixed units compare with blocks at an equal size."""
     fitness: str = setting("ppl", "search")
     """What `search` minimises on the calibration text (never the test text): ppl (calibration perplexity) or kl (KL divergence to the full model's next-token distribution)."""
     search_budget: int | None = setting(None, "search")
