@@ -109,8 +109,12 @@ def keeps_captures(device_type: str, n_layers: int, positions: int, hidden_size:
     """Whether a worker keeps the capture of every batch of its text (what :class:`CaptureCache` holds: L - 1
     layer outputs and the embeddings, (B, T, H) each, per batch; ``positions`` is B x T summed over the batches),
     so that only its first trie pass pays the capture forward. :func:`sweep.engine.estimate` prices runs by it."""
-    budget = CAPTURE_CACHE_BYTES if device_type == "cpu" else 0
-    return n_layers * positions * hidden_size * element_size <= budget
+    return n_layers * positions * hidden_size * element_size <= capture_budget(device_type)
+
+
+def capture_budget(device_type: str) -> int:
+    """Bytes of captures a worker on ``device_type`` keeps: :data:`CAPTURE_CACHE_BYTES` on CPU, none elsewhere."""
+    return CAPTURE_CACHE_BYTES if device_type == "cpu" else 0
 
 
 class CaptureCache:

@@ -60,7 +60,7 @@ class Worker:
         self.device_name = device_name(self.device)
         self.calls = trie.CallCounts()
         """Layer and head calls of every evaluation so far (the bench reads them)."""
-        self.captures = trie.CaptureCache(trie.CAPTURE_CACHE_BYTES if self.device.type == "cpu" else 0)
+        self.captures = trie.CaptureCache(trie.capture_budget(self.device.type))
         """The trie's capture forwards, kept for the next trie pass over the same windows (CPU only)."""
 
     # ------------------------------------------------------------------------------------------ head
